@@ -1,0 +1,95 @@
+// Shared definitions of the native CPU backend: type ids (equal to GGUF's), block layouts,
+// and float16/bfloat16 conversions that round exactly like ggml's reference code.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+#include <cstddef>
+
+namespace weft {
+
+enum Type : int32_t {
+  T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14, T_Q8_K = 15,
+  T_I8 = 24, T_I16 = 25, T_I32 = 26, T_I64 = 27, T_F64 = 28, T_BF16 = 30,
+};
+
+constexpr int QK8_0 = 32, QK4_0 = 32, QK_K = 256;
+
+struct block_q8_0 { uint16_t d; int8_t qs[QK8_0]; };
+struct block_q4_0 { uint16_t d; uint8_t qs[QK4_0 / 2]; };
+struct block_q4_K { uint16_t d; uint16_t dmin; uint8_t scales[12]; uint8_t qs[QK_K / 2]; };
+struct block_q6_K { uint8_t ql[QK_K / 2]; uint8_t qh[QK_K / 4]; int8_t scales[QK_K / 16]; uint16_t d; };
+struct block_q8_K { float d; int8_t qs[QK_K]; int16_t bsums[QK_K / 16]; };
+static_assert(sizeof(block_q8_0) == 34, "q8_0 layout");
+static_assert(sizeof(block_q4_0) == 18, "q4_0 layout");
+static_assert(sizeof(block_q4_K) == 144, "q4_K layout");
+static_assert(sizeof(block_q6_K) == 210, "q6_K layout");
+static_assert(sizeof(block_q8_K) == 292, "q8_K layout");
+
+struct TypeInfo { int32_t id; int64_t blck; int64_t size; bool known; };
+inline TypeInfo type_info(int32_t t) {
+  switch (t) {
+    case T_F32: return {t, 1, 4, true};
+    case T_F16: return {t, 1, 2, true};
+    case T_BF16: return {t, 1, 2, true};
+    case T_Q4_0: return {t, QK4_0, sizeof(block_q4_0), true};
+    case T_Q8_0: return {t, QK8_0, sizeof(block_q8_0), true};
+    case T_Q4_K: return {t, QK_K, sizeof(block_q4_K), true};
+    case T_Q6_K: return {t, QK_K, sizeof(block_q6_K), true};
+    case T_Q8_K: return {t, QK_K, sizeof(block_q8_K), true};
+    case T_I8: return {t, 1, 1, true};
+    case T_I16: return {t, 1, 2, true};
+    case T_I32: return {t, 1, 4, true};
+    case T_I64: return {t, 1, 8, true};
+    case T_F64: return {t, 1, 8, true};
+    default: return {t, 0, 0, false};
+  }
+}
+inline int64_t row_bytes(int32_t t, int64_t n) { TypeInfo ti = type_info(t); return n / ti.blck * ti.size; }
+
+inline float f32_from_bits(uint32_t w) { float f; std::memcpy(&f, &w, 4); return f; }
+inline uint32_t f32_to_bits(float f) { uint32_t w; std::memcpy(&w, &f, 4); return w; }
+
+// IEEE half <-> float, round to nearest even, denormals handled; same results as
+// ggml_compute_fp16_to_fp32 / ggml_compute_fp32_to_fp16 (and as F16C hardware).
+inline float fp16_to_fp32_calc(uint16_t h) {
+  const uint32_t w = (uint32_t)h << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const uint32_t exp_offset = 0xE0u << 23;
+  const float normalized = f32_from_bits((two_w >> 4) + exp_offset) * 0x1.0p-112f;
+  const float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t result = sign | (two_w < (1u << 27) ? f32_to_bits(denormalized) : f32_to_bits(normalized));
+  return f32_from_bits(result);
+}
+inline uint16_t fp32_to_fp16(float f) {
+  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = f32_to_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = f32_from_bits((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = f32_to_bits(base);
+  const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+  const uint32_t mantissa_bits = bits & 0x00000FFFu;
+  const uint32_t nonsign = exp_bits + mantissa_bits;
+  return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+// Lookup table for the hot paths (filled once at load; 256 KiB).
+extern float g_fp16_table[65536];
+inline float fp16_to_fp32(uint16_t h) { return g_fp16_table[h]; }
+
+inline float bf16_to_fp32(uint16_t h) { return f32_from_bits((uint32_t)h << 16); }
+inline uint16_t fp32_to_bf16(float f) {
+  uint32_t u = f32_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 64);  // quiet NaN
+  return (uint16_t)((u + (0x7fffu + ((u >> 16) & 1))) >> 16);
+}
+
+// Reference quantizers (bit-exact with ggml's *_ref) and dequantizers, quants.cpp.
+void quantize_row(int32_t type, const float* x, void* y, int64_t n);
+void dequantize_row(int32_t type, const void* x, float* y, int64_t n);
+bool type_is_quantizable(int32_t type);
+
+}  // namespace weft

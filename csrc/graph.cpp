@@ -1,0 +1,493 @@
+// Plan decoding (every record validated against its buffer before anything runs) and the
+// op kernels. Ops work on rows; threads split rows (or weight-row blocks for MUL_MAT).
+#include "graph.h"
+#include "kernels.h"
+#include "threadpool.h"
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <stdexcept>
+
+namespace weft {
+
+static const char* op_name(int32_t op) {
+  static const char* names[] = {"NONE", "GET_ROWS", "MUL_MAT", "ADD", "MUL", "SCALE", "RMS_NORM", "ROPE", "SOFT_MAX",
+                                "CPY", "CONT", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE", "SET_ROWS", "UNARY", "GLU",
+                                "FLASH_ATTN_EXT", "ALL_REDUCE"};
+  return op >= 0 && op < OP_COUNT ? names[op] : "?";
+}
+
+static inline bool is_float_type(int32_t t) { return t == T_F32 || t == T_F16 || t == T_BF16; }
+static inline int64_t nrows(const Tensor& t) { return t.ne[1] * t.ne[2] * t.ne[3]; }
+static inline int64_t nelements(const Tensor& t) { return t.ne[0] * t.ne[1] * t.ne[2] * t.ne[3]; }
+static inline bool rows_contiguous(const Tensor& t) { return t.nb[0] == type_info(t.type).size; }
+static inline bool same_shape(const Tensor& a, const Tensor& b) {
+  return a.ne[0] == b.ne[0] && a.ne[1] == b.ne[1] && a.ne[2] == b.ne[2] && a.ne[3] == b.ne[3];
+}
+static inline char* row_ptr(const Tensor& t, int64_t i1, int64_t i2, int64_t i3) {
+  return t.data + i1 * t.nb[1] + i2 * t.nb[2] + i3 * t.nb[3];
+}
+
+// ---------------------------------------------------------------- decode
+
+std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string& err) {
+  auto plan = std::make_unique<Plan>();
+  plan->t.resize(count);
+  char msg[512];
+  for (int64_t i = 0; i < count; ++i) {
+    const double* r = rec + i * REC;
+    Tensor& t = plan->t[i];
+    t.op = (int32_t)r[R_OP];
+    t.type = (int32_t)r[R_TYPE];
+    const char* on = op_name(t.op);
+    auto fail = [&](const char* what) {
+      snprintf(msg, sizeof msg, "tensor #%lld (op %s): %s", (long long)i, on, what);
+      err = msg;
+      return nullptr;
+    };
+    if (t.op < 0 || t.op >= OP_COUNT) return fail("unknown op id");
+    TypeInfo ti = type_info(t.type);
+    if (!ti.known) return fail("unknown tensor type");
+    for (int k = 0; k < 4; ++k) {
+      double ne = r[R_NE + k], nb = r[R_NB + k];
+      if (!(ne >= 0 && ne <= 9007199254740991.0) || ne != (double)(int64_t)ne) return fail("bad ne");
+      if (!(nb >= 0 && nb <= 9007199254740991.0) || nb != (double)(int64_t)nb) return fail("bad nb");
+      t.ne[k] = (int64_t)ne;
+      t.nb[k] = (int64_t)nb;
+    }
+    if (t.ne[0] % ti.blck != 0) return fail("row length is not a multiple of the type's block size");
+    for (int k = 0; k < MAX_SRC; ++k) {
+      double s = r[R_SRC + k];
+      if (s != (double)(int32_t)s || s < -1 || s >= (double)i) return fail("source index out of order");
+      t.src[k] = (int32_t)s;
+    }
+    int np = (int)r[R_NPARAMS];
+    if (np < 0 || np > MAX_PARAMS) return fail("bad param count");
+    for (int k = 0; k < MAX_PARAMS; ++k) t.params[k] = k < np ? r[R_PARAMS + k] : 0.0;
+    t.is_node = t.op != OP_NONE;
+    // placement: every tensor must lie wholly inside a live buffer
+    BufferInfo bi;
+    if (!lookup_buffer((int64_t)r[R_BUF], &bi)) return fail("tensor has no live buffer");
+    double offs = r[R_OFFS];
+    if (!(offs >= 0) || offs > (double)bi.size) return fail("offset beyond its buffer");
+    if (nelements(t) > 0) {
+      // extent in bytes, computed in double so a hostile shape cannot overflow
+      double extent = offs + (double)(t.ne[0] / ti.blck - 1) * t.nb[0] + ti.size;
+      for (int k = 1; k < 4; ++k) extent += (double)(t.ne[k] - 1) * t.nb[k];
+      if (extent > (double)bi.size) return fail("tensor extends beyond its buffer");
+    }
+    t.data = bi.base + (int64_t)offs;
+    // per-op checks: the TS builder checks these too, but this code trusts nothing
+    auto S = [&](int k) -> Tensor* { return t.src[k] >= 0 ? &plan->t[t.src[k]] : nullptr; };
+    Tensor *a = S(0), *b = S(1);
+    switch (t.op) {
+      case OP_NONE: case OP_VIEW: case OP_RESHAPE: case OP_PERMUTE: case OP_TRANSPOSE:
+        break;
+      case OP_GET_ROWS:
+        if (!a || !b || b->type != T_I32 || t.type != T_F32) return fail("needs (any, I32) -> F32");
+        if (!rows_contiguous(*a) || t.ne[0] != a->ne[0] || t.ne[1] != b->ne[0] || t.ne[2] != b->ne[1] || t.ne[3] != b->ne[2] ||
+            b->ne[1] != a->ne[2] || b->ne[2] != a->ne[3] || b->ne[3] != 1)
+          return fail("shape mismatch");
+        if (!rows_contiguous(t) || !rows_contiguous(*b)) return fail("needs contiguous rows");
+        break;
+      case OP_MUL_MAT: {
+        if (!a || !b || t.type != T_F32 || b->type != T_F32 || !kernels().dot[a->type]) return fail("unsupported types");
+        if (a->ne[0] != b->ne[0] || t.ne[0] != a->ne[1] || t.ne[1] != b->ne[1] || t.ne[2] != b->ne[2] || t.ne[3] != b->ne[3] ||
+            a->ne[2] == 0 || a->ne[3] == 0 || b->ne[2] % a->ne[2] != 0 || b->ne[3] % a->ne[3] != 0)
+          return fail("shape mismatch");
+        if (!rows_contiguous(*a) || !rows_contiguous(t)) return fail("needs contiguous weight and result rows");
+        int32_t vt = vec_dot_type(a->type);
+        bool direct = vt == T_F32 && rows_contiguous(*b);
+        if (!direct) plan->wsize = std::max(plan->wsize, (size_t)(row_bytes(vt, b->ne[0]) * nrows(*b) + 64));
+        break;
+      }
+      case OP_ADD: case OP_MUL:
+        if (!a || !b || a->type != T_F32 || b->type != T_F32 || t.type != T_F32) return fail("needs F32");
+        if (!same_shape(t, *a)) return fail("shape mismatch");
+        for (int k = 0; k < 4; ++k) if (b->ne[k] == 0 || a->ne[k] % b->ne[k] != 0) return fail("cannot broadcast");
+        break;
+      case OP_SCALE: case OP_UNARY: case OP_RMS_NORM:
+        if (!a || a->type != T_F32 || t.type != T_F32 || !same_shape(t, *a)) return fail("needs F32 of the same shape");
+        if (t.op == OP_RMS_NORM && (!rows_contiguous(*a) || !rows_contiguous(t))) return fail("needs contiguous rows");
+        if (t.op == OP_UNARY && (t.params[0] < 0 || t.params[0] > 2)) return fail("unknown unary op");
+        break;
+      case OP_GLU:
+        if (!a || a->type != T_F32 || t.type != T_F32) return fail("needs F32");
+        if (t.params[0] < 0 || t.params[0] > 1) return fail("unknown glu op");
+        if (b) { if (b->type != T_F32 || !same_shape(*a, *b) || !same_shape(t, *a)) return fail("shape mismatch"); }
+        else if (a->ne[0] != 2 * t.ne[0] || a->ne[1] != t.ne[1] || a->ne[2] != t.ne[2] || a->ne[3] != t.ne[3]) return fail("shape mismatch");
+        break;
+      case OP_ROPE: {
+        if (!a || !b || a->type != T_F32 || b->type != T_I32 || t.type != T_F32 || !same_shape(t, *a)) return fail("needs F32 and I32 positions");
+        if (b->ne[0] != a->ne[2] || !rows_contiguous(*a) || !rows_contiguous(t) || !rows_contiguous(*b)) return fail("shape mismatch");
+        int64_t nd = (int64_t)t.params[0];
+        if (nd <= 0 || nd > t.ne[0] || nd % 2 != 0) return fail("bad rotary dimension count");
+        if (t.params[1] != 0 && t.params[1] != 2) return fail("unknown rope mode");
+        plan->wsize = std::max(plan->wsize, (size_t)0);
+        break;
+      }
+      case OP_SOFT_MAX:
+        if (!a || a->type != T_F32 || t.type != T_F32 || !same_shape(t, *a) || !rows_contiguous(*a) || !rows_contiguous(t)) return fail("needs F32 rows");
+        if (b) {
+          if ((b->type != T_F32 && b->type != T_F16) || b->ne[0] != a->ne[0] || b->ne[1] < a->ne[1] || !rows_contiguous(*b) ||
+              b->ne[2] == 0 || b->ne[3] == 0 || a->ne[2] % b->ne[2] != 0 || a->ne[3] % b->ne[3] != 0)
+            return fail("mask shape mismatch");
+        }
+        if (t.params[1] != 0) return fail("ALiBi (max_bias) is not supported");
+        break;
+      case OP_CPY: case OP_CONT:
+        if (!a || (!is_float_type(a->type) && a->type != t.type)) return fail("unsupported source type");
+        if (!type_is_quantizable(t.type) || t.type == T_Q8_K) return fail("unsupported destination type");
+        if (!same_shape(t, *a)) return fail("shape mismatch");
+        if (!rows_contiguous(t) && type_info(t.type).blck > 1) return fail("quantized destination needs contiguous rows");
+        if (a->type != t.type && type_info(a->type).blck > 1) return fail("cannot convert from a quantized type");
+        break;
+      case OP_SET_ROWS:
+        if (!a || !b || a->type != T_F32 || (b->type != T_I64 && b->type != T_I32)) return fail("needs F32 rows and I32/I64 indices");
+        if (!type_is_quantizable(t.type) || t.type == T_Q8_K) return fail("unsupported destination type");
+        if (a->ne[0] != t.ne[0] || a->ne[2] != t.ne[2] || a->ne[3] != t.ne[3] || b->ne[0] != a->ne[1] ||
+            b->ne[1] == 0 || b->ne[2] == 0 || a->ne[2] % b->ne[1] != 0 || a->ne[3] % b->ne[2] != 0)
+          return fail("shape mismatch");
+        if (!rows_contiguous(*a) || !rows_contiguous(t)) return fail("needs contiguous rows");
+        break;
+      default:
+        return fail("op not supported by the CPU backend");
+    }
+    if (t.is_node && t.op != OP_VIEW && t.op != OP_RESHAPE && t.op != OP_PERMUTE && t.op != OP_TRANSPOSE)
+      plan->nodes.push_back((int32_t)i);
+  }
+  return plan;
+}
+
+// ---------------------------------------------------------------- kernels
+
+struct Ctx {
+  Plan* plan;
+  char* scratch;
+  size_t row_scratch;  // bytes per thread for row temporaries
+  std::atomic<int>* bad_index;
+};
+
+static inline void split(int64_t n, int ith, int nth, int64_t& lo, int64_t& hi) {
+  const int64_t per = (n + nth - 1) / nth;
+  lo = std::min(n, per * ith);
+  hi = std::min(n, lo + per);
+}
+
+// Reads element i0 of a row as float (for strided float rows).
+static inline float load_f(const char* p, int32_t type) {
+  switch (type) {
+    case T_F32: return *(const float*)p;
+    case T_F16: return fp16_to_fp32(*(const uint16_t*)p);
+    case T_BF16: return bf16_to_fp32(*(const uint16_t*)p);
+    default: return 0;
+  }
+}
+
+static void op_get_rows(Ctx& c, Tensor& t, int ith, int nth) {
+  Tensor& a = c.plan->t[t.src[0]];
+  Tensor& b = c.plan->t[t.src[1]];
+  const int64_t nr = nrows(t);
+  int64_t lo, hi;
+  split(nr, ith, nth, lo, hi);
+  for (int64_t r = lo; r < hi; ++r) {
+    const int64_t i1 = r % t.ne[1], i2 = (r / t.ne[1]) % t.ne[2], i3 = r / (t.ne[1] * t.ne[2]);
+    const int32_t idx = *(const int32_t*)(b.data + i1 * b.nb[0] + i2 * b.nb[1] + i3 * b.nb[2]);
+    float* out = (float*)row_ptr(t, i1, i2, i3);
+    if (idx < 0 || idx >= a.ne[1]) { c.bad_index->store(1); std::fill(out, out + t.ne[0], 0.0f); continue; }
+    dequantize_row(a.type, row_ptr(a, idx, i2, i3), out, t.ne[0]);
+  }
+}
+
+static void mul_mat_convert(Ctx& c, Tensor& t, int ith, int nth) {
+  Tensor& a = c.plan->t[t.src[0]];
+  Tensor& b = c.plan->t[t.src[1]];
+  const int32_t vt = vec_dot_type(a.type);
+  if (vt == T_F32 && rows_contiguous(b)) return;
+  const int64_t K = b.ne[0], nr = nrows(b), rb = row_bytes(vt, K);
+  float* tmp = (float*)(c.scratch + c.plan->wsize + ith * c.row_scratch);
+  int64_t lo, hi;
+  split(nr, ith, nth, lo, hi);
+  const from_float_fn act = kernels().act[vt];
+  for (int64_t r = lo; r < hi; ++r) {
+    const int64_t i1 = r % b.ne[1], i2 = (r / b.ne[1]) % b.ne[2], i3 = r / (b.ne[1] * b.ne[2]);
+    const char* src = row_ptr(b, i1, i2, i3);
+    const float* row = (const float*)src;
+    if (!rows_contiguous(b)) {
+      for (int64_t k = 0; k < K; ++k) tmp[k] = *(const float*)(src + k * b.nb[0]);
+      row = tmp;
+    }
+    act(row, c.scratch + r * rb, K);
+  }
+}
+
+static void op_mul_mat(Ctx& c, Tensor& t, int ith, int nth) {
+  Tensor& a = c.plan->t[t.src[0]];
+  Tensor& b = c.plan->t[t.src[1]];
+  const int32_t vt = vec_dot_type(a.type);
+  const bool direct = vt == T_F32 && rows_contiguous(b);
+  const int64_t K = a.ne[0], N = a.ne[1], M = b.ne[1];
+  const int64_t rb = row_bytes(vt, K);
+  const int64_t r2 = b.ne[2] / a.ne[2], r3 = b.ne[3] / a.ne[3];
+  const vec_dot_fn dot = kernels().dot[a.type];
+  // Work units: (batch i2,i3) x blocks of BN weight rows. Within a unit, each weight row
+  // block is reused across all M activation columns while it sits in L1/L2.
+  const int64_t BN = 16;
+  const int64_t nblk = (N + BN - 1) / BN;
+  const int64_t units = nblk * b.ne[2] * b.ne[3];
+  int64_t lo, hi;
+  split(units, ith, nth, lo, hi);
+  for (int64_t u = lo; u < hi; ++u) {
+    const int64_t blk = u % nblk, i2 = (u / nblk) % b.ne[2], i3 = u / (nblk * b.ne[2]);
+    const int64_t n0 = blk * BN, n1 = std::min(N, n0 + BN);
+    const char* wbase = a.data + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3];
+    for (int64_t m = 0; m < M; ++m) {
+      const char* act = direct ? row_ptr(b, m, i2, i3) : c.scratch + ((i3 * b.ne[2] + i2) * M + m) * rb;
+      float* out = (float*)row_ptr(t, m, i2, i3);
+      for (int64_t n = n0; n < n1; ++n) out[n] = dot(K, wbase + n * a.nb[1], act);
+    }
+  }
+}
+
+template <typename F>
+static void for_rows(const Tensor& t, int ith, int nth, F f) {
+  const int64_t nr = nrows(t);
+  int64_t lo, hi;
+  split(nr, ith, nth, lo, hi);
+  for (int64_t r = lo; r < hi; ++r) {
+    const int64_t i1 = r % t.ne[1], i2 = (r / t.ne[1]) % t.ne[2], i3 = r / (t.ne[1] * t.ne[2]);
+    f(i1, i2, i3);
+  }
+}
+
+static void op_binary(Ctx& c, Tensor& t, int ith, int nth) {
+  Tensor& a = c.plan->t[t.src[0]];
+  Tensor& b = c.plan->t[t.src[1]];
+  const bool add = t.op == OP_ADD;
+  for_rows(t, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+    char* o = row_ptr(t, i1, i2, i3);
+    const char* x = row_ptr(a, i1, i2, i3);
+    const char* y = row_ptr(b, i1 % b.ne[1], i2 % b.ne[2], i3 % b.ne[3]);
+    const int64_t n = t.ne[0], nb1 = b.ne[0];
+    if (t.nb[0] == 4 && a.nb[0] == 4 && b.nb[0] == 4 && nb1 == n) {
+      float* of = (float*)o; const float* xf = (const float*)x; const float* yf = (const float*)y;
+      if (add) for (int64_t i = 0; i < n; ++i) of[i] = xf[i] + yf[i];
+      else for (int64_t i = 0; i < n; ++i) of[i] = xf[i] * yf[i];
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const float xv = *(const float*)(x + i * a.nb[0]);
+        const float yv = *(const float*)(y + (i % nb1) * b.nb[0]);
+        *(float*)(o + i * t.nb[0]) = add ? xv + yv : xv * yv;
+      }
+    }
+  });
+}
+
+static inline float silu(float x) { return x / (1.0f + expf(-x)); }
+static inline float gelu(float x) {
+  const float k = 0.79788456080286535587989211986876f;  // sqrt(2/pi)
+  return 0.5f * x * (1.0f + tanhf(k * x * (1.0f + 0.044715f * x * x)));
+}
+
+static void op_map(Ctx& c, Tensor& t, int ith, int nth) {
+  Tensor& a = c.plan->t[t.src[0]];
+  const float s = (float)t.params[0], bias = (float)t.params[1];
+  const int kind = (int)t.params[0];
+  for_rows(t, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+    char* o = row_ptr(t, i1, i2, i3);
+    const char* x = row_ptr(a, i1, i2, i3);
+    for (int64_t i = 0; i < t.ne[0]; ++i) {
+      const float v = *(const float*)(x + i * a.nb[0]);
+      float r;
+      if (t.op == OP_SCALE) r = v * s + bias;
+      else if (kind == UNARY_SILU) r = silu(v);
+      else if (kind == UNARY_GELU) r = gelu(v);
+      else r = v > 0 ? v : 0;
+      *(float*)(o + i * t.nb[0]) = r;
+    }
+  });
+}
+
+static void op_glu(Ctx& c, Tensor& t, int ith, int nth) {
+  Tensor& a = c.plan->t[t.src[0]];
+  Tensor* b = t.src[1] >= 0 ? &c.plan->t[t.src[1]] : nullptr;
+  const int kind = (int)t.params[0];
+  const bool swapped = t.params[1] != 0;
+  for_rows(t, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+    char* o = row_ptr(t, i1, i2, i3);
+    const char* g = row_ptr(a, i1, i2, i3);
+    const char* u = b ? row_ptr(*b, i1, i2, i3) : g + t.ne[0] * a.nb[0];
+    const int64_t ub = b ? b->nb[0] : a.nb[0];
+    if (!b && swapped) std::swap(g, u);
+    for (int64_t i = 0; i < t.ne[0]; ++i) {
+      const float gv = *(const float*)(g + i * a.nb[0]);
+      const float uv = *(const float*)(u + i * ub);
+      *(float*)(o + i * t.nb[0]) = (kind == GLU_SWIGLU ? silu(gv) : gelu(gv)) * uv;
+    }
+  });
+}
+
+static void op_rms_norm(Ctx& c, Tensor& t, int ith, int nth) {
+  Tensor& a = c.plan->t[t.src[0]];
+  const float eps = (float)t.params[0];
+  for_rows(t, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+    const float* x = (const float*)row_ptr(a, i1, i2, i3);
+    float* o = (float*)row_ptr(t, i1, i2, i3);
+    double sum = 0;
+    for (int64_t i = 0; i < t.ne[0]; ++i) sum += (double)x[i] * x[i];
+    const float mean = (float)(sum / t.ne[0]);
+    const float scale = 1.0f / sqrtf(mean + eps);
+    for (int64_t i = 0; i < t.ne[0]; ++i) o[i] = x[i] * scale;
+  });
+}
+
+static void op_rope(Ctx& c, Tensor& t, int ith, int nth) {
+  Tensor& a = c.plan->t[t.src[0]];
+  Tensor& p = c.plan->t[t.src[1]];
+  const int64_t nd = (int64_t)t.params[0];
+  const bool neox = t.params[1] == 2;
+  const float base = (float)t.params[2], fscale = (float)t.params[3];
+  const float mscale = t.params[4] == 0 ? 1.0f : (float)t.params[4];
+  const float theta_scale = powf(base, -2.0f / nd);
+  float* cache = (float*)(c.scratch + c.plan->wsize + ith * c.row_scratch);
+  // Work is split by token (i2): the sin/cos cache of a position is built once per token
+  // and reused for every head.
+  const int64_t units = t.ne[2] * t.ne[3];
+  int64_t lo, hi;
+  split(units, ith, nth, lo, hi);
+  for (int64_t u = lo; u < hi; ++u) {
+    const int64_t i2 = u % t.ne[2], i3 = u / t.ne[2];
+    const int32_t pos = *(const int32_t*)(p.data + i2 * p.nb[0]);
+    float theta = (float)pos;
+    for (int64_t i0 = 0; i0 < nd; i0 += 2) {
+      const float th = fscale * theta;
+      cache[i0] = cosf(th) * mscale;
+      cache[i0 + 1] = sinf(th) * mscale;
+      theta *= theta_scale;
+    }
+    for (int64_t i1 = 0; i1 < t.ne[1]; ++i1) {
+      const float* x = (const float*)row_ptr(a, i1, i2, i3);
+      float* o = (float*)row_ptr(t, i1, i2, i3);
+      if (!neox) {
+        for (int64_t i0 = 0; i0 < nd; i0 += 2) {
+          const float c0 = cache[i0], s0 = cache[i0 + 1], x0 = x[i0], x1 = x[i0 + 1];
+          o[i0] = x0 * c0 - x1 * s0;
+          o[i0 + 1] = x0 * s0 + x1 * c0;
+        }
+      } else {
+        const int64_t h = nd / 2;
+        for (int64_t i0 = 0; i0 < nd; i0 += 2) {
+          const int64_t ic = i0 / 2;
+          const float c0 = cache[i0], s0 = cache[i0 + 1], x0 = x[ic], x1 = x[ic + h];
+          o[ic] = x0 * c0 - x1 * s0;
+          o[ic + h] = x0 * s0 + x1 * c0;
+        }
+      }
+      if (o != x) for (int64_t i0 = nd; i0 < t.ne[0]; ++i0) o[i0] = x[i0];
+    }
+  }
+}
+
+static void op_soft_max(Ctx& c, Tensor& t, int ith, int nth) {
+  Tensor& a = c.plan->t[t.src[0]];
+  Tensor* m = t.src[1] >= 0 ? &c.plan->t[t.src[1]] : nullptr;
+  const float scale = (float)t.params[0];
+  float* w = (float*)(c.scratch + c.plan->wsize + ith * c.row_scratch);
+  for_rows(t, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+    const float* x = (const float*)row_ptr(a, i1, i2, i3);
+    float* o = (float*)row_ptr(t, i1, i2, i3);
+    const int64_t n = t.ne[0];
+    const char* mr = m ? row_ptr(*m, i1, i2 % m->ne[2], i3 % m->ne[3]) : nullptr;
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) {
+      float v = x[i] * scale;
+      if (mr) v += m->type == T_F32 ? ((const float*)mr)[i] : fp16_to_fp32(((const uint16_t*)mr)[i]);
+      w[i] = v;
+      mx = std::max(mx, v);
+    }
+    double sum = 0;
+    if (mx == -INFINITY) { for (int64_t i = 0; i < n; ++i) o[i] = 0; return; }
+    for (int64_t i = 0; i < n; ++i) { const float e = expf(w[i] - mx); w[i] = e; sum += e; }
+    const float inv = (float)(1.0 / sum);
+    for (int64_t i = 0; i < n; ++i) o[i] = w[i] * inv;
+  });
+}
+
+// src row (float types, any stride) -> float buffer
+static inline const float* row_as_float(const Tensor& s, const char* src, float* tmp) {
+  if (s.type == T_F32 && s.nb[0] == 4) return (const float*)src;
+  for (int64_t i = 0; i < s.ne[0]; ++i) tmp[i] = load_f(src + i * s.nb[0], s.type);
+  return tmp;
+}
+static inline void store_row(const Tensor& d, char* dst, const float* x) {
+  if (type_info(d.type).blck > 1 || d.nb[0] == type_info(d.type).size) { quantize_row(d.type, x, dst, d.ne[0]); return; }
+  for (int64_t i = 0; i < d.ne[0]; ++i) {
+    char* p = dst + i * d.nb[0];
+    if (d.type == T_F32) *(float*)p = x[i];
+    else if (d.type == T_F16) *(uint16_t*)p = fp32_to_fp16(x[i]);
+    else *(uint16_t*)p = fp32_to_bf16(x[i]);
+  }
+}
+
+static void op_cpy(Ctx& c, Tensor& t, int ith, int nth) {
+  Tensor& a = c.plan->t[t.src[0]];
+  float* tmp = (float*)(c.scratch + c.plan->wsize + ith * c.row_scratch);
+  const int64_t rb = row_bytes(a.type, a.ne[0]);
+  for_rows(t, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+    const char* src = row_ptr(a, i1, i2, i3);
+    char* dst = row_ptr(t, i1, i2, i3);
+    if (a.type == t.type && rows_contiguous(a) && rows_contiguous(t)) { std::memmove(dst, src, rb); return; }
+    store_row(t, dst, row_as_float(a, src, tmp));
+  });
+}
+
+static void op_set_rows(Ctx& c, Tensor& t, int ith, int nth) {
+  Tensor& a = c.plan->t[t.src[0]];
+  Tensor& ix = c.plan->t[t.src[1]];
+  for_rows(a, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
+    const char* ip = ix.data + i1 * ix.nb[0] + (i2 % ix.ne[1]) * ix.nb[1] + (i3 % ix.ne[2]) * ix.nb[2];
+    const int64_t idx = ix.type == T_I64 ? *(const int64_t*)ip : *(const int32_t*)ip;
+    if (idx < 0 || idx >= t.ne[1]) { c.bad_index->store(1); return; }
+    store_row(t, row_ptr(t, idx, i2, i3), (const float*)row_ptr(a, i1, i2, i3));
+  });
+}
+
+void execute_plan(Plan& plan, ThreadPool& pool, std::vector<char>& scratch) {
+  // Row temporaries: the widest row of any node, per thread, after the MUL_MAT area.
+  int64_t widest = 0;
+  for (int32_t i : plan.nodes) {
+    widest = std::max(widest, plan.t[i].ne[0]);
+    for (int k = 0; k < MAX_SRC; ++k) if (plan.t[i].src[k] >= 0) widest = std::max(widest, plan.t[plan.t[i].src[k]].ne[0]);
+  }
+  const size_t row_scratch = (size_t)((widest * 4 + 63) / 64 * 64);
+  const size_t need = plan.wsize + row_scratch * pool.size() + 64;
+  if (scratch.size() < need) scratch.resize(need);
+  std::atomic<int> bad{0};
+  Ctx c{&plan, scratch.data(), row_scratch, &bad};
+  pool.run([&](int ith, int nth) {
+    for (int32_t i : plan.nodes) {
+      Tensor& t = plan.t[i];
+      switch (t.op) {
+        case OP_GET_ROWS: op_get_rows(c, t, ith, nth); break;
+        case OP_MUL_MAT:
+          mul_mat_convert(c, t, ith, nth);
+          pool.barrier().wait();
+          op_mul_mat(c, t, ith, nth);
+          break;
+        case OP_ADD: case OP_MUL: op_binary(c, t, ith, nth); break;
+        case OP_SCALE: case OP_UNARY: op_map(c, t, ith, nth); break;
+        case OP_GLU: op_glu(c, t, ith, nth); break;
+        case OP_RMS_NORM: op_rms_norm(c, t, ith, nth); break;
+        case OP_ROPE: op_rope(c, t, ith, nth); break;
+        case OP_SOFT_MAX: op_soft_max(c, t, ith, nth); break;
+        case OP_CPY: case OP_CONT: op_cpy(c, t, ith, nth); break;
+        case OP_SET_ROWS: op_set_rows(c, t, ith, nth); break;
+        default: break;
+      }
+      pool.barrier().wait();
+    }
+  });
+  if (bad.load()) throw std::runtime_error("an index input (GET_ROWS / SET_ROWS) was out of range; the affected rows were not written");
+}
+
+}  // namespace weft

@@ -1,0 +1,325 @@
+// MUL_MAT inner products. Each kernel has a portable body; the AVX2 level either adds
+// hand-written intrinsics (Q8_0, Q4_0, F32, F16, BF16: the hot decode paths) or compiles
+// the same body with AVX2/FMA enabled so the compiler vectorises it (K-quants). Which
+// level runs is decided at run time from CPU features, never from build flags, so one
+// binary runs on any x86-64.
+#include "kernels.h"
+#include <immintrin.h>
+#include <algorithm>
+
+#define WEFT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define WEFT_INLINE inline __attribute__((always_inline))
+
+namespace weft {
+
+int32_t vec_dot_type(int32_t t) {
+  switch (t) {
+    case T_Q8_0: case T_Q4_0: return T_Q8_0;
+    case T_Q4_K: case T_Q6_K: return T_Q8_K;
+    default: return T_F32;
+  }
+}
+
+// ---------------------------------------------------------------- portable bodies
+
+static WEFT_INLINE float dot_f32_body(int64_t n, const float* x, const float* y) {
+  float s[8] = {0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) s[k] += x[i + k] * y[i + k];
+  float r = 0;
+  for (int k = 0; k < 8; ++k) r += s[k];
+  for (; i < n; ++i) r += x[i] * y[i];
+  return r;
+}
+
+static float dot_f32_scalar(int64_t n, const void* w, const void* a) { return dot_f32_body(n, (const float*)w, (const float*)a); }
+
+static float dot_f16_scalar(int64_t n, const void* w, const void* a) {
+  const uint16_t* x = (const uint16_t*)w;
+  const float* y = (const float*)a;
+  float s[8] = {0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) s[k] += fp16_to_fp32(x[i + k]) * y[i + k];
+  float r = 0;
+  for (int k = 0; k < 8; ++k) r += s[k];
+  for (; i < n; ++i) r += fp16_to_fp32(x[i]) * y[i];
+  return r;
+}
+
+static float dot_bf16_scalar(int64_t n, const void* w, const void* a) {
+  const uint16_t* x = (const uint16_t*)w;
+  const float* y = (const float*)a;
+  float s[8] = {0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) s[k] += bf16_to_fp32(x[i + k]) * y[i + k];
+  float r = 0;
+  for (int k = 0; k < 8; ++k) r += s[k];
+  for (; i < n; ++i) r += bf16_to_fp32(x[i]) * y[i];
+  return r;
+}
+
+static float dot_q8_0_scalar(int64_t n, const void* w, const void* a) {
+  const block_q8_0* x = (const block_q8_0*)w;
+  const block_q8_0* y = (const block_q8_0*)a;
+  float sum = 0;
+  for (int64_t i = 0; i < n / QK8_0; ++i) {
+    int s = 0;
+    for (int j = 0; j < QK8_0; ++j) s += x[i].qs[j] * y[i].qs[j];
+    sum += s * fp16_to_fp32(x[i].d) * fp16_to_fp32(y[i].d);
+  }
+  return sum;
+}
+
+static float dot_q4_0_scalar(int64_t n, const void* w, const void* a) {
+  const block_q4_0* x = (const block_q4_0*)w;
+  const block_q8_0* y = (const block_q8_0*)a;
+  float sum = 0;
+  for (int64_t i = 0; i < n / QK4_0; ++i) {
+    int s = 0;
+    for (int j = 0; j < QK4_0 / 2; ++j) {
+      s += ((x[i].qs[j] & 0x0F) - 8) * y[i].qs[j];
+      s += ((x[i].qs[j] >> 4) - 8) * y[i].qs[j + QK4_0 / 2];
+    }
+    sum += s * fp16_to_fp32(x[i].d) * fp16_to_fp32(y[i].d);
+  }
+  return sum;
+}
+
+// Q4_K: 8 sub-blocks of 32 with 6-bit scale and min. Integer sums per sub-block, then
+// d * Σ sc·Σqa − dmin * Σ m·Σa (the activation sums come precomputed in bsums).
+static WEFT_INLINE float dot_q4_K_body(int64_t n, const void* w, const void* a) {
+  const block_q4_K* x = (const block_q4_K*)w;
+  const block_q8_K* y = (const block_q8_K*)a;
+  float sum = 0;
+  for (int64_t i = 0; i < n / QK_K; ++i) {
+    uint8_t sc[8], mn[8];
+    const uint8_t* s = x[i].scales;
+    for (int j = 0; j < 4; ++j) { sc[j] = s[j] & 63; mn[j] = s[j + 4] & 63; }
+    for (int j = 4; j < 8; ++j) { sc[j] = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4); mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4); }
+    int32_t isum = 0, msum = 0;
+    const uint8_t* q = x[i].qs;
+    const int8_t* q8 = y[i].qs;
+    for (int j = 0; j < 4; ++j) {  // 64 values: low nibbles then high nibbles of 32 bytes
+      int32_t lo = 0, hi = 0;
+      for (int l = 0; l < 32; ++l) { lo += (q[l] & 0xF) * q8[l]; hi += (q[l] >> 4) * q8[l + 32]; }
+      isum += lo * sc[2 * j] + hi * sc[2 * j + 1];
+      q += 32;
+      q8 += 64;
+    }
+    for (int j = 0; j < 8; ++j) msum += mn[j] * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
+    sum += y[i].d * (fp16_to_fp32(x[i].d) * isum - fp16_to_fp32(x[i].dmin) * msum);
+  }
+  return sum;
+}
+
+// Q6_K: 16 groups of 16 with int8 scales; values 6-bit offset by 32.
+static WEFT_INLINE float dot_q6_K_body(int64_t n, const void* w, const void* a) {
+  const block_q6_K* x = (const block_q6_K*)w;
+  const block_q8_K* y = (const block_q8_K*)a;
+  float sum = 0;
+  for (int64_t i = 0; i < n / QK_K; ++i) {
+    int8_t v[QK_K];
+    const uint8_t* ql = x[i].ql;
+    const uint8_t* qh = x[i].qh;
+    for (int k = 0; k < QK_K; k += 128) {
+      for (int l = 0; l < 32; ++l) {
+        v[k + l + 0] = (int8_t)(((ql[l + 0] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32);
+        v[k + l + 32] = (int8_t)(((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
+        v[k + l + 64] = (int8_t)(((ql[l + 0] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+        v[k + l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+      }
+      ql += 64;
+      qh += 32;
+    }
+    int32_t isum = 0;
+    for (int g = 0; g < 16; ++g) {
+      int32_t s = 0;
+      for (int l = 0; l < 16; ++l) s += v[16 * g + l] * y[i].qs[16 * g + l];
+      isum += s * x[i].scales[g];
+    }
+    sum += fp16_to_fp32(x[i].d) * y[i].d * isum;
+  }
+  return sum;
+}
+
+static float dot_q4_K_scalar(int64_t n, const void* w, const void* a) { return dot_q4_K_body(n, w, a); }
+static float dot_q6_K_scalar(int64_t n, const void* w, const void* a) { return dot_q6_K_body(n, w, a); }
+
+// Activation conversion (fast Q8_0: same rounding as the reference).
+static WEFT_INLINE void act_q8_0_body(const float* x, void* vy, int64_t n) {
+  block_q8_0* y = (block_q8_0*)vy;
+  for (int64_t i = 0; i < n / QK8_0; ++i) {
+    float amax = 0;
+    for (int j = 0; j < QK8_0; ++j) amax = std::max(amax, std::fabs(x[i * QK8_0 + j]));
+    const float d = amax / 127;
+    const float id = d ? 1.0f / d : 0.0f;
+    y[i].d = fp32_to_fp16(d);
+    for (int j = 0; j < QK8_0; ++j) y[i].qs[j] = (int8_t)std::nearbyint(x[i * QK8_0 + j] * id);
+  }
+}
+static void act_q8_0_scalar(const float* x, void* y, int64_t n) { act_q8_0_body(x, y, n); }
+static void act_q8_K(const float* x, void* y, int64_t n) { quantize_row(T_Q8_K, x, y, n); }
+static void act_f32(const float* x, void* y, int64_t n) { std::memcpy(y, x, n * 4); }
+
+// ---------------------------------------------------------------- AVX2 / FMA
+
+WEFT_AVX2 static inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+WEFT_AVX2 static float dot_f32_avx2(int64_t n, const void* w, const void* a) {
+  const float* x = (const float*)w;
+  const float* y = (const float*)a;
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(y + i + 8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16), _mm256_loadu_ps(y + i + 16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), _mm256_loadu_ps(y + i + 24), s3);
+  }
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i), s0);
+  float r = hsum256(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+  for (; i < n; ++i) r += x[i] * y[i];
+  return r;
+}
+
+WEFT_AVX2 static float dot_f16_avx2(int64_t n, const void* w, const void* a) {
+  const uint16_t* x = (const uint16_t*)w;
+  const float* y = (const float*)a;
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(x + i))), _mm256_loadu_ps(y + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(x + i + 8))), _mm256_loadu_ps(y + i + 8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(x + i + 16))), _mm256_loadu_ps(y + i + 16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(x + i + 24))), _mm256_loadu_ps(y + i + 24), s3);
+  }
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(x + i))), _mm256_loadu_ps(y + i), s0);
+  float r = hsum256(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+  for (; i < n; ++i) r += fp16_to_fp32(x[i]) * y[i];
+  return r;
+}
+
+WEFT_AVX2 static inline __m256 bf16x8_to_f32(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+WEFT_AVX2 static float dot_bf16_avx2(int64_t n, const void* w, const void* a) {
+  const uint16_t* x = (const uint16_t*)w;
+  const float* y = (const float*)a;
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm256_fmadd_ps(bf16x8_to_f32(x + i), _mm256_loadu_ps(y + i), s0);
+    s1 = _mm256_fmadd_ps(bf16x8_to_f32(x + i + 8), _mm256_loadu_ps(y + i + 8), s1);
+    s2 = _mm256_fmadd_ps(bf16x8_to_f32(x + i + 16), _mm256_loadu_ps(y + i + 16), s2);
+    s3 = _mm256_fmadd_ps(bf16x8_to_f32(x + i + 24), _mm256_loadu_ps(y + i + 24), s3);
+  }
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(bf16x8_to_f32(x + i), _mm256_loadu_ps(y + i), s0);
+  float r = hsum256(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+  for (; i < n; ++i) r += bf16_to_fp32(x[i]) * y[i];
+  return r;
+}
+
+// signed int8 x signed int8, 32 lanes -> 8 int32 partial sums, as float
+WEFT_AVX2 static inline __m256 mul_sum_i8(__m256i x, __m256i y) {
+  const __m256i ax = _mm256_sign_epi8(x, x);
+  const __m256i sy = _mm256_sign_epi8(y, x);
+  const __m256i dot16 = _mm256_maddubs_epi16(ax, sy);
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(dot16, _mm256_set1_epi16(1)));
+}
+
+WEFT_AVX2 static float dot_q8_0_avx2(int64_t n, const void* w, const void* a) {
+  const block_q8_0* x = (const block_q8_0*)w;
+  const block_q8_0* y = (const block_q8_0*)a;
+  const int64_t nb = n / QK8_0;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 2 <= nb; i += 2) {
+    const __m256 d0 = _mm256_set1_ps(_cvtsh_ss(x[i].d) * _cvtsh_ss(y[i].d));
+    const __m256 d1 = _mm256_set1_ps(_cvtsh_ss(x[i + 1].d) * _cvtsh_ss(y[i + 1].d));
+    const __m256 p0 = mul_sum_i8(_mm256_loadu_si256((const __m256i*)x[i].qs), _mm256_loadu_si256((const __m256i*)y[i].qs));
+    const __m256 p1 = mul_sum_i8(_mm256_loadu_si256((const __m256i*)x[i + 1].qs), _mm256_loadu_si256((const __m256i*)y[i + 1].qs));
+    acc0 = _mm256_fmadd_ps(d0, p0, acc0);
+    acc1 = _mm256_fmadd_ps(d1, p1, acc1);
+  }
+  for (; i < nb; ++i) {
+    const __m256 d = _mm256_set1_ps(_cvtsh_ss(x[i].d) * _cvtsh_ss(y[i].d));
+    acc0 = _mm256_fmadd_ps(d, mul_sum_i8(_mm256_loadu_si256((const __m256i*)x[i].qs), _mm256_loadu_si256((const __m256i*)y[i].qs)), acc0);
+  }
+  return hsum256(_mm256_add_ps(acc0, acc1));
+}
+
+WEFT_AVX2 static inline __m256i q4_0_unpack(const uint8_t* qs) {
+  const __m128i t = _mm_loadu_si128((const __m128i*)qs);
+  const __m256i b = _mm256_insertf128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
+  return _mm256_sub_epi8(_mm256_and_si256(b, _mm256_set1_epi8(0x0F)), _mm256_set1_epi8(8));
+}
+
+WEFT_AVX2 static float dot_q4_0_avx2(int64_t n, const void* w, const void* a) {
+  const block_q4_0* x = (const block_q4_0*)w;
+  const block_q8_0* y = (const block_q8_0*)a;
+  const int64_t nb = n / QK4_0;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 2 <= nb; i += 2) {
+    const __m256 d0 = _mm256_set1_ps(_cvtsh_ss(x[i].d) * _cvtsh_ss(y[i].d));
+    const __m256 d1 = _mm256_set1_ps(_cvtsh_ss(x[i + 1].d) * _cvtsh_ss(y[i + 1].d));
+    acc0 = _mm256_fmadd_ps(d0, mul_sum_i8(q4_0_unpack(x[i].qs), _mm256_loadu_si256((const __m256i*)y[i].qs)), acc0);
+    acc1 = _mm256_fmadd_ps(d1, mul_sum_i8(q4_0_unpack(x[i + 1].qs), _mm256_loadu_si256((const __m256i*)y[i + 1].qs)), acc1);
+  }
+  for (; i < nb; ++i) {
+    const __m256 d = _mm256_set1_ps(_cvtsh_ss(x[i].d) * _cvtsh_ss(y[i].d));
+    acc0 = _mm256_fmadd_ps(d, mul_sum_i8(q4_0_unpack(x[i].qs), _mm256_loadu_si256((const __m256i*)y[i].qs)), acc0);
+  }
+  return hsum256(_mm256_add_ps(acc0, acc1));
+}
+
+WEFT_AVX2 static float dot_q4_K_avx2(int64_t n, const void* w, const void* a) { return dot_q4_K_body(n, w, a); }
+WEFT_AVX2 static float dot_q6_K_avx2(int64_t n, const void* w, const void* a) { return dot_q6_K_body(n, w, a); }
+WEFT_AVX2 static void act_q8_0_avx2(const float* x, void* y, int64_t n) { act_q8_0_body(x, y, n); }
+
+// ---------------------------------------------------------------- dispatch
+
+static KernelTable make_table(int level) {
+  KernelTable t{};
+  t.level = level;
+  t.act[T_F32] = act_f32;
+  t.act[T_Q8_K] = act_q8_K;
+  if (level >= LEVEL_AVX2) {
+    t.dot[T_F32] = dot_f32_avx2; t.dot[T_F16] = dot_f16_avx2; t.dot[T_BF16] = dot_bf16_avx2;
+    t.dot[T_Q8_0] = dot_q8_0_avx2; t.dot[T_Q4_0] = dot_q4_0_avx2;
+    t.dot[T_Q4_K] = dot_q4_K_avx2; t.dot[T_Q6_K] = dot_q6_K_avx2;
+    t.act[T_Q8_0] = act_q8_0_avx2;
+  } else {
+    t.dot[T_F32] = dot_f32_scalar; t.dot[T_F16] = dot_f16_scalar; t.dot[T_BF16] = dot_bf16_scalar;
+    t.dot[T_Q8_0] = dot_q8_0_scalar; t.dot[T_Q4_0] = dot_q4_0_scalar;
+    t.dot[T_Q4_K] = dot_q4_K_scalar; t.dot[T_Q6_K] = dot_q6_K_scalar;
+    t.act[T_Q8_0] = act_q8_0_scalar;
+  }
+  return t;
+}
+
+int detected_level() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return LEVEL_AVX2;
+  return LEVEL_SCALAR;
+}
+
+static KernelTable g_table = make_table(detected_level());
+const KernelTable& kernels() { return g_table; }
+
+int set_kernel_level(int level) {
+  level = std::max(0, std::min(level, detected_level()));
+  g_table = make_table(level);
+  return level;
+}
+
+}  // namespace weft

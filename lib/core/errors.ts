@@ -1,0 +1,41 @@
+/** Every failure weft reports is a WeftError with a machine-readable code. */
+export type WeftErrorCode =
+  | "BAD_GGUF" // malformed or truncated GGUF file
+  | "BAD_ARGUMENT" // a caller passed something unusable
+  | "SHAPE_MISMATCH" // graph construction with incompatible shapes
+  | "UNSUPPORTED_OP" // an op a backend cannot run
+  | "UNSUPPORTED_TYPE" // a tensor type weft does not handle
+  | "BAD_PLAN" // the native backend refused a graph
+  | "COMPUTE_FAILED" // a graph failed while running
+  | "OUT_OF_MEMORY"
+  | "OUT_OF_RANGE"
+  | "READ_ONLY"
+  | "DISPOSED" // use after dispose()
+  | "ABORTED"
+  | "IO"
+  | "NATIVE_MISSING" // the addon was not built
+  | "BUSY";
+
+export class WeftError extends Error {
+  readonly code: WeftErrorCode;
+  constructor(code: WeftErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = "WeftError";
+    this.code = code;
+  }
+}
+
+/** Builds a WeftError; trims this helper from the stack so it points at the caller. */
+export function weftError(code: WeftErrorCode, message: string, cause?: unknown): WeftError {
+  const e = new WeftError(code, message, cause === undefined ? undefined : { cause });
+  Error.captureStackTrace?.(e, weftError);
+  return e;
+}
+
+/** Converts an error thrown by the native addon (which carries a string code) into a WeftError. */
+export function fromNative(e: unknown): WeftError {
+  if (e instanceof WeftError) return e;
+  const err = e as { code?: string; message?: string };
+  const code = (err?.code ?? "COMPUTE_FAILED") as WeftErrorCode;
+  return new WeftError(code, err?.message ?? String(e), { cause: e });
+}

@@ -1,0 +1,107 @@
+import { fromNative, weftError } from "../core/errors.js";
+import { Tensor } from "../core/tensor.js";
+import { native } from "./native.js";
+
+/** Host memory owned by the native addon: 64-byte aligned, or a read-only file mapping. */
+export class CpuBuffer {
+  readonly size: number;
+  readonly readOnly: boolean;
+  #id: number;
+
+  private constructor(id: number, size: number, readOnly: boolean) {
+    this.#id = id;
+    this.size = size;
+    this.readOnly = readOnly;
+  }
+
+  static alloc(size: number): CpuBuffer {
+    try { return new CpuBuffer(native().bufferAlloc(size), size, false); }
+    catch (e) { throw fromNative(e); }
+  }
+
+  /** Maps a file without copying it (model weights). */
+  static mapFile(path: string): CpuBuffer {
+    try {
+      const m = native().mapFile(path);
+      return new CpuBuffer(m.id, m.size, true);
+    } catch (e) { throw fromNative(e); }
+  }
+
+  get id(): number {
+    if (this.#id < 0) throw weftError("DISPOSED", "buffer was disposed");
+    return this.#id;
+  }
+  get disposed(): boolean { return this.#id < 0; }
+
+  set(offset: number, data: ArrayBufferView): void {
+    const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+    try { native().bufferSet(this.id, offset, bytes); } catch (e) { throw fromNative(e); }
+  }
+  get(offset: number, length: number): Uint8Array {
+    try { return native().bufferGet(this.id, offset, length); } catch (e) { throw fromNative(e); }
+  }
+  fill(offset: number, length: number, value: number): void {
+    try { native().bufferFill(this.id, offset, length, value); } catch (e) { throw fromNative(e); }
+  }
+  copyFrom(src: CpuBuffer, srcOffset: number, dstOffset: number, length: number): void {
+    try { native().bufferCopy(src.id, srcOffset, this.id, dstOffset, length); } catch (e) { throw fromNative(e); }
+  }
+
+  dispose(): void {
+    if (this.#id < 0) return;
+    native().bufferFree(this.#id);
+    this.#id = -1;
+  }
+  [Symbol.dispose](): void { this.dispose(); }
+}
+
+const ALIGN = 64;
+const alignUp = (n: number) => Math.ceil(n / ALIGN) * ALIGN;
+
+/** Where a tensor's bytes are: its root's buffer plus the accumulated view offset. */
+export function tensorLocation(t: Tensor): { buffer: CpuBuffer; offset: number } {
+  const { tensor: root, offset } = t.root();
+  if (!(root.buffer instanceof CpuBuffer)) throw weftError("BAD_ARGUMENT", `tensor ${t.describe()} is not placed in a CPU buffer`);
+  return { buffer: root.buffer, offset: root.offset + offset };
+}
+
+/**
+ * Places every unplaced root tensor of `tensors` in one new buffer, laid out linearly.
+ * (Static layout: the graph allocator that reuses memory comes with the scheduler.)
+ * `guard` bytes of padding go around each tensor so tests can detect stray writes.
+ */
+export function allocateTensors(tensors: Iterable<Tensor>, guard = 0): CpuBuffer {
+  const roots: Tensor[] = [];
+  const seen = new Set<Tensor>();
+  for (const t of tensors) {
+    const r = t.root().tensor;
+    if (r.buffer || seen.has(r)) continue;
+    seen.add(r);
+    roots.push(r);
+  }
+  let size = 0;
+  const offs: number[] = [];
+  for (const r of roots) {
+    size = alignUp(size + guard);
+    offs.push(size);
+    size += r.nbytes;
+  }
+  size = alignUp(size + guard);
+  const buf = CpuBuffer.alloc(size);
+  roots.forEach((r, i) => { r.buffer = buf; r.offset = offs[i]!; });
+  return buf;
+}
+
+/** Writes raw bytes into a contiguous tensor. */
+export function setTensorData(t: Tensor, data: ArrayBufferView): void {
+  if (!t.isContiguous) throw weftError("BAD_ARGUMENT", `setTensorData needs a contiguous tensor: ${t.describe()}`);
+  if (data.byteLength !== t.nbytes) throw weftError("BAD_ARGUMENT", `tensor ${t.describe()} holds ${t.nbytes} bytes, got ${data.byteLength}`);
+  const { buffer, offset } = tensorLocation(t);
+  buffer.set(offset, data);
+}
+
+/** Reads the bytes a tensor spans (strided tensors: the whole span). */
+export function getTensorData(t: Tensor): Uint8Array {
+  const { buffer, offset } = tensorLocation(t);
+  return buffer.get(offset, t.nbytes);
+}

@@ -1,0 +1,49 @@
+/** The whole native surface (build/Release/weft.node), typed in one place. */
+import { createRequire } from "node:module";
+import { fileURLToPath } from "node:url";
+import { dirname, resolve } from "node:path";
+import { weftError } from "../core/errors.js";
+
+export interface NativeContext { readonly __brand: "NativeContext" }
+
+export interface NativeAddon {
+  bufferAlloc(size: number): number;
+  bufferFree(id: number): void;
+  bufferSet(id: number, offset: number, data: Uint8Array): void;
+  bufferGet(id: number, offset: number, length: number): Uint8Array;
+  bufferFill(id: number, offset: number, length: number, value: number): void;
+  bufferCopy(srcId: number, srcOffset: number, dstId: number, dstOffset: number, length: number): void;
+  /** read-only private mapping of a whole file */
+  mapFile(path: string): { id: number; size: number };
+  createContext(threads: number): NativeContext;
+  /** runs the cached plan for uid; pass the encoded plan the first time */
+  compute(ctx: NativeContext, uid: number, plan?: Float64Array): Promise<void>;
+  forgetPlan(ctx: NativeContext, uid: number): void;
+  quantize(type: number, src: Float32Array, nPerRow: number): Uint8Array;
+  dequantize(type: number, src: Uint8Array, n: number): Float32Array;
+  /** get (and with an argument, force) the kernel level: 0 scalar, 1 AVX2 */
+  kernelLevel(force?: number): { current: number; detected: number };
+  readBandwidth(bytes: number, threads: number, reps: number): number;
+}
+
+export const KERNEL_LEVELS = ["scalar", "avx2"] as const;
+
+let addon: NativeAddon | null = null;
+
+export function native(): NativeAddon {
+  if (addon) return addon;
+  const here = dirname(fileURLToPath(import.meta.url));
+  const path = resolve(here, "../../../build/Release/weft.node");
+  try {
+    addon = createRequire(import.meta.url)(path) as NativeAddon;
+  } catch (e) {
+    throw weftError("NATIVE_MISSING", `the native CPU backend is not built (${path}); run "npm run build" or reinstall`, e);
+  }
+  const forced = process.env.WEFT_CPU_KERNELS;
+  if (forced) {
+    const lvl = KERNEL_LEVELS.indexOf(forced as (typeof KERNEL_LEVELS)[number]);
+    if (lvl < 0) throw weftError("BAD_ARGUMENT", `WEFT_CPU_KERNELS must be one of ${KERNEL_LEVELS.join(", ")}`);
+    addon.kernelLevel(lvl);
+  }
+  return addon;
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env node
+// Runs every compiled test file (dist/test/**/*.test.js) with uvu, one process, and ends
+// with the summary line CI reads: "N passed, N failed[, N skipped]".
+// Usage: node scripts/run-tests.js [pattern]   (pattern filters test file paths)
+import { spawn } from "node:child_process";
+import { dirname, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { createRequire } from "node:module";
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
+const require = createRequire(import.meta.url);
+const uvuBin = resolve(dirname(require.resolve("uvu/package.json")), "bin.js");
+const pattern = process.argv[2] ?? "\\.test\\.js$";
+const child = spawn(process.execPath, [uvuBin, "dist/test", pattern], {
+  cwd: root,
+  stdio: ["ignore", "pipe", "inherit"],
+});
+let out = "";
+child.stdout.on("data", (d) => { out += d; process.stdout.write(d); });
+child.on("close", (code) => {
+  const plain = out.replace(/\x1b\[[0-9;]*m/g, "");
+  const num = (label) => Number((plain.match(new RegExp(`${label}:\\s+(\\d+)`)) ?? [])[1] ?? 0);
+  const total = num("Total"), passed = num("Passed"), skipped = num("Skipped");
+  // uvu counts skipped tests in Total; a crash before the summary counts as one failure.
+  let failed = Math.max(0, total - passed - skipped);
+  if (code !== 0 && failed === 0) failed = 1;
+  console.log(`${passed} passed, ${failed} failed` + (skipped ? `, ${skipped} skipped` : ""));
+  process.exit(code === 0 && failed === 0 ? 0 : 1);
+});
