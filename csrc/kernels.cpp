@@ -282,8 +282,76 @@ WEFT_AVX2 static float dot_q4_0_avx2(int64_t n, const void* w, const void* a) {
   return hsum256(_mm256_add_ps(acc0, acc1));
 }
 
-WEFT_AVX2 static float dot_q4_K_avx2(int64_t n, const void* w, const void* a) { return dot_q4_K_body(n, w, a); }
-WEFT_AVX2 static float dot_q6_K_avx2(int64_t n, const void* w, const void* a) { return dot_q6_K_body(n, w, a); }
+// Q4_K: nibbles are unsigned, so maddubs(q, y) needs no sign tricks; the 6-bit scale of
+// each 32-value sub-block multiplies the int16 pair sums in madd; mins use Q8_K's bsums.
+WEFT_AVX2 static float dot_q4_K_avx2(int64_t n, const void* w, const void* a) {
+  const block_q4_K* x = (const block_q4_K*)w;
+  const block_q8_K* y = (const block_q8_K*)a;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  __m256 acc = _mm256_setzero_ps();
+  float acc_m = 0;
+  for (int64_t i = 0; i < n / QK_K; ++i) {
+    const uint8_t* s = x[i].scales;
+    uint8_t sc[8], mn[8];
+    for (int j = 0; j < 4; ++j) { sc[j] = s[j] & 63; mn[j] = s[j + 4] & 63; }
+    for (int j = 4; j < 8; ++j) { sc[j] = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4); mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4); }
+    int32_t msum = 0;
+    for (int j = 0; j < 8; ++j) msum += mn[j] * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
+    const float dy = y[i].d;
+    acc_m -= fp16_to_fp32(x[i].dmin) * dy * msum;
+    __m256i sumi = _mm256_setzero_si256();
+    const uint8_t* q = x[i].qs;
+    const int8_t* q8 = y[i].qs;
+    for (int j = 0; j < 4; ++j) {
+      const __m256i qb = _mm256_loadu_si256((const __m256i*)(q + 32 * j));
+      const __m256i lo = _mm256_and_si256(qb, m4);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
+      const __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)(q8 + 64 * j)));
+      const __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(q8 + 64 * j + 32)));
+      sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(plo, _mm256_set1_epi16(sc[2 * j])));
+      sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * j + 1])));
+    }
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_fp32(x[i].d) * dy), _mm256_cvtepi32_ps(sumi), acc);
+  }
+  return hsum256(acc) + acc_m;
+}
+
+// Q6_K: 6-bit values 0..63 are unsigned for maddubs; the −32 offset is folded in with
+// Q8_K's per-16 bsums. Each 32-lane product spans two 16-value scale groups.
+WEFT_AVX2 static float dot_q6_K_avx2(int64_t n, const void* w, const void* a) {
+  const block_q6_K* x = (const block_q6_K*)w;
+  const block_q8_K* y = (const block_q8_K*)a;
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n / QK_K; ++i) {
+    const int8_t* sc = x[i].scales;
+    int32_t off = 0;
+    for (int g = 0; g < 16; ++g) off += sc[g] * y[i].bsums[g];
+    __m256i sumi = _mm256_setzero_si256();
+    const uint8_t* ql = x[i].ql;
+    const uint8_t* qh = x[i].qh;
+    const int8_t* q8 = y[i].qs;
+    for (int h = 0; h < 2; ++h) {
+      const __m256i l0 = _mm256_loadu_si256((const __m256i*)(ql + 64 * h));
+      const __m256i l1 = _mm256_loadu_si256((const __m256i*)(ql + 64 * h + 32));
+      const __m256i hb = _mm256_loadu_si256((const __m256i*)(qh + 32 * h));
+      const __m256i q1 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4));
+      const __m256i q2 = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m3), 4));
+      const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m3), 4));
+      const __m256i q4 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m3), 4));
+      const __m256i qs[4] = {q1, q2, q3, q4};
+      for (int k = 0; k < 4; ++k) {
+        const int g = 8 * h + 2 * k;  // scale groups of this 32-value chunk
+        const __m256i p = _mm256_maddubs_epi16(qs[k], _mm256_loadu_si256((const __m256i*)(q8 + 128 * h + 32 * k)));
+        const __m256i scv = _mm256_setr_m128i(_mm_set1_epi16(sc[g]), _mm_set1_epi16(sc[g + 1]));
+        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scv));
+      }
+    }
+    const float d = fp16_to_fp32(x[i].d) * y[i].d;
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi, _mm256_setr_epi32(32 * off, 0, 0, 0, 0, 0, 0, 0))), acc);
+  }
+  return hsum256(acc);
+}
 WEFT_AVX2 static void act_q8_0_avx2(const float* x, void* y, int64_t n) { act_q8_0_body(x, y, n); }
 
 // ---------------------------------------------------------------- dispatch

@@ -1,0 +1,95 @@
+/**
+ * Kernel benchmarks: memory read bandwidth, and MUL_MAT per weight type at the 1b
+ * preset's shapes with 1 token (memory-bound: GB/s and % of measured bandwidth) and 128
+ * tokens (compute-bound: GFLOP/s), at 1 and 2 threads. Weights rotate among copies
+ * totalling ≥ 256 MiB so the 32 MiB L3 never holds them; medians over many runs.
+ *
+ *   node dist/bench/kernels.js [--threads 1,2] [--tokens 1,128] [--types q8_0,q4_0,...]
+ *                              [--shapes 2048x2048,...] [--time MS] [--json]
+ */
+import { Bench } from "tinybench";
+import * as G from "../lib/core/graph.js";
+import { Graph } from "../lib/core/graph.js";
+import { GgmlType, TYPES, rowSize, typeByName } from "../lib/core/types.js";
+import { CpuBackend } from "../lib/cpu/backend.js";
+import { CpuBuffer, allocateTensors } from "../lib/cpu/buffer.js";
+import { KERNEL_LEVELS, native } from "../lib/cpu/native.js";
+
+const args = process.argv.slice(2);
+const opt = (name: string, def: string) => { const i = args.indexOf(name); return i >= 0 ? args[i + 1]! : def; };
+if (args.includes("--help")) {
+  console.log(`usage: node dist/bench/kernels.js [options]
+  --threads LIST   thread counts (default 1,2)
+  --tokens LIST    activation columns: 1 = decode (GB/s), 128 = prompt (GFLOP/s) (default 1,128)
+  --types LIST     weight types (default q8_0,q4_0,q4_K,q6_K,f16,bf16)
+  --shapes LIST    KxN weight shapes (default 2048x2048,2048x8192,8192x2048,2048x128256)
+  --time MS        time budget per row (default 1000)
+  --json           one JSON object per row instead of a table`);
+  process.exit(0);
+}
+const threads = opt("--threads", "1,2").split(",").map(Number);
+const tokens = opt("--tokens", "1,128").split(",").map(Number);
+const types = opt("--types", "q8_0,q4_0,q4_K,q6_K,f16,bf16").split(",").map((n) => {
+  const t = typeByName(n);
+  if (t === undefined || !TYPES[t].weight) throw new Error(`unknown weight type ${n}`);
+  return t;
+});
+const shapes = opt("--shapes", "2048x2048,2048x8192,8192x2048,2048x128256").split(",").map((s) => s.split("x").map(Number) as [number, number]);
+const timeMs = Number(opt("--time", "1000"));
+const json = args.includes("--json");
+const ROTATE_BYTES = 256 << 20;
+
+const lvl = native().kernelLevel();
+const bandwidth = new Map(threads.map((t) => [t, native().readBandwidth(1 << 30, t, 5)]));
+if (!json) {
+  console.log(`kernels: ${KERNEL_LEVELS[lvl.current]}; read bandwidth: ${threads.map((t) => `${t}T ${bandwidth.get(t)!.toFixed(1)} GB/s`).join(", ")}`);
+  console.log("| type | K×N | threads | tokens | median ms | GB/s | % of bw | GFLOP/s |");
+  console.log("|---|---|---|---|---|---|---|---|");
+} else console.log(JSON.stringify({ kernels: KERNEL_LEVELS[lvl.current], bandwidthGBs: Object.fromEntries(bandwidth) }));
+
+/** fills a weight tensor by tiling one quantized block of 64 random rows */
+function fillWeight(buf: CpuBuffer, offset: number, type: GgmlType, K: number, N: number) {
+  const tileRows = Math.min(64, N);
+  const f = new Float32Array(K * tileRows);
+  for (let i = 0; i < f.length; i++) f[i] = Math.sin(i * 12.9898) * 0.5;
+  const tile = type === GgmlType.F32 ? new Uint8Array(f.buffer) : native().quantize(type, f, K);
+  const rb = rowSize(type, K);
+  for (let r = 0; r < N; r += tileRows) buf.set(offset + r * rb, tile.subarray(0, Math.min(tileRows, N - r) * rb));
+}
+
+for (const type of types) {
+  for (const [K, N] of shapes) {
+    if (K % TYPES[type].blockSize) continue;
+    const wbytes = rowSize(type, K) * N;
+    const copies = Math.max(1, Math.ceil(ROTATE_BYTES / wbytes));
+    const weights = Array.from({ length: copies }, () => G.newTensor(type, [K, N]));
+    const wbuf = allocateTensors(weights);
+    for (const w of weights) fillWeight(wbuf, w.offset, type, K, N);
+    for (const M of tokens) {
+      const x = G.newTensor(GgmlType.F32, [K, M]);
+      const graphs: Graph[] = weights.map((w) => G.buildGraph(G.mulMat(w, x)));
+      const abuf = allocateTensors(graphs.flatMap((g) => g.order));
+      const xf = new Float32Array(K * M).map((_, i) => Math.cos(i));
+      abuf.set(x.offset, xf);
+      for (const t of threads) {
+        const be = new CpuBackend({ threads: t });
+        let i = 0;
+        const bench = new Bench({ time: timeMs, warmupIterations: 2, iterations: 5 });
+        bench.add("mm", async () => { await be.compute(graphs[i++ % graphs.length]!); });
+        await bench.run();
+        const res = bench.tasks[0]!.result;
+        if (res.state !== "completed") throw new Error(`benchmark failed: ${res.state}`);
+        const ms = res.latency.p50;
+        const gbs = wbytes / (ms / 1000) / 1e9;
+        const gflops = (2 * K * N * M) / (ms / 1000) / 1e9;
+        const pct = (100 * gbs) / bandwidth.get(t)!;
+        const row = { type: TYPES[type].name, K, N, threads: t, tokens: M, medianMs: ms, GBs: gbs, pctBandwidth: pct, GFLOPs: gflops, samples: res.latency.samplesCount };
+        if (json) console.log(JSON.stringify(row));
+        else console.log(`| ${row.type} | ${K}×${N} | ${t} | ${M} | ${ms.toFixed(3)} | ${M === 1 ? gbs.toFixed(1) : "–"} | ${M === 1 ? pct.toFixed(0) + " %" : "–"} | ${gflops.toFixed(1)} |`);
+        await be.dispose();
+      }
+      abuf.dispose();
+    }
+    wbuf.dispose();
+  }
+}
