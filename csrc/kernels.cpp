@@ -236,25 +236,27 @@ WEFT_AVX2 static inline __m256 mul_sum_i8(__m256i x, __m256i y) {
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(dot16, _mm256_set1_epi16(1)));
 }
 
+WEFT_AVX2 static inline __m256 q8_block_scale(const block_q8_0* x, const block_q8_0* y) {
+  return _mm256_set1_ps(_cvtsh_ss(x->d) * _cvtsh_ss(y->d));
+}
+
+// Four independent accumulators keep the FMA latency chain off the critical path.
 WEFT_AVX2 static float dot_q8_0_avx2(int64_t n, const void* w, const void* a) {
   const block_q8_0* x = (const block_q8_0*)w;
   const block_q8_0* y = (const block_q8_0*)a;
   const int64_t nb = n / QK8_0;
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 2 <= nb; i += 2) {
-    const __m256 d0 = _mm256_set1_ps(_cvtsh_ss(x[i].d) * _cvtsh_ss(y[i].d));
-    const __m256 d1 = _mm256_set1_ps(_cvtsh_ss(x[i + 1].d) * _cvtsh_ss(y[i + 1].d));
-    const __m256 p0 = mul_sum_i8(_mm256_loadu_si256((const __m256i*)x[i].qs), _mm256_loadu_si256((const __m256i*)y[i].qs));
-    const __m256 p1 = mul_sum_i8(_mm256_loadu_si256((const __m256i*)x[i + 1].qs), _mm256_loadu_si256((const __m256i*)y[i + 1].qs));
-    acc0 = _mm256_fmadd_ps(d0, p0, acc0);
-    acc1 = _mm256_fmadd_ps(d1, p1, acc1);
+#define Q8P(k) mul_sum_i8(_mm256_loadu_si256((const __m256i*)x[i + k].qs), _mm256_loadu_si256((const __m256i*)y[i + k].qs))
+  for (; i + 4 <= nb; i += 4) {
+    acc0 = _mm256_fmadd_ps(q8_block_scale(x + i, y + i), Q8P(0), acc0);
+    acc1 = _mm256_fmadd_ps(q8_block_scale(x + i + 1, y + i + 1), Q8P(1), acc1);
+    acc2 = _mm256_fmadd_ps(q8_block_scale(x + i + 2, y + i + 2), Q8P(2), acc2);
+    acc3 = _mm256_fmadd_ps(q8_block_scale(x + i + 3, y + i + 3), Q8P(3), acc3);
   }
-  for (; i < nb; ++i) {
-    const __m256 d = _mm256_set1_ps(_cvtsh_ss(x[i].d) * _cvtsh_ss(y[i].d));
-    acc0 = _mm256_fmadd_ps(d, mul_sum_i8(_mm256_loadu_si256((const __m256i*)x[i].qs), _mm256_loadu_si256((const __m256i*)y[i].qs)), acc0);
-  }
-  return hsum256(_mm256_add_ps(acc0, acc1));
+  for (; i < nb; ++i) acc0 = _mm256_fmadd_ps(q8_block_scale(x + i, y + i), Q8P(0), acc0);
+#undef Q8P
+  return hsum256(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
 }
 
 WEFT_AVX2 static inline __m256i q4_0_unpack(const uint8_t* qs) {
@@ -263,23 +265,32 @@ WEFT_AVX2 static inline __m256i q4_0_unpack(const uint8_t* qs) {
   return _mm256_sub_epi8(_mm256_and_si256(b, _mm256_set1_epi8(0x0F)), _mm256_set1_epi8(8));
 }
 
+// Q4_0: (q − 8)·y = q·y − 8·y, both as maddubs with unsigned left operands, which
+// avoids the two sign instructions of the signed×signed path.
+WEFT_AVX2 static inline __m256 q4_0_block(const block_q4_0* x, const block_q8_0* y) {
+  const __m128i t = _mm_loadu_si128((const __m128i*)x->qs);
+  const __m256i q = _mm256_and_si256(_mm256_insertf128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1), _mm256_set1_epi8(0x0F));
+  const __m256i yv = _mm256_loadu_si256((const __m256i*)y->qs);
+  const __m256i p = _mm256_sub_epi16(_mm256_maddubs_epi16(q, yv), _mm256_maddubs_epi16(_mm256_set1_epi8(8), yv));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
 WEFT_AVX2 static float dot_q4_0_avx2(int64_t n, const void* w, const void* a) {
   const block_q4_0* x = (const block_q4_0*)w;
   const block_q8_0* y = (const block_q8_0*)a;
   const int64_t nb = n / QK4_0;
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 2 <= nb; i += 2) {
-    const __m256 d0 = _mm256_set1_ps(_cvtsh_ss(x[i].d) * _cvtsh_ss(y[i].d));
-    const __m256 d1 = _mm256_set1_ps(_cvtsh_ss(x[i + 1].d) * _cvtsh_ss(y[i + 1].d));
-    acc0 = _mm256_fmadd_ps(d0, mul_sum_i8(q4_0_unpack(x[i].qs), _mm256_loadu_si256((const __m256i*)y[i].qs)), acc0);
-    acc1 = _mm256_fmadd_ps(d1, mul_sum_i8(q4_0_unpack(x[i + 1].qs), _mm256_loadu_si256((const __m256i*)y[i + 1].qs)), acc1);
+#define Q4S(k) _mm256_set1_ps(_cvtsh_ss(x[i + k].d) * _cvtsh_ss(y[i + k].d))
+  for (; i + 4 <= nb; i += 4) {
+    acc0 = _mm256_fmadd_ps(Q4S(0), q4_0_block(x + i, y + i), acc0);
+    acc1 = _mm256_fmadd_ps(Q4S(1), q4_0_block(x + i + 1, y + i + 1), acc1);
+    acc2 = _mm256_fmadd_ps(Q4S(2), q4_0_block(x + i + 2, y + i + 2), acc2);
+    acc3 = _mm256_fmadd_ps(Q4S(3), q4_0_block(x + i + 3, y + i + 3), acc3);
   }
-  for (; i < nb; ++i) {
-    const __m256 d = _mm256_set1_ps(_cvtsh_ss(x[i].d) * _cvtsh_ss(y[i].d));
-    acc0 = _mm256_fmadd_ps(d, mul_sum_i8(q4_0_unpack(x[i].qs), _mm256_loadu_si256((const __m256i*)y[i].qs)), acc0);
-  }
-  return hsum256(_mm256_add_ps(acc0, acc1));
+  for (; i < nb; ++i) acc0 = _mm256_fmadd_ps(Q4S(0), q4_0_block(x + i, y + i), acc0);
+#undef Q4S
+  return hsum256(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
 }
 
 // Q4_K: nibbles are unsigned, so maddubs(q, y) needs no sign tricks; the 6-bit scale of
