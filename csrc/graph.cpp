@@ -123,7 +123,6 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
         int64_t nd = (int64_t)t.params[0];
         if (nd <= 0 || nd > t.ne[0] || nd % 2 != 0) return fail("bad rotary dimension count");
         if (t.params[1] != 0 && t.params[1] != 2) return fail("unknown rope mode");
-        plan->wsize = std::max(plan->wsize, (size_t)0);
         break;
       }
       case OP_SOFT_MAX:
@@ -156,6 +155,13 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
     if (t.is_node && t.op != OP_VIEW && t.op != OP_RESHAPE && t.op != OP_PERMUTE && t.op != OP_TRANSPOSE)
       plan->nodes.push_back((int32_t)i);
   }
+  // Row temporaries: the widest row of any node, per thread, after the MUL_MAT area.
+  int64_t widest = 0;
+  for (int32_t i : plan->nodes) {
+    widest = std::max(widest, plan->t[i].ne[0]);
+    for (int k = 0; k < MAX_SRC; ++k) if (plan->t[i].src[k] >= 0) widest = std::max(widest, plan->t[plan->t[i].src[k]].ne[0]);
+  }
+  plan->row_scratch = (size_t)((widest * 4 + 63) / 64 * 64);
   return plan;
 }
 
@@ -453,13 +459,7 @@ static void op_set_rows(Ctx& c, Tensor& t, int ith, int nth) {
 }
 
 void execute_plan(Plan& plan, ThreadPool& pool, std::vector<char>& scratch) {
-  // Row temporaries: the widest row of any node, per thread, after the MUL_MAT area.
-  int64_t widest = 0;
-  for (int32_t i : plan.nodes) {
-    widest = std::max(widest, plan.t[i].ne[0]);
-    for (int k = 0; k < MAX_SRC; ++k) if (plan.t[i].src[k] >= 0) widest = std::max(widest, plan.t[plan.t[i].src[k]].ne[0]);
-  }
-  const size_t row_scratch = (size_t)((widest * 4 + 63) / 64 * 64);
+  const size_t row_scratch = plan.row_scratch;
   const size_t need = plan.wsize + row_scratch * pool.size() + 64;
   if (scratch.size() < need) scratch.resize(need);
   std::atomic<int> bad{0};

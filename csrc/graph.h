@@ -36,7 +36,8 @@ struct Tensor {
 struct Plan {
   std::vector<Tensor> t;
   std::vector<int32_t> nodes;  // indices of tensors that compute (in order)
-  size_t wsize = 0;            // scratch bytes needed
+  size_t wsize = 0;            // scratch bytes needed by MUL_MAT activation conversion
+  size_t row_scratch = 0;      // per-thread bytes for row temporaries (widest row)
 };
 
 struct BufferInfo { char* base; size_t size; };
