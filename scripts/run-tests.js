@@ -9,7 +9,7 @@ import { createRequire } from "node:module";
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const require = createRequire(import.meta.url);
-const uvuBin = resolve(dirname(require.resolve("uvu/package.json")), "bin.js");
+const uvuBin = resolve(dirname(require.resolve("uvu")), "..", "bin.js");
 const pattern = process.argv[2] ?? "\\.test\\.js$";
 const child = spawn(process.execPath, [uvuBin, "dist/test", pattern], {
   cwd: root,
