@@ -8,10 +8,9 @@ export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
 export const FIXTURES = process.env.WEFT_FIXTURES ?? resolve(ROOT, "../shared/fixtures");
 export const haveFixtures = existsSync(resolve(FIXTURES, "README.md"));
 export function fixture(name: string): string { return resolve(FIXTURES, name); }
-let warned = false;
+/** Every check that needs the fixtures names itself when it is skipped. */
 export function warnNoFixtures(what: string): void {
-  if (!warned) console.warn(`\n!!! SKIPPING ${what}: fixtures folder not found at ${FIXTURES} (set WEFT_FIXTURES) !!!\n`);
-  warned = true;
+  console.warn(`\n!!! SKIPPING ${what}: fixtures folder not found at ${FIXTURES} (set WEFT_FIXTURES) !!!`);
 }
 
 /** deterministic PRNG (mulberry32) */
