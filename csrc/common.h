@@ -87,6 +87,12 @@ inline uint16_t fp32_to_bf16(float f) {
   return (uint16_t)((u + (0x7fffu + ((u >> 16) & 1))) >> 16);
 }
 
+// Q4_K packs eight 6-bit scales and eight 6-bit mins into 12 bytes.
+inline void unpack_q4_K_scales(const uint8_t* s, uint8_t sc[8], uint8_t mn[8]) {
+  for (int j = 0; j < 4; ++j) { sc[j] = s[j] & 63; mn[j] = s[j + 4] & 63; }
+  for (int j = 4; j < 8; ++j) { sc[j] = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4); mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4); }
+}
+
 // Reference quantizers (bit-exact with ggml's *_ref) and dequantizers, quants.cpp.
 void quantize_row(int32_t type, const float* x, void* y, int64_t n);
 void dequantize_row(int32_t type, const void* x, float* y, int64_t n);

@@ -96,9 +96,7 @@ static WEFT_INLINE float dot_q4_K_body(int64_t n, const void* w, const void* a) 
   float sum = 0;
   for (int64_t i = 0; i < n / QK_K; ++i) {
     uint8_t sc[8], mn[8];
-    const uint8_t* s = x[i].scales;
-    for (int j = 0; j < 4; ++j) { sc[j] = s[j] & 63; mn[j] = s[j + 4] & 63; }
-    for (int j = 4; j < 8; ++j) { sc[j] = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4); mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4); }
+    unpack_q4_K_scales(x[i].scales, sc, mn);
     int32_t isum = 0, msum = 0;
     const uint8_t* q = x[i].qs;
     const int8_t* q8 = y[i].qs;
@@ -314,10 +312,8 @@ WEFT_AVX2 static float dot_q4_K_avx2(int64_t n, const void* w, const void* a) {
   float acc_m = 0;
   for (int64_t i = 0; i < n / QK_K; ++i) {
     prefetch_ahead(x + i, 3);
-    const uint8_t* s = x[i].scales;
     uint8_t sc[8], mn[8];
-    for (int j = 0; j < 4; ++j) { sc[j] = s[j] & 63; mn[j] = s[j + 4] & 63; }
-    for (int j = 4; j < 8; ++j) { sc[j] = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4); mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4); }
+    unpack_q4_K_scales(x[i].scales, sc, mn);
     int32_t msum = 0;
     for (int j = 0; j < 8; ++j) msum += mn[j] * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
     const float dy = y[i].d;
