@@ -30,3 +30,12 @@ export function randomF32(n: number, r: () => number, scale = 1): Float32Array {
   for (let i = 0; i < n; i++) a[i] = (r() * 2 - 1) * scale;
   return a;
 }
+
+/** Asserts that `p` rejects with a message matching `re` (returns the error). */
+export async function rejectsWith(p: Promise<unknown>, re: RegExp): Promise<Error> {
+  let err: Error | null = null;
+  try { await p; } catch (e) { err = e as Error; }
+  if (!err) throw new Error(`expected a rejection matching ${re}, but it resolved`);
+  if (!re.test(err.message)) throw new Error(`expected a rejection matching ${re}, got: ${err.message}`);
+  return err;
+}
