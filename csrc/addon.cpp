@@ -140,6 +140,20 @@ static Napi::Value BufferFill(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// Reads one byte per page of a range so that a mapped model is resident before the first
+// token (and load progress can be reported); returns a checksum so the reads stay.
+static Napi::Value BufferTouch(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  BufEntry b = get_buf(env, info[0]);
+  double off = info[1].As<Napi::Number>().DoubleValue();
+  double len = info[2].As<Napi::Number>().DoubleValue();
+  check_range(env, b, off, len);
+  unsigned sum = 0;
+  const volatile unsigned char* p = (const unsigned char*)b.base + (size_t)off;
+  for (size_t i = 0; i < (size_t)len; i += 4096) sum += p[i];
+  return Napi::Number::New(env, sum);
+}
+
 static Napi::Value BufferCopy(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   BufEntry s = get_buf(env, info[0]);
@@ -337,6 +351,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("bufferSet", Napi::Function::New(env, BufferSet));
   exports.Set("bufferGet", Napi::Function::New(env, BufferGet));
   exports.Set("bufferFill", Napi::Function::New(env, BufferFill));
+  exports.Set("bufferTouch", Napi::Function::New(env, BufferTouch));
   exports.Set("bufferCopy", Napi::Function::New(env, BufferCopy));
   exports.Set("mapFile", Napi::Function::New(env, MapFile));
   exports.Set("createContext", Napi::Function::New(env, CreateContext));

@@ -43,6 +43,10 @@ export class CpuBuffer {
   fill(offset: number, length: number, value: number): void {
     try { native().bufferFill(this.id, offset, length, value); } catch (e) { throw fromNative(e); }
   }
+  /** Faults in the pages of a range (a mapped file becomes resident). */
+  touch(offset: number, length: number): void {
+    try { native().bufferTouch(this.id, offset, length); } catch (e) { throw fromNative(e); }
+  }
   copyFrom(src: CpuBuffer, srcOffset: number, dstOffset: number, length: number): void {
     try { native().bufferCopy(src.id, srcOffset, this.id, dstOffset, length); } catch (e) { throw fromNative(e); }
   }

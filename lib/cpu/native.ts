@@ -12,6 +12,8 @@ export interface NativeAddon {
   bufferSet(id: number, offset: number, data: Uint8Array): void;
   bufferGet(id: number, offset: number, length: number): Uint8Array;
   bufferFill(id: number, offset: number, length: number, value: number): void;
+  /** reads one byte per page (prefaults a mapping); returns a checksum */
+  bufferTouch(id: number, offset: number, length: number): number;
   bufferCopy(srcId: number, srcOffset: number, dstId: number, dstOffset: number, length: number): void;
   /** read-only private mapping of a whole file */
   mapFile(path: string): { id: number; size: number };
