@@ -154,6 +154,28 @@ static Napi::Value BufferTouch(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, sum);
 }
 
+// {"MUL_MAT/Q8_0": [ms, calls], ...}; with an argument true, also resets.
+static Napi::Value ProfileReport(const Napi::CallbackInfo& info) {
+  static const char* ops[] = {"NONE", "GET_ROWS", "MUL_MAT", "ADD", "MUL", "SCALE", "RMS_NORM", "ROPE", "SOFT_MAX",
+                              "CPY", "CONT", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE", "SET_ROWS", "UNARY", "GLU",
+                              "FLASH_ATTN_EXT", "ALL_REDUCE"};
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  OpProfile& p = op_profile();
+  for (int op = 0; op < OP_COUNT; ++op)
+    for (int ty = 0; ty < 32; ++ty) {
+      if (!p.calls[op][ty]) continue;
+      std::string k = ops[op];
+      if (op == OP_MUL_MAT) { k += "/"; k += std::to_string(ty); }
+      Napi::Array a = Napi::Array::New(env, 2);
+      a.Set((uint32_t)0, p.ns[op][ty] / 1e6);
+      a.Set((uint32_t)1, (double)p.calls[op][ty]);
+      o.Set(k, a);
+    }
+  if (info.Length() > 0 && info[0].ToBoolean()) p = OpProfile{};
+  return o;
+}
+
 static Napi::Value BufferCopy(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   BufEntry s = get_buf(env, info[0]);
@@ -351,6 +373,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("bufferSet", Napi::Function::New(env, BufferSet));
   exports.Set("bufferGet", Napi::Function::New(env, BufferGet));
   exports.Set("bufferFill", Napi::Function::New(env, BufferFill));
+  exports.Set("profileReport", Napi::Function::New(env, ProfileReport));
+  { const char* e = getenv("WEFT_PROFILE"); g_profile = e && *e && *e != '0'; }
   exports.Set("bufferTouch", Napi::Function::New(env, BufferTouch));
   exports.Set("bufferCopy", Napi::Function::New(env, BufferCopy));
   exports.Set("mapFile", Napi::Function::New(env, MapFile));

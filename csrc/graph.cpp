@@ -5,6 +5,7 @@
 #include "threadpool.h"
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <stdexcept>
 
@@ -458,13 +459,18 @@ static void op_set_rows(Ctx& c, Tensor& t, int ith, int nth) {
   });
 }
 
+bool g_profile = false;
+OpProfile& op_profile() { static OpProfile p{}; return p; }
+
 void execute_plan(Plan& plan, ThreadPool& pool, std::vector<char>& scratch) {
   const size_t row_scratch = plan.row_scratch;
   const size_t need = plan.wsize + row_scratch * pool.size() + 64;
   if (scratch.size() < need) scratch.resize(need);
   std::atomic<int> bad{0};
   Ctx c{&plan, scratch.data(), row_scratch, &bad};
+  const bool prof = g_profile;
   pool.run([&](int ith, int nth) {
+    auto t_prev = std::chrono::steady_clock::now();
     for (int32_t i : plan.nodes) {
       Tensor& t = plan.t[i];
       switch (t.op) {
@@ -485,6 +491,13 @@ void execute_plan(Plan& plan, ThreadPool& pool, std::vector<char>& scratch) {
         default: break;
       }
       pool.barrier().wait();
+      if (prof && ith == 0) {
+        auto now = std::chrono::steady_clock::now();
+        const int sub = t.op == OP_MUL_MAT ? plan.t[t.src[0]].type : 0;
+        op_profile().ns[t.op][sub] += std::chrono::duration<double, std::nano>(now - t_prev).count();
+        op_profile().calls[t.op][sub]++;
+        t_prev = now;
+      }
     }
   });
   if (bad.load()) throw std::runtime_error("an index input (GET_ROWS / SET_ROWS) was out of range; the affected rows were not written");

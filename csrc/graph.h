@@ -50,4 +50,10 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
 class ThreadPool;
 void execute_plan(Plan& plan, ThreadPool& pool, std::vector<char>& scratch);
 
+// Per-op time profile (WEFT_PROFILE=1): nanoseconds and calls by op (x weight type for
+// MUL_MAT), accumulated by worker 0 between barriers.
+struct OpProfile { double ns[OP_COUNT][32]; int64_t calls[OP_COUNT][32]; };
+extern bool g_profile;
+OpProfile& op_profile();
+
 }  // namespace weft

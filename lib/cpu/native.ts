@@ -14,6 +14,8 @@ export interface NativeAddon {
   bufferFill(id: number, offset: number, length: number, value: number): void;
   /** reads one byte per page (prefaults a mapping); returns a checksum */
   bufferTouch(id: number, offset: number, length: number): number;
+  /** with WEFT_PROFILE=1: time per op ("MUL_MAT/<weight type id>" → [ms, calls]); true resets */
+  profileReport(reset?: boolean): Record<string, [number, number]>;
   bufferCopy(srcId: number, srcOffset: number, dstId: number, dstOffset: number, length: number): void;
   /** read-only private mapping of a whole file */
   mapFile(path: string): { id: number; size: number };

@@ -41,8 +41,10 @@ export function weightTensors(table: WeightTable, place: (t: Tensor, info: GgufT
 }
 
 /**
- * KV cache of one sequence: per layer, K as rows of [headDim·nHeadKv] per position, V
- * transposed ([nCtx] per channel) so that attention·V is a MUL_MAT with contiguous rows.
+ * KV cache of one sequence. K is head-major ([headDim, nCtx, nHeadKv]): one head's keys
+ * are contiguous, so a decode step streams them instead of gathering 128-byte rows
+ * across the whole cache (that cost 4x more, measured). V is transposed ([nCtx] per
+ * channel) so that attention·V is a MUL_MAT with contiguous rows.
  */
 export interface KvCacheLayout {
   type: GgmlType;
@@ -55,7 +57,7 @@ export function kvCacheTensors(hp: HParams, nCtx: number, type: GgmlType): KvCac
   const nKv = hp.nHeadKv * hp.headDim;
   const k: Tensor[] = [], v: Tensor[] = [];
   for (let i = 0; i < hp.nLayer; i++) {
-    k.push(G.newTensor(type, [nKv, nCtx], `cache_k_l${i}`));
+    k.push(G.newTensor(type, [hp.headDim, nCtx, hp.nHeadKv], `cache_k_l${i}`));
     v.push(G.newTensor(type, [nCtx, nKv], `cache_v_l${i}`));
   }
   return { type, nCtx, k, v };
@@ -97,12 +99,12 @@ export function buildForward(hp: HParams, w: LlamaWeights, kv: KvCacheLayout, nT
     const q = G.rope(G.reshape(biased(G.mulMat(L.wq, cur), L.bq), [hd, nHead, n]), positions, rope);
     const k = G.rope(G.reshape(biased(G.mulMat(L.wk, cur), L.bk), [hd, nHeadKv, n]), positions, rope);
     const v = biased(G.mulMat(L.wv, cur), L.bv);
-    const kWritten = G.setRows(kv.k[il]!, G.reshape(k, [nKv, n]), slots);
+    const kWritten = G.setRows(kv.k[il]!, G.permute(k, [0, 2, 1, 3]), slots);
     // V is stored transposed: write each token's channels as a column (one element per row)
     const vDst = G.view(kv.v[il]!, [1, nCtx, nKv], 0, [es, nCtx * es, nCtx * nKv * es]);
     const vSrc = G.view(v, [1, n, nKv], 0, [v.nb[1], 4, v.nb[1] * n]);
     const vWritten = G.setRows(vDst, vSrc, slots);
-    const K = G.view(kWritten, [hd, kvLen, nHeadKv], 0, [kWritten.nb[1], hd * es, kWritten.nb[1] * nCtx]);
+    const K = G.view(kWritten, [hd, kvLen, nHeadKv], 0, [kWritten.nb[1], kWritten.nb[2], kWritten.nb[3]]);
     const V = G.view(vWritten, [kvLen, hd, nHeadKv], 0, [nCtx * es, hd * nCtx * es, nCtx * nKv * es]);
     const kq = G.softMax(G.mulMat(K, G.permute(q, [0, 2, 1, 3])), mask, 1 / Math.sqrt(hd));
     const kqv = G.mulMat(V, kq);                                   // [hd, n, nHead]
