@@ -5,12 +5,8 @@ import { readGguf } from "../gguf/reader.js";
 import { GgufValue } from "../gguf/types.js";
 import { QUANT_SCHEMES, quantizeModel } from "../quant/quantize.js";
 import { KERNEL_LEVELS, native } from "../cpu/native.js";
-
-interface Command {
-  summary: string;
-  usage: string;
-  run(args: string[]): Promise<number>;
-}
+import { Command, RUN_COMMANDS } from "./run.js";
+import { BENCH_COMMAND } from "./bench.js";
 
 function takeFlag(args: string[], name: string): boolean {
   const i = args.indexOf(name);
@@ -29,6 +25,8 @@ function describeValue(v: GgufValue): string {
 }
 
 const COMMANDS: Record<string, Command> = {
+  ...RUN_COMMANDS,
+  bench: BENCH_COMMAND,
   quantize: {
     summary: "re-quantize a GGUF model (like llama-quantize)",
     usage: `weft quantize IN.gguf OUT.gguf TYPE [--pure]

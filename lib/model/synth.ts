@@ -151,8 +151,8 @@ export async function synthModel(o: SynthOptions): Promise<{ path: string; param
         const f = new Float32Array(nel);
         const s = tensorSeed(seed, t.name);
         if (t.ne.length === 1) randomFill(f, s, 0.1, 1);                 // norm weights near 1
-        else if (t.name === "token_embd.weight") randomFill(f, s, 0.5);
-        else randomFill(f, s, 0.5 / Math.sqrt(t.ne[0]!));                // keeps activations O(1)
+        else if (t.name === "token_embd.weight") randomFill(f, s, 0.15);
+        else randomFill(f, s, 1.5 / Math.sqrt(t.ne[0]!));                // layers matter against the residual
         let bytes: Uint8Array;
         try {
           bytes = type === GgmlType.F32 ? new Uint8Array(f.buffer) : native().quantize(type, f, t.ne[0]!);
