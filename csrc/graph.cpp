@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
+#include <immintrin.h>
 #include <cstdio>
 #include <stdexcept>
 
@@ -17,6 +19,8 @@ static const char* op_name(int32_t op) {
                                 "FLASH_ATTN_EXT", "ALL_REDUCE"};
   return op >= 0 && op < OP_COUNT ? names[op] : "?";
 }
+
+constexpr int64_t MM_BN = 16;  // weight rows per MUL_MAT work unit
 
 static inline bool is_float_type(int32_t t) { return t == T_F32 || t == T_F16 || t == T_BF16; }
 static inline int64_t nrows(const Tensor& t) { return t.ne[1] * t.ne[2] * t.ne[3]; }
@@ -100,6 +104,7 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
         int32_t vt = vec_dot_type(a->type);
         bool direct = vt == T_F32 && rows_contiguous(*b);
         if (!direct) plan->wsize = std::max(plan->wsize, (size_t)(row_bytes(vt, b->ne[0]) * nrows(*b) + 64));
+        plan->tile_scratch = std::max(plan->tile_scratch, (size_t)(MM_BN * row_bytes(T_Q8_0, a->ne[0] / 32 * 32) + 64));
         break;
       }
       case OP_ADD: case OP_MUL:
@@ -239,19 +244,54 @@ static void op_mul_mat(Ctx& c, Tensor& t, int ith, int nth) {
   const vec_dot_fn dot = kernels().dot[a.type];
   // Work units: (batch i2,i3) x blocks of BN weight rows. Within a unit, each weight row
   // block is reused across all M activation columns while it sits in L1/L2.
-  const int64_t BN = 16;
+  const int64_t BN = MM_BN;
   const int64_t nblk = (N + BN - 1) / BN;
   const int64_t units = nblk * b.ne[2] * b.ne[3];
   int64_t lo, hi;
   split(units, ith, nth, lo, hi);
+  const tile_fn tile = M > 1 ? kernels().tile[a.type] : nullptr;
+  const int64_t wrow = row_bytes(a.type, K);
+  const bool strided = a.nb[1] != wrow && wrow <= 4096;
   for (int64_t u = lo; u < hi; ++u) {
     const int64_t blk = u % nblk, i2 = (u / nblk) % b.ne[2], i3 = u / (nblk * b.ne[2]);
     const int64_t n0 = blk * BN, n1 = std::min(N, n0 + BN);
     const char* wbase = a.data + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3];
+    if (tile) {
+      const char* wrows = wbase + n0 * a.nb[1];
+      int64_t ws = a.nb[1];
+      if (auto dec = kernels().decode_q8[a.type]) {
+        char* buf = c.scratch + c.plan->wsize + nth * c.row_scratch + ith * c.plan->tile_scratch;
+        ws = row_bytes(T_Q8_0, K);
+        for (int64_t n = n0; n < n1; ++n) dec(wbase + n * a.nb[1], buf + (n - n0) * ws, K);
+        wrows = buf;
+      }
+      // register-blocked tiles; the result row stride is t.nb[1] (contiguous rows checked at decode)
+      const char* act0 = direct ? row_ptr(b, 0, i2, i3) : c.scratch + ((i3 * b.ne[2] + i2) * M) * rb;
+      const int64_t as = direct ? b.nb[1] : rb;
+      float* out0 = (float*)row_ptr(t, 0, i2, i3);
+      const int64_t os = t.nb[1] / 4;
+      for (int64_t m = 0; m < M; m += TILE_RN) {
+        const int rn = (int)std::min<int64_t>(TILE_RN, M - m);
+        for (int64_t n = n0; n < n1; n += TILE_RM) {
+          const int rm = (int)std::min<int64_t>(TILE_RM, n1 - n);
+          tile(K, wrows + (n - n0) * ws, ws, act0 + m * as, as, out0 + m * os + n, os, rm, rn);
+        }
+      }
+      continue;
+    }
     for (int64_t m = 0; m < M; ++m) {
       const char* act = direct ? row_ptr(b, m, i2, i3) : c.scratch + ((i3 * b.ne[2] + i2) * M + m) * rb;
       float* out = (float*)row_ptr(t, m, i2, i3);
-      for (int64_t n = n0; n < n1; ++n) out[n] = dot(K, wbase + n * a.nb[1], act);
+      if (strided) {
+        // rows of a view (the transposed V cache) are far apart: fetch the row after next
+        // while this one is multiplied, or every row start waits on memory
+        for (int64_t n = n0; n < n1; ++n) {
+          if (n + 2 < N) for (int64_t o = 0; o < wrow; o += 64) _mm_prefetch(wbase + (n + 2) * a.nb[1] + o, _MM_HINT_T0);
+          out[n] = dot(K, wbase + n * a.nb[1], act);
+        }
+      } else {
+        for (int64_t n = n0; n < n1; ++n) out[n] = dot(K, wbase + n * a.nb[1], act);
+      }
     }
   }
 }
@@ -326,6 +366,10 @@ static void op_glu(Ctx& c, Tensor& t, int ith, int nth) {
     const char* u = b ? row_ptr(*b, i1, i2, i3) : g + t.ne[0] * a.nb[0];
     const int64_t ub = b ? b->nb[0] : a.nb[0];
     if (!b && swapped) std::swap(g, u);
+    if (kind == GLU_SWIGLU && a.nb[0] == 4 && ub == 4 && t.nb[0] == 4) {
+      kernels().swiglu((const float*)g, (const float*)u, (float*)o, t.ne[0]);
+      return;
+    }
     for (int64_t i = 0; i < t.ne[0]; ++i) {
       const float gv = *(const float*)(g + i * a.nb[0]);
       const float uv = *(const float*)(u + i * ub);
@@ -412,9 +456,8 @@ static void op_soft_max(Ctx& c, Tensor& t, int ith, int nth) {
       w[i] = v;
       mx = std::max(mx, v);
     }
-    double sum = 0;
     if (mx == -INFINITY) { for (int64_t i = 0; i < n; ++i) o[i] = 0; return; }
-    for (int64_t i = 0; i < n; ++i) { const float e = expf(w[i] - mx); w[i] = e; sum += e; }
+    const double sum = kernels().exp_sum(w, n, mx);
     const float inv = (float)(1.0 / sum);
     for (int64_t i = 0; i < n; ++i) o[i] = w[i] * inv;
   });
@@ -455,7 +498,15 @@ static void op_set_rows(Ctx& c, Tensor& t, int ith, int nth) {
     const char* ip = ix.data + i1 * ix.nb[0] + (i2 % ix.ne[1]) * ix.nb[1] + (i3 % ix.ne[2]) * ix.nb[2];
     const int64_t idx = ix.type == T_I64 ? *(const int64_t*)ip : *(const int32_t*)ip;
     if (idx < 0 || idx >= t.ne[1]) { c.bad_index->store(1); return; }
-    store_row(t, row_ptr(t, idx, i2, i3), (const float*)row_ptr(a, i1, i2, i3));
+    const float* x = (const float*)row_ptr(a, i1, i2, i3);
+    char* dst = row_ptr(t, idx, i2, i3);
+    if (t.ne[0] == 1) {  // one element per row: the transposed V cache
+      if (t.type == T_F16) *(uint16_t*)dst = fp32_to_fp16(*x);
+      else if (t.type == T_F32) *(float*)dst = *x;
+      else store_row(t, dst, x);
+      return;
+    }
+    store_row(t, dst, x);
   });
 }
 
@@ -464,7 +515,7 @@ OpProfile& op_profile() { static OpProfile p{}; return p; }
 
 void execute_plan(Plan& plan, ThreadPool& pool, std::vector<char>& scratch) {
   const size_t row_scratch = plan.row_scratch;
-  const size_t need = plan.wsize + row_scratch * pool.size() + 64;
+  const size_t need = plan.wsize + (row_scratch + plan.tile_scratch) * pool.size() + 64;
   if (scratch.size() < need) scratch.resize(need);
   std::atomic<int> bad{0};
   Ctx c{&plan, scratch.data(), row_scratch, &bad};

@@ -38,6 +38,7 @@ struct Plan {
   std::vector<int32_t> nodes;  // indices of tensors that compute (in order)
   size_t wsize = 0;            // scratch bytes needed by MUL_MAT activation conversion
   size_t row_scratch = 0;      // per-thread bytes for row temporaries (widest row)
+  size_t tile_scratch = 0;     // per-thread bytes for weight rows decoded before tiling
 };
 
 struct BufferInfo { char* base; size_t size; };

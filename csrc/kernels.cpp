@@ -374,6 +374,192 @@ WEFT_AVX2 static float dot_q6_K_avx2(int64_t n, const void* w, const void* a) {
 }
 WEFT_AVX2 static void act_q8_0_avx2(const float* x, void* y, int64_t n) { act_q8_0_body(x, y, n); }
 
+// ---------------------------------------------------------------- AVX2 tiles (batched MUL_MAT)
+// An RM×RN tile: RM weight rows against RN activation columns, each weight block decoded
+// once and each activation block loaded once per tile instead of once per dot product
+// (tinyBLAS-style register blocking). Int8 × int8 blocks of 32 with Q8_0 activations.
+
+struct DecodeQ8_0 {
+  static constexpr int64_t BYTES = sizeof(block_q8_0);
+  WEFT_AVX2 static inline __m256i q(const char* p) { return _mm256_loadu_si256((const __m256i*)((const block_q8_0*)p)->qs); }
+  static inline float d(const char* p) { return fp16_to_fp32(((const block_q8_0*)p)->d); }
+};
+struct DecodeQ4_0 {
+  static constexpr int64_t BYTES = sizeof(block_q4_0);
+  WEFT_AVX2 static inline __m256i q(const char* p) { return q4_0_unpack(((const block_q4_0*)p)->qs); }
+  static inline float d(const char* p) { return fp16_to_fp32(((const block_q4_0*)p)->d); }
+};
+
+template <int RM, int RN, class W>
+WEFT_AVX2 static void tile_i8(int64_t nb, const char* w, int64_t ws, const char* a, int64_t as, float* out, int64_t os) {
+  __m256 acc[RM][RN];
+  for (int i = 0; i < RM; ++i) for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < nb; ++b) {
+    float ad[RN];
+    __m256i y[RN];
+    for (int j = 0; j < RN; ++j) {
+      const block_q8_0* yb = (const block_q8_0*)(a + j * as) + b;
+      ad[j] = fp16_to_fp32(yb->d);
+      y[j] = _mm256_loadu_si256((const __m256i*)yb->qs);
+    }
+    for (int i = 0; i < RM; ++i) {
+      const char* wb = w + i * ws + b * W::BYTES;
+      const __m256i x = W::q(wb);
+      const float wd = W::d(wb);
+      const __m256i ax = _mm256_sign_epi8(x, x);
+      for (int j = 0; j < RN; ++j) {
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(y[j], x)), ones);
+        acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(wd * ad[j]), _mm256_cvtepi32_ps(p), acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < RM; ++i) for (int j = 0; j < RN; ++j) out[j * os + i] = hsum256(acc[i][j]);
+}
+
+template <class W>
+static void tile_dispatch(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn) {
+  const int64_t nb = n / 32;
+  const char* wc = (const char*)w;
+  const char* ac = (const char*)a;
+#define T(R, C) case R * 8 + C: return tile_i8<R, C, W>(nb, wc, ws, ac, as, out, os);
+  switch (rm * 8 + rn) {
+    T(1, 1) T(1, 2) T(1, 3) T(2, 1) T(2, 2) T(2, 3) T(3, 1) T(3, 2) T(3, 3) T(4, 1) T(4, 2) T(4, 3)
+    default: break;
+  }
+#undef T
+}
+static void tile_q8_0_avx2(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn) {
+  tile_dispatch<DecodeQ8_0>(n, w, ws, a, as, out, os, rm, rn);
+}
+// Q4_0 rows -> Q8_0 rows ((q - 8) as int8, same scale): batched products decode a block of
+// weight rows once per work unit and reuse it for every activation column.
+WEFT_AVX2 static void decode_q4_0_q8_avx2(const void* w, void* out, int64_t n) {
+  const block_q4_0* x = (const block_q4_0*)w;
+  block_q8_0* y = (block_q8_0*)out;
+  for (int64_t i = 0; i < n / 32; ++i) {
+    y[i].d = x[i].d;
+    _mm256_storeu_si256((__m256i*)y[i].qs, q4_0_unpack(x[i].qs));
+  }
+}
+static void decode_q4_0_q8_scalar(const void* w, void* out, int64_t n) {
+  const block_q4_0* x = (const block_q4_0*)w;
+  block_q8_0* y = (block_q8_0*)out;
+  for (int64_t i = 0; i < n / 32; ++i) {
+    y[i].d = x[i].d;
+    for (int j = 0; j < 16; ++j) { y[i].qs[j] = (int8_t)((x[i].qs[j] & 15) - 8); y[i].qs[j + 16] = (int8_t)((x[i].qs[j] >> 4) - 8); }
+  }
+}
+
+static void tile_q4_0_avx2(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn) {
+  tile_dispatch<DecodeQ4_0>(n, w, ws, a, as, out, os, rm, rn);
+}
+
+
+// ---------------------------------------------------------------- AVX2 float tiles and vector math
+
+// Float weights (F32/F16/BF16) against F32 activations: 8 lanes per FMA, RM×RN accumulators.
+struct LoadF32 { WEFT_AVX2 static inline __m256 v(const char* p, int64_t k) { return _mm256_loadu_ps((const float*)p + k); }
+                 static inline float s(const char* p, int64_t k) { return ((const float*)p)[k]; } };
+struct LoadF16 { WEFT_AVX2 static inline __m256 v(const char* p, int64_t k) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + k))); }
+                 static inline float s(const char* p, int64_t k) { return fp16_to_fp32(((const uint16_t*)p)[k]); } };
+struct LoadBF16 { WEFT_AVX2 static inline __m256 v(const char* p, int64_t k) { return bf16x8_to_f32((const uint16_t*)p + k); }
+                  static inline float s(const char* p, int64_t k) { return bf16_to_fp32(((const uint16_t*)p)[k]); } };
+
+template <int RM, int RN, class W>
+WEFT_AVX2 static void tile_f(int64_t n, const char* w, int64_t ws, const char* a, int64_t as, float* out, int64_t os) {
+  __m256 acc[RM][RN];
+  for (int i = 0; i < RM; ++i) for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    __m256 y[RN];
+    for (int j = 0; j < RN; ++j) y[j] = _mm256_loadu_ps((const float*)(a + j * as) + k);
+    for (int i = 0; i < RM; ++i) {
+      const __m256 x = W::v(w + i * ws, k);
+      for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_fmadd_ps(x, y[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < RN; ++j) {
+      float r = hsum256(acc[i][j]);
+      for (int64_t kk = k; kk < n; ++kk) r += W::s(w + i * ws, kk) * ((const float*)(a + j * as))[kk];
+      out[j * os + i] = r;
+    }
+}
+
+template <class W>
+static void tile_f_dispatch(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn) {
+  const char* wc = (const char*)w;
+  const char* ac = (const char*)a;
+#define T(R, C) case R * 8 + C: return tile_f<R, C, W>(n, wc, ws, ac, as, out, os);
+  switch (rm * 8 + rn) {
+    T(1, 1) T(1, 2) T(1, 3) T(2, 1) T(2, 2) T(2, 3) T(3, 1) T(3, 2) T(3, 3) T(4, 1) T(4, 2) T(4, 3)
+    default: break;
+  }
+#undef T
+}
+static void tile_f32_avx2(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* o, int64_t os, int rm, int rn) { tile_f_dispatch<LoadF32>(n, w, ws, a, as, o, os, rm, rn); }
+static void tile_f16_avx2(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* o, int64_t os, int rm, int rn) { tile_f_dispatch<LoadF16>(n, w, ws, a, as, o, os, rm, rn); }
+static void tile_bf16_avx2(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* o, int64_t os, int rm, int rn) { tile_f_dispatch<LoadBF16>(n, w, ws, a, as, o, os, rm, rn); }
+
+// exp(x) for 8 lanes: x = k·ln2 + r with |r| ≤ ln2/2, e^r by its degree-6 Taylor polynomial
+// (relative error ≈ 1e-7, about one float ulp), 2^k through the exponent bits. Inputs below
+// -87.3 (including -inf from attention masks) give exactly 0.
+WEFT_AVX2 static inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.3f));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693145751953125f), x);     // ln2 split in a high part
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(1.428606765330187e-06f), r);          // and a low part
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  // 2^k in two halves so k = 128 (x near 88.3) does not overflow the exponent field
+  const __m256i ki = _mm256_cvtps_epi32(k);
+  const __m256i k1 = _mm256_srai_epi32(ki, 1), k2 = _mm256_sub_epi32(ki, k1);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k1, _mm256_set1_epi32(127)), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k2, _mm256_set1_epi32(127)), 23));
+  return _mm256_andnot_ps(under, _mm256_mul_ps(_mm256_mul_ps(p, s1), s2));
+}
+
+WEFT_AVX2 static double exp_sum_avx2(float* w, int64_t n, float mx) {
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 s = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(w + i), m));
+    _mm256_storeu_ps(w + i, e);
+    s = _mm256_add_ps(s, e);
+  }
+  double sum = hsum256(s);
+  for (; i < n; ++i) { w[i] = expf(w[i] - mx); sum += w[i]; }
+  return sum;
+}
+static double exp_sum_scalar(float* w, int64_t n, float mx) {
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) { w[i] = expf(w[i] - mx); sum += w[i]; }
+  return sum;
+}
+
+WEFT_AVX2 static void swiglu_avx2(const float* g, const float* u, float* o, int64_t n) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(g + i);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+    _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+  }
+  for (; i < n; ++i) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+static void swiglu_scalar(const float* g, const float* u, float* o, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
 // ---------------------------------------------------------------- dispatch
 
 static KernelTable make_table(int level) {
@@ -386,11 +572,15 @@ static KernelTable make_table(int level) {
     t.dot[T_Q8_0] = dot_q8_0_avx2; t.dot[T_Q4_0] = dot_q4_0_avx2;
     t.dot[T_Q4_K] = dot_q4_K_avx2; t.dot[T_Q6_K] = dot_q6_K_avx2;
     t.act[T_Q8_0] = act_q8_0_avx2;
+    t.tile[T_Q8_0] = tile_q8_0_avx2; t.tile[T_Q4_0] = tile_q8_0_avx2; t.decode_q8[T_Q4_0] = decode_q4_0_q8_avx2;
+    t.tile[T_F32] = tile_f32_avx2; t.tile[T_F16] = tile_f16_avx2; t.tile[T_BF16] = tile_bf16_avx2;
+    t.exp_sum = exp_sum_avx2; t.swiglu = swiglu_avx2;
   } else {
     t.dot[T_F32] = dot_f32_scalar; t.dot[T_F16] = dot_f16_scalar; t.dot[T_BF16] = dot_bf16_scalar;
     t.dot[T_Q8_0] = dot_q8_0_scalar; t.dot[T_Q4_0] = dot_q4_0_scalar;
     t.dot[T_Q4_K] = dot_q4_K_scalar; t.dot[T_Q6_K] = dot_q6_K_scalar;
     t.act[T_Q8_0] = act_q8_0_scalar;
+    t.exp_sum = exp_sum_scalar; t.swiglu = swiglu_scalar;
   }
   return t;
 }

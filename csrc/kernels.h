@@ -12,9 +12,22 @@ typedef float (*vec_dot_fn)(int64_t n, const void* w, const void* a);
 // activation row (f32) -> vec_dot_type row
 typedef void (*from_float_fn)(const float* x, void* y, int64_t n);
 
+// RM×RN block of a batched product: rm (≤ TILE_RM) weight rows at w (stride ws bytes)
+// against rn (≤ TILE_RN) activation rows at a (stride as bytes, vec_dot_type), writing
+// out[j*os + i]. Optional: types without one use dot per element.
+typedef void (*tile_fn)(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn);
+constexpr int TILE_RM = 4, TILE_RN = 3;
+
 struct KernelTable {
   int level;
+  tile_fn tile[32];         // indexed by weight type
+  // weight rows -> Q8_0 rows before tiling (types whose tile runs on the decoded form)
+  void (*decode_q8[32])(const void* w, void* out, int64_t n);
   vec_dot_fn dot[32];       // indexed by weight type
+  // w[i] = exp(w[i] - mx) for a row; returns the sum (softmax)
+  double (*exp_sum)(float* w, int64_t n, float mx);
+  // o = silu(g) * u (SwiGLU)
+  void (*swiglu)(const float* g, const float* u, float* o, int64_t n);
   from_float_fn act[32];    // indexed by vec_dot_type
 };
 

@@ -55,8 +55,10 @@ export interface GeneratedPiece {
   text: string;
 }
 
-const KV_BUCKET = 256;
-const GRAPH_CACHE = 8;
+// Attention reads the KV cache up to the next multiple of KV_BUCKET positions (masked past
+// the current one): small buckets save work, each bucket is one more cached graph.
+const KV_BUCKET = 32;
+const GRAPH_CACHE = 16;
 
 interface CachedGraph { fg: ForwardGraph; buffer: CpuBuffer; mask: Float32Array }
 
