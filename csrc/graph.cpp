@@ -104,7 +104,7 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
         int32_t vt = vec_dot_type(a->type);
         bool direct = vt == T_F32 && rows_contiguous(*b);
         if (!direct) plan->wsize = std::max(plan->wsize, (size_t)(row_bytes(vt, b->ne[0]) * nrows(*b) + 64));
-        plan->tile_scratch = std::max(plan->tile_scratch, (size_t)(MM_BN * row_bytes(T_Q8_0, a->ne[0] / 32 * 32) + 64));
+        plan->tile_scratch = std::max(plan->tile_scratch, (size_t)(MM_BN * decoded_row_bytes(a->type, a->ne[0]) + 64));
         break;
       }
       case OP_ADD: case OP_MUL:
@@ -259,9 +259,11 @@ static void op_mul_mat(Ctx& c, Tensor& t, int ith, int nth) {
     if (tile) {
       const char* wrows = wbase + n0 * a.nb[1];
       int64_t ws = a.nb[1];
-      if (auto dec = kernels().decode_q8[a.type]) {
+      if (auto dec = kernels().decode[a.type]) {
+        // 64-byte aligned per-thread area (KDec is loaded with aligned loads)
         char* buf = c.scratch + c.plan->wsize + nth * c.row_scratch + ith * c.plan->tile_scratch;
-        ws = row_bytes(T_Q8_0, K);
+        buf = (char*)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
+        ws = decoded_row_bytes(a.type, K);
         for (int64_t n = n0; n < n1; ++n) dec(wbase + n * a.nb[1], buf + (n - n0) * ws, K);
         wrows = buf;
       }

@@ -456,6 +456,104 @@ static void tile_q4_0_avx2(int64_t n, const void* w, int64_t ws, const void* a, 
 }
 
 
+
+// K-quant tiles: each super-block of a weight row is decoded once per work unit into KDec
+// (values as bytes in order, per-32 scale vectors ready for madd, min/offset terms), then
+// an RM×RN tile runs maddubs/madd on it against Q8_K activations. The offset term
+// (Q4_K mins, Q6_K's -32) uses the activations' per-16 sums, exactly as the dot kernels.
+struct alignas(32) KDec {
+  __m256i scv[8];     // int16 lanes: the scale of each value pair of 32-value chunk c
+  uint8_t q[256];     // unsigned values (Q4_K 0..15, Q6_K 0..63)
+  int16_t mins[16];   // per 16 values: Q4_K min, Q6_K 32·scale
+  float d, dmin;      // value = d·scale·q − dmin·min
+};
+
+WEFT_AVX2 static void decode_q4_K_kdec(const void* w, void* out, int64_t n) {
+  const block_q4_K* x = (const block_q4_K*)w;
+  KDec* o = (KDec*)out;
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  for (int64_t i = 0; i < n / QK_K; ++i) {
+    uint8_t sc[8], mn[8];
+    unpack_q4_K_scales(x[i].scales, sc, mn);
+    for (int c = 0; c < 8; ++c) o[i].scv[c] = _mm256_set1_epi16(sc[c]);
+    for (int g = 0; g < 16; ++g) o[i].mins[g] = mn[g / 2];
+    for (int j = 0; j < 4; ++j) {
+      const __m256i qb = _mm256_loadu_si256((const __m256i*)(x[i].qs + 32 * j));
+      _mm256_storeu_si256((__m256i*)(o[i].q + 64 * j), _mm256_and_si256(qb, m4));
+      _mm256_storeu_si256((__m256i*)(o[i].q + 64 * j + 32), _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4));
+    }
+    o[i].d = fp16_to_fp32(x[i].d);
+    o[i].dmin = fp16_to_fp32(x[i].dmin);
+  }
+}
+
+WEFT_AVX2 static void decode_q6_K_kdec(const void* w, void* out, int64_t n) {
+  const block_q6_K* x = (const block_q6_K*)w;
+  KDec* o = (KDec*)out;
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3);
+  for (int64_t i = 0; i < n / QK_K; ++i) {
+    const int8_t* sc = x[i].scales;
+    for (int c = 0; c < 8; ++c) o[i].scv[c] = _mm256_setr_m128i(_mm_set1_epi16(sc[2 * c]), _mm_set1_epi16(sc[2 * c + 1]));
+    for (int g = 0; g < 16; ++g) o[i].mins[g] = (int16_t)(32 * sc[g]);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i l0 = _mm256_loadu_si256((const __m256i*)(x[i].ql + 64 * h));
+      const __m256i l1 = _mm256_loadu_si256((const __m256i*)(x[i].ql + 64 * h + 32));
+      const __m256i hb = _mm256_loadu_si256((const __m256i*)(x[i].qh + 32 * h));
+      uint8_t* q = o[i].q + 128 * h;
+      _mm256_storeu_si256((__m256i*)(q + 0), _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4)));
+      _mm256_storeu_si256((__m256i*)(q + 32), _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m3), 4)));
+      _mm256_storeu_si256((__m256i*)(q + 64), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m3), 4)));
+      _mm256_storeu_si256((__m256i*)(q + 96), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m3), 4)));
+    }
+    o[i].d = o[i].dmin = fp16_to_fp32(x[i].d);
+  }
+}
+
+template <int RM, int RN>
+WEFT_AVX2 static void tile_kdec(int64_t nsb, const char* w, int64_t ws, const char* a, int64_t as, float* out, int64_t os) {
+  __m256 accf[RM][RN];
+  for (int i = 0; i < RM; ++i) for (int j = 0; j < RN; ++j) accf[i][j] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nsb; ++b) {
+    const KDec* x[RM];
+    const block_q8_K* y[RN];
+    for (int i = 0; i < RM; ++i) x[i] = (const KDec*)(w + i * ws) + b;
+    for (int j = 0; j < RN; ++j) y[j] = (const block_q8_K*)(a + j * as) + b;
+    __m256i acc[RM][RN];
+    for (int i = 0; i < RM; ++i) for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_si256();
+    for (int c = 0; c < 8; ++c) {
+      __m256i q[RM];
+      for (int i = 0; i < RM; ++i) q[i] = _mm256_load_si256((const __m256i*)(x[i]->q + 32 * c));
+      for (int j = 0; j < RN; ++j) {
+        const __m256i yv = _mm256_loadu_si256((const __m256i*)(y[j]->qs + 32 * c));
+        for (int i = 0; i < RM; ++i)
+          acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(_mm256_maddubs_epi16(q[i], yv), _mm256_load_si256(&x[i]->scv[c])));
+      }
+    }
+    for (int j = 0; j < RN; ++j) {
+      const __m256i bs = _mm256_loadu_si256((const __m256i*)y[j]->bsums);
+      const float dy = y[j]->d;
+      for (int i = 0; i < RM; ++i) {
+        const __m256i mv = _mm256_madd_epi16(_mm256_load_si256((const __m256i*)x[i]->mins), bs);
+        accf[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(x[i]->d * dy), _mm256_cvtepi32_ps(acc[i][j]), accf[i][j]);
+        accf[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(-x[i]->dmin * dy), _mm256_cvtepi32_ps(mv), accf[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < RM; ++i) for (int j = 0; j < RN; ++j) out[j * os + i] = hsum256(accf[i][j]);
+}
+
+static void tile_kdec_avx2(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn) {
+  const int64_t nsb = n / QK_K;
+  const char* wc = (const char*)w;
+  const char* ac = (const char*)a;
+#define T(R, C) case R * 8 + C: return tile_kdec<R, C>(nsb, wc, ws, ac, as, out, os);
+  switch (rm * 8 + rn) {
+    T(1, 1) T(1, 2) T(1, 3) T(2, 1) T(2, 2) T(2, 3) T(3, 1) T(3, 2) T(3, 3) T(4, 1) T(4, 2) T(4, 3)
+    default: break;
+  }
+#undef T
+}
+
 // ---------------------------------------------------------------- AVX2 float tiles and vector math
 
 // Float weights (F32/F16/BF16) against F32 activations: 8 lanes per FMA, RM×RN accumulators.
@@ -560,6 +658,14 @@ static void swiglu_scalar(const float* g, const float* u, float* o, int64_t n) {
   for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+int64_t decoded_row_bytes(int32_t t, int64_t n) {
+  switch (t) {
+    case T_Q4_0: return row_bytes(T_Q8_0, n);
+    case T_Q4_K: case T_Q6_K: return n / QK_K * (int64_t)sizeof(KDec);
+    default: return 0;
+  }
+}
+
 // ---------------------------------------------------------------- dispatch
 
 static KernelTable make_table(int level) {
@@ -572,7 +678,9 @@ static KernelTable make_table(int level) {
     t.dot[T_Q8_0] = dot_q8_0_avx2; t.dot[T_Q4_0] = dot_q4_0_avx2;
     t.dot[T_Q4_K] = dot_q4_K_avx2; t.dot[T_Q6_K] = dot_q6_K_avx2;
     t.act[T_Q8_0] = act_q8_0_avx2;
-    t.tile[T_Q8_0] = tile_q8_0_avx2; t.tile[T_Q4_0] = tile_q8_0_avx2; t.decode_q8[T_Q4_0] = decode_q4_0_q8_avx2;
+    t.tile[T_Q8_0] = tile_q8_0_avx2; t.tile[T_Q4_0] = tile_q8_0_avx2; t.decode[T_Q4_0] = decode_q4_0_q8_avx2;
+    t.tile[T_Q4_K] = tile_kdec_avx2; t.decode[T_Q4_K] = decode_q4_K_kdec;
+    t.tile[T_Q6_K] = tile_kdec_avx2; t.decode[T_Q6_K] = decode_q6_K_kdec;
     t.tile[T_F32] = tile_f32_avx2; t.tile[T_F16] = tile_f16_avx2; t.tile[T_BF16] = tile_bf16_avx2;
     t.exp_sum = exp_sum_avx2; t.swiglu = swiglu_avx2;
   } else {

@@ -21,8 +21,8 @@ constexpr int TILE_RM = 4, TILE_RN = 3;
 struct KernelTable {
   int level;
   tile_fn tile[32];         // indexed by weight type
-  // weight rows -> Q8_0 rows before tiling (types whose tile runs on the decoded form)
-  void (*decode_q8[32])(const void* w, void* out, int64_t n);
+  // weight rows -> the tile's input form (Q4_0 -> Q8_0 rows; K-quants -> KDec), see decoded_row_bytes (types whose tile runs on the decoded form)
+  void (*decode[32])(const void* w, void* out, int64_t n);
   vec_dot_fn dot[32];       // indexed by weight type
   // w[i] = exp(w[i] - mx) for a row; returns the sum (softmax)
   double (*exp_sum)(float* w, int64_t n, float mx);
@@ -32,6 +32,8 @@ struct KernelTable {
 };
 
 int32_t vec_dot_type(int32_t weight_type);
+// bytes of one weight row in the form its tile runs on, when it is decoded first (else 0)
+int64_t decoded_row_bytes(int32_t weight_type, int64_t n);
 const KernelTable& kernels();
 int detected_level();
 // Forces a level (<= detected) for tests; returns the level in effect.
