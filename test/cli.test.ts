@@ -1,23 +1,27 @@
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { readGguf } from "../lib/gguf/reader.js";
+import { GgmlType } from "../lib/core/types.js";
 import { ROOT, fixture, haveFixtures, warnNoFixtures } from "./helpers.js";
 
-const weft = (...args: string[]) => spawnSync(process.execPath, [join(ROOT, "bin/weft.js"), ...args], { encoding: "utf8" });
 const dir = mkdtempSync(join(tmpdir(), "weft-cli-"));
+// the embedded default model is synthesized into this cache on first use
+const env = { ...process.env, WEFT_CACHE_DIR: join(dir, "cache") };
+const weft = (...args: string[]) => spawnSync(process.execPath, [join(ROOT, "bin/weft.js"), ...args], { encoding: "utf8", env, maxBuffer: 1 << 28 });
+const COMMANDS = ["run", "tokenize", "logits", "synth", "bench", "quantize", "info", "cpu"];
 
 test("weft --help lists the commands that exist", () => {
   const r = weft("--help");
   assert.is(r.status, 0);
-  for (const c of ["quantize", "info", "cpu"]) assert.match(r.stdout, new RegExp(`\\n  ${c} `));
+  for (const c of COMMANDS) assert.match(r.stdout, new RegExp(`\\n  ${c} `));
 });
 
 test("every command explains its flags with --help", () => {
-  for (const c of ["quantize", "info", "cpu"]) {
+  for (const c of COMMANDS) {
     const r = weft(c, "--help");
     assert.is(r.status, 0, c);
     assert.match(r.stdout, new RegExp(`weft ${c}`));
@@ -51,6 +55,76 @@ test("weft info prints metadata and tensors", () => {
   assert.is(r.status, 0, r.stderr);
   assert.match(r.stdout, /general\.architecture = "llama"/);
   assert.match(r.stdout, /token_embd\.weight/);
+});
+
+test("weft run with no model: synthesizes the default once, streams only the generation to stdout", () => {
+  const r = weft("run", "-p", "Once upon a time", "-n", "12", "-t", "2", "--seed", "1");
+  assert.is(r.status, 0, r.stderr);
+  assert.match(r.stderr, /synthesizing the default model/);
+  assert.match(r.stderr, /prompt: \d+ tokens in .* t\/s/);
+  assert.match(r.stderr, /generation: 12 tokens/);
+  assert.not.match(r.stdout, /Once upon a time/);  // no echo unless --echo
+  assert.ok(r.stdout.trim().length > 0);
+  const again = weft("run", "-p", "Once upon a time", "-n", "12", "-t", "2", "--seed", "1");
+  assert.not.match(again.stderr, /synthesizing/);
+  assert.is(again.stdout, r.stdout, "same seed, same text");
+  const echo = weft("run", "-p", "Hello", "-n", "2", "--temp", "0", "--echo");
+  assert.match(echo.stdout, /^Hello/);
+});
+
+test("weft run: greedy stories260K text equals llama.cpp's", () => {
+  if (!haveFixtures) return warnNoFixtures("weft run stories260K");
+  const g = JSON.parse(readFileSync(fixture("stories260K.golden.json"), "utf8"));
+  const r = weft("run", "-m", fixture("stories260K.gguf"), "-p", g.greedy.prompt, "-n", String(g.greedy.n_predict), "--temp", "0", "-t", "1");
+  assert.is(r.status, 0, r.stderr);
+  assert.is(r.stdout, g.greedy.text + "\n");
+});
+
+test("weft tokenize and weft logits print JSON matching the goldens", () => {
+  if (!haveFixtures) return warnNoFixtures("weft tokenize / logits");
+  const g = JSON.parse(readFileSync(fixture("tokenizer-bpe.golden.json"), "utf8"));
+  const c = g.cases[1];
+  const t = weft("tokenize", "-m", fixture("llama3-bpe-vocab.gguf"), "-p", c.text);
+  assert.is(t.status, 0, t.stderr);
+  assert.equal(JSON.parse(t.stdout), c.ids);
+  assert.equal(JSON.parse(weft("tokenize", "-m", fixture("llama3-bpe-vocab.gguf"), "-p", c.text, "--no-bos").stdout), c.ids_no_bos);
+  const gl = JSON.parse(readFileSync(fixture("nano-f32.golden.json"), "utf8"));
+  const l = weft("logits", "-m", fixture("nano-f32.gguf"), "--tokens", gl.tokens.join(","), "-t", "2");
+  assert.is(l.status, 0, l.stderr);
+  const out = JSON.parse(l.stdout);
+  assert.equal(out.tokens, gl.tokens);
+  let num = 0, den = 0;
+  out.logits.forEach((row: number[], i: number) => row.forEach((v, j) => { num += (v - gl.logits[i][j]) ** 2; den += gl.logits[i][j] ** 2; }));
+  assert.ok(num / den < 1e-6, `NMSE ${num / den}`);
+});
+
+test("weft synth writes the preset's shapes and type mix; weft bench prints a table", () => {
+  const out = join(dir, "tiny.gguf");
+  const s = weft("synth", "--preset", "tiny", "--type", "q4_k_m", "-o", out);
+  assert.is(s.status, 0, s.stderr);
+  const f = readGguf(out);
+  const type = (n: string) => f.tensors.find((t) => t.name === n)!.type;
+  assert.is(f.tensors.length, 2 + 4 * 9 + 1);
+  assert.equal(f.tensors.find((t) => t.name === "token_embd.weight")!.ne, [256, 32000]);
+  assert.is(type("output.weight"), GgmlType.Q6_K);
+  assert.is(type("blk.2.attn_v.weight"), GgmlType.Q6_K);  // llama.cpp use_more_bits: layers 2 and 3 of 4
+  assert.is(type("blk.0.attn_v.weight"), GgmlType.Q4_K);
+  assert.is(type("blk.1.attn_q.weight"), GgmlType.Q4_K);
+  const b = weft("bench", "-m", out, "-p", "16", "-n", "4", "-r", "1", "-t", "1");
+  assert.is(b.status, 0, b.stderr);
+  assert.match(b.stdout, /\| tiny\.gguf \| .* \| 1 \| pp16 \| [\d.]+ ± [\d.]+ \|/);
+  assert.match(b.stdout, /\| 1 \| tg4 \|/);
+  const j = weft("bench", "-m", out, "-p", "8", "-n", "0", "-r", "1", "-t", "1", "-o", "json");
+  assert.ok(JSON.parse(j.stdout.trim()).weft.mean > 0);
+});
+
+test("flag errors are clear", () => {
+  const r = weft("run", "--temperature", "1");
+  assert.is(r.status, 1);
+  assert.match(r.stderr, /Unknown option '--temperature'/);
+  assert.match(weft("run", "-n", "x").stderr, /--n-predict needs an integer/);
+  assert.match(weft("run", "-m", join(dir, "nope.gguf")).stderr, /nope\.gguf/);
+  assert.match(weft("synth", "--preset", "huge", "--type", "q8_0", "-o", join(dir, "x.gguf")).stderr, /unknown preset 'huge'/);
 });
 
 test.after(() => rmSync(dir, { recursive: true, force: true }));
