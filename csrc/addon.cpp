@@ -6,6 +6,10 @@
 #include <unistd.h>
 #include <cerrno>
 #include <cstdlib>
+#include <condition_variable>
+#include <mutex>
+#include <chrono>
+#include <immintrin.h>
 #include <mutex>
 #include <unordered_map>
 #include <unordered_set>
@@ -199,7 +203,29 @@ struct Context {
   std::unordered_map<double, std::vector<int64_t>> plan_bufs;
   std::vector<char> scratch;
   std::atomic<bool> busy{false};
+  // Native events: computes finished on this device (failed ones count too, so that a
+  // waiter never hangs). Another device's compute can wait for "completed >= n" on its
+  // own worker thread, without a round trip through the JS thread.
+  std::atomic<uint64_t> completed{0};
+  std::mutex ev_mu;
+  std::condition_variable ev_cv;
+
+  void signal() {
+    { std::lock_guard<std::mutex> lk(ev_mu); completed.fetch_add(1, std::memory_order_acq_rel); }
+    ev_cv.notify_all();
+  }
+  // false on timeout
+  bool wait_for(uint64_t n) {
+    for (int spin = 0; spin < 20000; ++spin) {  // well under a millisecond, then sleep
+      if (completed.load(std::memory_order_acquire) >= n) return true;
+      _mm_pause();
+    }
+    std::unique_lock<std::mutex> lk(ev_mu);
+    return ev_cv.wait_for(lk, std::chrono::seconds(60), [&] { return completed.load() >= n; });
+  }
 };
+
+struct NativeWait { Context* ctx; uint64_t count; };
 
 static Napi::Value CreateContext(const Napi::CallbackInfo& info) {
   int n = info[0].As<Napi::Number>().Int32Value();
@@ -210,14 +236,23 @@ static Napi::Value CreateContext(const Napi::CallbackInfo& info) {
 
 class ComputeWorker : public Napi::AsyncWorker {
  public:
-  ComputeWorker(Napi::Env env, Context* ctx, Plan* plan, Napi::Object keep)
-      : Napi::AsyncWorker(env), ctx_(ctx), plan_(plan), deferred_(Napi::Promise::Deferred::New(env)) {
+  ComputeWorker(Napi::Env env, Context* ctx, Plan* plan, Napi::Object keep, std::vector<NativeWait> waits, Napi::Array keepWaits)
+      : Napi::AsyncWorker(env), ctx_(ctx), plan_(plan), waits_(std::move(waits)), deferred_(Napi::Promise::Deferred::New(env)) {
     keep_ = Napi::Persistent(keep);
+    keep_waits_ = Napi::Persistent(keepWaits);
   }
   Napi::Promise Promise() { return deferred_.Promise(); }
   void Execute() override {
+    for (const NativeWait& w : waits_) {
+      if (!w.ctx->wait_for(w.count)) {
+        ctx_->signal();
+        SetError("waited 60 s for another device's compute that never finished");
+        return;
+      }
+    }
     try { execute_plan(*plan_, ctx_->pool, ctx_->scratch); }
     catch (const std::exception& e) { SetError(e.what()); }
+    ctx_->signal();
   }
   void OnOK() override { ctx_->busy = false; deferred_.Resolve(Env().Undefined()); }
   void OnError(const Napi::Error& e) override {
@@ -228,8 +263,10 @@ class ComputeWorker : public Napi::AsyncWorker {
  private:
   Context* ctx_;
   Plan* plan_;
+  std::vector<NativeWait> waits_;
   Napi::Promise::Deferred deferred_;
   Napi::ObjectReference keep_;
+  Napi::Reference<Napi::Array> keep_waits_;
 };
 
 // compute(ctx, uid, plan?: Float64Array) -> Promise<void>
@@ -258,8 +295,25 @@ static Napi::Value Compute(const Napi::CallbackInfo& info) {
       throw weft_error(env, "DISPOSED", "a buffer used by graph " + std::to_string((int64_t)uid) + " was freed; rebuild the graph");
     }
   }
+  // optional waits: [[otherCtx, count], ...] — run only once those devices completed that many computes
+  std::vector<NativeWait> waits;
+  Napi::Array keepWaits = Napi::Array::New(env);
+  if (info.Length() > 3 && info[3].IsArray()) {
+    Napi::Array arr = info[3].As<Napi::Array>();
+    for (uint32_t i = 0; i < arr.Length(); ++i) {
+      Napi::Value e = arr.Get(i);
+      if (!e.IsArray()) throw weft_error(env, "BAD_ARGUMENT", "a wait must be [context, count]");
+      Napi::Array pair = e.As<Napi::Array>();
+      Napi::Value c = pair.Get((uint32_t)0), n = pair.Get((uint32_t)1);
+      if (!c.IsExternal() || !n.IsNumber()) throw weft_error(env, "BAD_ARGUMENT", "a wait must be [context, count]");
+      Context* other = c.As<Napi::External<Context>>().Data();
+      if (other == ctx) continue;  // a queue never waits for itself
+      waits.push_back({other, (uint64_t)n.As<Napi::Number>().DoubleValue()});
+      keepWaits.Set(keepWaits.Length(), c);
+    }
+  }
   ctx->busy = true;
-  auto* w = new ComputeWorker(env, ctx, it->second.get(), info[0].As<Napi::Object>());
+  auto* w = new ComputeWorker(env, ctx, it->second.get(), info[0].As<Napi::Object>(), std::move(waits), keepWaits);
   w->Queue();
   return w->Promise();
 }

@@ -15,27 +15,40 @@ const fmt = (a: number[]) => (a.length ? `${mean(a).toFixed(2)} ± ${sd(a).toFix
 export const BENCH_COMMAND: Command = {
   summary: "measure prompt processing (pp) and generation (tg) tokens/s, like llama-bench",
   usage: `weft bench [-m MODEL[,MODEL…]] [-p 128] [-n 64] [-r 3] [-t 1,2] [-o md|json] [--peer node-llama-cpp]
+           [--split-mode none,layer] [--device cpu:0,cpu:1 [--device …]] [--tensor-split 1,1] [-b 512,64]
 
   -m, --model LIST     GGUF model(s), comma-separated (default: the embedded small Q8_0 model)
   -p, --n-prompt N     prompt length for the pp test; 0 skips it (default 128)
   -n, --n-gen N        generated tokens for the tg test; 0 skips it (default 64)
   -r, --repetitions N  repetitions per test, after one warm-up (default 3)
   -t, --threads LIST   thread counts, comma-separated (default 1,2)
-  -b, --ubatch N       most tokens per forward graph (default 512)
+  -b, --ubatch LIST    micro-batch sizes to compare (default 512); with a layer split a
+                       prompt longer than one micro-batch is pipelined across the devices
+  --split-mode LIST    none and/or layer (default none)
+  --device SET         a device set, comma-separated; repeat the flag for several sets
+                       (default cpu:0); with split mode none only the first device is used
+  --tensor-split LIST  share of layers per device (default: equal)
   -o, --output md|json table (default) or JSON lines
   --peer node-llama-cpp  also run the same model through node-llama-cpp ${"(installed on first use into"}
                        WEFT_PEER_DIR or <cache>/peer, CPU binary only), alternating with weft, and
                        print weft/peer per row
 pp is one forward pass over N prompt tokens; tg is N single-token steps from an empty
-context. Results are mean ± sd of tokens/s. The KV cache is F16 on both sides.`,
+context. Results are mean ± sd of tokens/s. The KV cache is F16 on both sides. Memory per
+device is weights + KV cache + compute buffers, in MiB.`,
   async run(args) {
     const { values: v } = parse(args, {
       model: { type: "string", short: "m" }, "n-prompt": { type: "string", short: "p" }, "n-gen": { type: "string", short: "n" },
       repetitions: { type: "string", short: "r" }, threads: { type: "string", short: "t" }, ubatch: { type: "string", short: "b" },
       output: { type: "string", short: "o" }, peer: { type: "string" },
+      "split-mode": { type: "string" }, device: { type: "string", multiple: true }, "tensor-split": { type: "string" },
     });
     const nP = int(v["n-prompt"], "--n-prompt", 128), nG = int(v["n-gen"], "--n-gen", 64);
-    const reps = int(v.repetitions, "--repetitions", 3, 1), ubatch = int(v.ubatch, "--ubatch", 512, 1);
+    const reps = int(v.repetitions, "--repetitions", 3, 1);
+    const ubatches = intList(v.ubatch, "--ubatch", [512]);
+    const splitModes = (v["split-mode"] ?? "none").split(",").map((x) => x.trim());
+    for (const sm of splitModes) if (sm !== "none" && sm !== "layer") throw weftError("BAD_ARGUMENT", `--split-mode must list none and/or layer, got '${sm}'`);
+    const deviceSets = (v.device ?? ["cpu:0"]).map((d) => d.split(",").map((x) => x.trim()));
+    const tensorSplit = v["tensor-split"]?.split(",").map(Number);
     const threads = intList(v.threads, "--threads", [1, 2]);
     const out = v.output ?? "md";
     if (out !== "md" && out !== "json") throw weftError("BAD_ARGUMENT", `--output must be md or json, got '${out}'`);
@@ -44,15 +57,20 @@ context. Results are mean ± sd of tokens/s. The KV cache is F16 on both sides.`
     const peerDir = v.peer ? ensurePeerInstalled((s) => process.stderr.write(s + "\n")) : null;
     const rows: Row[] = [];
     const withPeer = peerDir !== null;
-    const header = `| model | size | params | threads | test | weft t/s |${withPeer ? " node-llama-cpp t/s | weft/peer |" : ""}`;
-    if (out === "md") console.log(`${header}\n|${"---|".repeat(withPeer ? 8 : 6)}`);
-    for (const path of models) {
-      for (const th of threads) {
+    const multi = splitModes.length > 1 || deviceSets.length > 1 || deviceSets[0]!.length > 1 || ubatches.length > 1;
+    const header = `| model | size | params | threads |${multi ? " split | devices | ubatch | memory |" : ""} test | weft t/s |${withPeer ? " node-llama-cpp t/s | weft/peer |" : ""}`;
+    if (out === "md") console.log(`${header}\n|${"---|".repeat(header.split("|").length - 2)}`);
+    const combos: Array<{ path: string; th: number; sm: string; devs: string[]; ub: number }> = [];
+    for (const path of models) for (const th of threads) for (const sm of splitModes) for (const devs of deviceSets) for (const ub of ubatches)
+      if (sm === "layer" || devs === deviceSets[0] || deviceSets.length === 1) combos.push({ path, th, sm, devs: sm === "none" ? devs.slice(0, 1) : devs, ub });
+    for (const { path, th, sm, devs, ub } of combos) {
+      {
         const ctx = Math.max(256, Math.ceil((nP + nG + 1) / 256) * 256);
-        const m = await loadModel(path, { threads: th, batchSize: ubatch, contextSize: ctx });
+        const m = await loadModel(path, { threads: th, batchSize: ub, contextSize: ctx, devices: devs, splitMode: sm as "none" | "layer", tensorSplit });
+        const mib = (b: number) => (b / 2 ** 20).toFixed(1);
         const peer = peerDir ? new Peer(peerDir, th) : null;
         try {
-          if (peer) await peer.call({ cmd: "load", path, threads: th, ctx, batch: Math.max(ubatch, nP) });
+          if (peer) await peer.call({ cmd: "load", path, threads: th, ctx, batch: Math.max(ub, nP) });
           const V = m.hparams.nVocab;
           const prompt = Array.from({ length: nP }, (_, i) => 1 + ((i * 7919) % (V - 1)));
           const params = m.file.tensors.reduce((s, t) => s + t.ne.reduce((a, b) => a * b, 1), 0);
@@ -81,12 +99,15 @@ context. Results are mean ± sd of tokens/s. The KV cache is F16 on both sides.`
               else { row.weft.push(await t.weft()); if (peer) row.peer.push(await t.peer()); }
             }
             rows.push(row);
+            const memory = m.memory();
             if (out === "md") {
               const size = `${(m.weightBytes / 2 ** 20).toFixed(1)} MiB`;
               const ratio = withPeer ? ` ${fmt(row.peer)} | ${(mean(row.weft) / mean(row.peer)).toFixed(2)} |` : "";
-              console.log(`| ${row.model} | ${size} | ${(params / 1e6).toFixed(1)} M | ${th} | ${row.test} | ${fmt(row.weft)} |${ratio}`);
+              const mem = memory.map((u) => `${u.device} ${mib(u.weightBytes)}+${mib(u.kvBytes)}+${mib(u.computeBytes)}`).join(", ");
+              const extra = multi ? ` ${sm} | ${devs.join(",")} | ${ub} | ${mem} |` : "";
+              console.log(`| ${row.model} | ${size} | ${(params / 1e6).toFixed(1)} M | ${th} |${extra} ${row.test} | ${fmt(row.weft)} |${ratio}`);
             } else {
-              console.log(JSON.stringify({ model: row.model, path, size: m.weightBytes, params, threads: th, test: row.test,
+              console.log(JSON.stringify({ model: row.model, path, size: m.weightBytes, params, threads: th, splitMode: sm, devices: devs, ubatch: ub, memory, test: row.test,
                 weft: { mean: mean(row.weft), sd: sd(row.weft), samples: row.weft },
                 ...(withPeer ? { peer: { name: "node-llama-cpp", mean: mean(row.peer), sd: sd(row.peer), samples: row.peer }, ratio: mean(row.weft) / mean(row.peer) } : {}) }));
             }

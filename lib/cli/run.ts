@@ -6,6 +6,7 @@ import { LoadModelOptions, Model, loadModel, loadTokenizer } from "../model/mode
 import { defaultModelPath, cacheDir, DEFAULT_MODEL } from "../model/default.js";
 import { SYNTH_PRESETS, SYNTH_TYPES, synthModel } from "../model/synth.js";
 import { int, num, parse } from "./args.js";
+import { cpuDevice } from "../backend/cpu.js";
 
 export interface Command {
   summary: string;
@@ -20,7 +21,11 @@ export const MODEL_FLAGS_HELP = `  -m, --model FILE     GGUF model (default: the
   -t, --threads N      CPU threads (default: ${availableParallelism()}, all cores)
   -c, --ctx-size N     context length (default: the model's, at most 4096)
   --kv-type f16|f32    KV cache type (default f16)
-  -b, --ubatch N       most tokens per forward graph (default 512)`;
+  -b, --ubatch N       most tokens per forward graph (default 512); with --split-mode layer a
+                       longer prompt is pipelined across the devices in micro-batches of N
+  --device LIST        devices, comma-separated (default cpu:0; see "weft devices")
+  --split-mode MODE    none: all on the first device; layer: contiguous layer ranges per device
+  --tensor-split LIST  share of layers per device, e.g. 3,1 (default: equal)`;
 
 export const modelFlags = {
   model: { type: "string", short: "m" },
@@ -28,12 +33,21 @@ export const modelFlags = {
   "ctx-size": { type: "string", short: "c" },
   "kv-type": { type: "string" },
   ubatch: { type: "string", short: "b" },
+  device: { type: "string" },
+  "split-mode": { type: "string" },
+  "tensor-split": { type: "string" },
 } as const;
 
 export function loadOptions(v: Record<string, string | boolean | undefined>): LoadModelOptions {
   const kv = v["kv-type"] as string | undefined;
   if (kv !== undefined && kv !== "f16" && kv !== "f32") throw weftError("BAD_ARGUMENT", `--kv-type must be f16 or f32, got '${kv}'`);
+  const split = v["split-mode"] as string | undefined;
+  if (split !== undefined && split !== "none" && split !== "layer")
+    throw weftError("BAD_ARGUMENT", `--split-mode must be none or layer, got '${split}'${split === "tensor" ? " (tensor parallelism comes with the meta backend)" : ""}`);
+  const devices = (v.device as string | undefined)?.split(",").map((d) => d.trim());
   return {
+    devices, splitMode: (split as "none" | "layer" | undefined) ?? (devices && devices.length > 1 ? "layer" : "none"),
+    tensorSplit: v["tensor-split"] === undefined ? undefined : (v["tensor-split"] as string).split(",").map((x) => num(x, "--tensor-split", 0)),
     threads: int(v.threads as string | undefined, "--threads", availableParallelism(), 1),
     contextSize: v["ctx-size"] === undefined ? undefined : int(v["ctx-size"] as string, "--ctx-size", 0, 1),
     batchSize: int(v.ubatch as string | undefined, "--ubatch", 512, 1),
@@ -66,7 +80,8 @@ export async function openModel(v: Record<string, string | boolean | undefined>)
   log(`model: ${path}`);
   log(`  ${hp.arch}, ${hp.nLayer} layers, n_embd ${hp.nEmbd}, heads ${hp.nHead}/${hp.nHeadKv}, ffn ${hp.nFf}, vocab ${hp.nVocab} (${m.tokenizer.kind.toUpperCase()}), ` +
     `${(m.weightBytes / 2 ** 20).toFixed(1)} MiB [${Object.entries(types).map(([k, n]) => `${n}× ${k}`).join(", ")}]`);
-  log(`  context ${m.contextSize}, KV cache ${TYPES[m.kvType].name} ${(m.kvCacheBytes / 2 ** 20).toFixed(1)} MiB, ${m.threads} thread(s), loaded in ${(performance.now() - t0).toFixed(0)} ms`);
+  log(`  context ${m.contextSize}, KV cache ${TYPES[m.kvType].name} ${(m.kvCacheBytes / 2 ** 20).toFixed(1)} MiB, ${m.threads} thread(s) per device, loaded in ${(performance.now() - t0).toFixed(0)} ms`);
+  if (m.devices.length > 1) for (const u of m.memory()) log(`  ${u.device}: layers ${u.layers[0]}..${u.layers[1] - 1}, weights ${(u.weightBytes / 2 ** 20).toFixed(1)} MiB, KV ${(u.kvBytes / 2 ** 20).toFixed(1)} MiB`);
   return m;
 }
 
@@ -177,6 +192,25 @@ after tokens[0..i].`,
       } finally {
         await m.dispose();
       }
+    },
+  },
+  devices: {
+    summary: "list the devices weft can use, with memory and capabilities",
+    usage: `weft devices
+
+CPU devices cpu:0, cpu:1, … are separate queues with their own thread pools in this process
+(--device cpu:0,cpu:1 -t 1 gives each one thread), so multi-device runs work on one machine.`,
+    async run(args) {
+      parse(args, {});
+      for (const name of ["cpu:0"]) {
+        const d = cpuDevice(name);
+        const mem = d.memory();
+        console.log(`${d.name.padEnd(8)} ${d.type.padEnd(4)} ${d.description}; memory ${(mem.free / 2 ** 30).toFixed(1)} / ${(mem.total / 2 ** 30).toFixed(1)} GiB free; ` +
+          `async ${d.caps.async ? "yes" : "no"}, events ${d.caps.events ? "yes" : "no"}, collectives ${d.caps.collectives ? "yes" : "no"}`);
+      }
+      console.log("cpu:N    more CPU devices on the same cores (cpu:1, cpu:2, …): each its own queue and threads");
+      console.log("(no CUDA or RPC devices in this build yet)");
+      return 0;
     },
   },
   synth: {

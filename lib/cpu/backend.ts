@@ -31,23 +31,41 @@ export class CpuBackend {
 
   get disposed(): boolean { return this.#ctx === null; }
 
-  /** Enqueues the graph; resolves when it (and everything queued before it) has run. */
-  compute(graph: Graph): Promise<void> {
+  /** The native context (for other devices' native waits on this one). */
+  get nativeContext(): NativeContext {
+    if (!this.#ctx) throw weftError("DISPOSED", `${this.name} backend was disposed`);
+    return this.#ctx;
+  }
+
+  /**
+   * Enqueues the graph; resolves when it (and everything queued before it) has run.
+   * `waits`: [other device's context, n] — the graph starts only once that device has
+   * completed n computes, waited for on the worker thread (native events).
+   */
+  compute(graph: Graph, waits?: Array<[NativeContext, number]>): Promise<void> {
     const ctx = this.#ctx;
     if (!ctx) return Promise.reject(weftError("DISPOSED", `${this.name} backend was disposed`));
     // Encode eagerly so that placement errors surface at the call, not later.
     const plan = this.#sent.has(graph.uid) ? undefined : encodePlan(graph);
-    const run = async () => {
+    if (plan) this.#sent.add(graph.uid);
+    return this.enqueue(async () => {
       try {
-        await native().compute(ctx, graph.uid, plan);
-        this.#sent.add(graph.uid);
+        await native().compute(ctx, graph.uid, plan, waits);
       } catch (e) {
         this.#sent.delete(graph.uid);
         throw fromNative(e);
       }
-    };
-    const p = this.#tail.then(run, run);
-    this.#tail = p.catch(() => undefined);
+    });
+  }
+
+  /**
+   * Runs `fn` after everything queued before it (the FIFO every other operation of this
+   * device uses: copies, input writes, event waits). A failure rejects only its own promise.
+   */
+  enqueue<T>(fn: () => T | Promise<T>): Promise<T> {
+    if (!this.#ctx) return Promise.reject(weftError("DISPOSED", `${this.name} backend was disposed`));
+    const p = this.#tail.then(fn, fn);
+    this.#tail = p.then(() => undefined, () => undefined);
     return p;
   }
 

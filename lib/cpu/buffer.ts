@@ -1,12 +1,28 @@
 import { fromNative, weftError } from "../core/errors.js";
 import { Tensor } from "../core/tensor.js";
+import type { Buffer, BufferType, BufferUsage } from "../backend/interface.js";
 import { native } from "./native.js";
 
+let hostBufferType: BufferType | null = null;
+/** Set once by lib/backend/cpu.ts: the buffer type of plain host buffers. */
+export function setHostBufferType(t: BufferType): void { hostBufferType ??= t; }
+
 /** Host memory owned by the native addon: 64-byte aligned, or a read-only file mapping. */
-export class CpuBuffer {
+export class CpuBuffer implements Buffer {
   readonly size: number;
   readonly readOnly: boolean;
+  usage: BufferUsage = 0;
   #id: number;
+  #type: BufferType | null = null;
+
+  /** the memory kind (the CPU host type unless a device's buffer type allocated it) */
+  get bufferType(): BufferType {
+    const t = this.#type ?? hostBufferType;
+    if (!t) throw weftError("BAD_ARGUMENT", "the CPU device module is not loaded");
+    return t;
+  }
+  /** @internal set by the buffer type that allocated this buffer */
+  withType(t: BufferType): this { this.#type = t; return this; }
 
   private constructor(id: number, size: number, readOnly: boolean) {
     this.#id = id;
@@ -43,12 +59,16 @@ export class CpuBuffer {
   fill(offset: number, length: number, value: number): void {
     try { native().bufferFill(this.id, offset, length, value); } catch (e) { throw fromNative(e); }
   }
+  memset(offset: number, length: number, value: number): void { this.fill(offset, length, value); }
+  clear(value: number): void { if (this.size) this.fill(0, this.size, value); }
   /** Faults in the pages of a range (a mapped file becomes resident). */
   touch(offset: number, length: number): void {
     try { native().bufferTouch(this.id, offset, length); } catch (e) { throw fromNative(e); }
   }
-  copyFrom(src: CpuBuffer, srcOffset: number, dstOffset: number, length: number): void {
+  copyFrom(src: Buffer, srcOffset: number, dstOffset: number, length: number): boolean {
+    if (!(src instanceof CpuBuffer)) return false;
     try { native().bufferCopy(src.id, srcOffset, this.id, dstOffset, length); } catch (e) { throw fromNative(e); }
+    return true;
   }
 
   dispose(): void {

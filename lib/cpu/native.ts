@@ -20,8 +20,11 @@ export interface NativeAddon {
   /** read-only private mapping of a whole file */
   mapFile(path: string): { id: number; size: number };
   createContext(threads: number): NativeContext;
-  /** runs the cached plan for uid; pass the encoded plan the first time */
-  compute(ctx: NativeContext, uid: number, plan?: Float64Array): Promise<void>;
+  /**
+   * runs the cached plan for uid (pass the encoded plan the first time), after each
+   * [otherContext, n] in `waits` has completed n computes (waited on the worker thread)
+   */
+  compute(ctx: NativeContext, uid: number, plan?: Float64Array, waits?: Array<[NativeContext, number]>): Promise<void>;
   forgetPlan(ctx: NativeContext, uid: number): void;
   quantize(type: number, src: Float32Array, nPerRow: number): Uint8Array;
   dequantize(type: number, src: Uint8Array, n: number): Float32Array;

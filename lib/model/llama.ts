@@ -19,24 +19,29 @@ export interface LlamaWeights {
   layers: Array<{ [K in keyof LayerWeights]: Tensor | undefined } & { [K in "attnNorm" | "wq" | "wk" | "wv" | "wo" | "ffnNorm" | "wGate" | "wUp" | "wDown"]: Tensor }>;
 }
 
+/** Where a weight is used: the embedding lookup, the output head, or a layer. */
+export type WeightSite = "embd" | "head" | number;
+
 /** Creates placed weight tensors for a weight table (`place` puts each one in memory). */
-export function weightTensors(table: WeightTable, place: (t: Tensor, info: GgufTensorInfo) => void): LlamaWeights {
-  const mk = (info: GgufTensorInfo): Tensor => {
+export function weightTensors(table: WeightTable, place: (t: Tensor, info: GgufTensorInfo, site: WeightSite) => void): LlamaWeights {
+  const mk = (info: GgufTensorInfo, site: WeightSite): Tensor => {
     const t = G.newTensor(info.type as GgmlType, info.ne, info.name);
-    place(t, info);
+    place(t, info, site);
     return t;
   };
-  const opt = (info: GgufTensorInfo | undefined) => (info ? mk(info) : undefined);
-  const tokEmbd = mk(table.tokEmbd);
   return {
-    tokEmbd,
-    outputNorm: mk(table.outputNorm),
-    output: table.output ? mk(table.output) : tokEmbd,
-    layers: table.layers.map((l) => ({
-      attnNorm: mk(l.attnNorm), wq: mk(l.wq), wk: mk(l.wk), wv: mk(l.wv), wo: mk(l.wo),
-      bq: opt(l.bq), bk: opt(l.bk), bv: opt(l.bv), bo: opt(l.bo),
-      ffnNorm: mk(l.ffnNorm), wGate: mk(l.wGate), wUp: mk(l.wUp), wDown: mk(l.wDown),
-    })),
+    tokEmbd: mk(table.tokEmbd, "embd"),
+    outputNorm: mk(table.outputNorm, "head"),
+    // tied: a second tensor over the same bytes, so the head can live on another device
+    output: mk(table.output ?? table.tokEmbd, "head"),
+    layers: table.layers.map((l, i) => {
+      const opt = (info: GgufTensorInfo | undefined) => (info ? mk(info, i) : undefined);
+      return {
+        attnNorm: mk(l.attnNorm, i), wq: mk(l.wq, i), wk: mk(l.wk, i), wv: mk(l.wv, i), wo: mk(l.wo, i),
+        bq: opt(l.bq), bk: opt(l.bk), bv: opt(l.bv), bo: opt(l.bo),
+        ffnNorm: mk(l.ffnNorm, i), wGate: mk(l.wGate, i), wUp: mk(l.wUp, i), wDown: mk(l.wDown, i),
+      };
+    }),
   };
 }
 

@@ -9,24 +9,34 @@ import { weftError } from "../core/errors.js";
 import { GgmlType, TYPES } from "../core/types.js";
 import { readGguf } from "../gguf/reader.js";
 import { GgufFile } from "../gguf/types.js";
-import { CpuBuffer, setTensorData, getTensorData } from "../cpu/buffer.js";
-import { CpuBackend } from "../cpu/backend.js";
-import { applyGraphAllocation, planGraphAllocation } from "../backend/alloc.js";
+import { CpuBuffer } from "../cpu/buffer.js";
+import { CpuDevice, CpuQueue, cpuDevice } from "../backend/cpu.js";
+import { Backend, BufferUsage } from "../backend/interface.js";
+import { ScheduledGraph, Scheduler } from "../backend/sched.js";
 import { Tokenizer, TokenizeOptions, DetokenizeOptions } from "../tokenizer/tokenizer.js";
-import { HParams, readHParams, readWeightTable } from "./hparams.js";
+import { HParams, WeightTable, readHParams, readWeightTable } from "./hparams.js";
 import { ForwardGraph, KvCacheLayout, LlamaWeights, buildForward, kvCacheTensors, weightTensors } from "./llama.js";
 import { Sampler, SamplingOptions } from "./sampling.js";
 
 export interface LoadProgress { phase: "map" | "load" | "ready"; loaded: number; total: number }
 
+export type SplitMode = "none" | "layer";
+
 export interface LoadModelOptions {
-  /** CPU threads (default: all cores) */
+  /** CPU threads per device (default: all cores) */
   threads?: number;
+  /** devices to use, e.g. ["cpu:0", "cpu:1"] or device objects (default ["cpu:0"]) */
+  devices?: ReadonlyArray<string | CpuDevice>;
+  /** "none": everything on the first device; "layer": contiguous layer ranges per device */
+  splitMode?: SplitMode;
+  /** share of layers per device for the layer split (default: equal) */
+  tensorSplit?: readonly number[];
   /** context length (default: the model's training context, at most 4096) */
   contextSize?: number;
   /** KV cache type (default f16) */
   kvType?: "f16" | "f32";
-  /** most tokens evaluated in one graph (the micro-batch, default 512) */
+  /** most tokens evaluated in one graph (the micro-batch, default 512); with a layer
+   * split, a longer prompt is pipelined: device k runs micro-batch i while k+1 runs i−1 */
   batchSize?: number;
   /** fault the whole file in at load (default true): the first token then pays no page faults */
   prefault?: boolean;
@@ -58,9 +68,30 @@ export interface GeneratedPiece {
 // Attention reads the KV cache up to the next multiple of KV_BUCKET positions (masked past
 // the current one): small buckets save work, each bucket is one more cached graph.
 const KV_BUCKET = 32;
-const GRAPH_CACHE = 16;
+const GRAPH_CACHE = 32;
+/** graph instances per shape when several devices pipeline micro-batches */
+const PIPELINE_SLOTS = 3;
 
-interface CachedGraph { fg: ForwardGraph; buffer: CpuBuffer; mask: Float32Array }
+interface CachedGraph { fg: ForwardGraph; sg: ScheduledGraph }
+
+export interface DeviceUsage { device: string; layers: [number, number]; weightBytes: number; kvBytes: number; computeBytes: number }
+
+/** Layer ranges per device, proportional to `split` (llama.cpp's --tensor-split). */
+export function layerRanges(nLayer: number, nDev: number, split?: readonly number[]): Array<[number, number]> {
+  const w = split ?? Array(nDev).fill(1);
+  if (w.length !== nDev || w.some((x) => !(x >= 0)) || !(w.reduce((a, b) => a + b, 0) > 0))
+    throw weftError("BAD_ARGUMENT", `tensor split [${w.join(", ")}] must have one non-negative share per device (${nDev}) and a positive sum`);
+  const total = w.reduce((a, b) => a + b, 0);
+  const out: Array<[number, number]> = [];
+  let acc = 0, start = 0;
+  for (let d = 0; d < nDev; d++) {
+    acc += w[d]!;
+    const end = d === nDev - 1 ? nLayer : Math.round((nLayer * acc) / total);
+    out.push([start, Math.max(start, end)]);
+    start = Math.max(start, end);
+  }
+  return out;
+}
 
 export class Model {
   readonly path: string;
@@ -71,11 +102,16 @@ export class Model {
   readonly batchSize: number;
   readonly kvType: GgmlType;
   readonly threads: number;
-  #backend: CpuBackend;
-  #weights: CpuBuffer;
+  readonly splitMode: SplitMode;
+  /** per device: its layer range */
+  readonly layerRanges: ReadonlyArray<[number, number]>;
+  #backends: CpuQueue[];
+  #sched: Scheduler;
+  #weights: CpuBuffer[];
+  #weightBytes: number[];
   #w: LlamaWeights;
   #kv: KvCacheLayout;
-  #kvBuffer: CpuBuffer;
+  #kvBuffers: CpuBuffer[];
   #graphs = new Map<string, CachedGraph>();
   #pos = 0;
   #history: number[] = [];
@@ -83,9 +119,8 @@ export class Model {
   #disposed = false;
 
   /** @internal use loadModel */
-  constructor(path: string, file: GgufFile, hp: HParams, tok: Tokenizer, weights: CpuBuffer, w: LlamaWeights, opts: LoadModelOptions) {
+  constructor(path: string, file: GgufFile, hp: HParams, tok: Tokenizer, table: WeightTable, opts: LoadModelOptions) {
     this.path = path; this.file = file; this.hparams = hp; this.tokenizer = tok;
-    this.#weights = weights; this.#w = w;
     this.threads = opts.threads ?? availableParallelism();
     this.contextSize = opts.contextSize ?? Math.min(hp.nCtxTrain, 4096);
     this.batchSize = opts.batchSize ?? 512;
@@ -94,22 +129,73 @@ export class Model {
     const kvType = opts.kvType ?? "f16";
     if (kvType !== "f16" && kvType !== "f32") throw weftError("BAD_ARGUMENT", `KV cache type must be f16 or f32, got ${kvType}`);
     this.kvType = kvType === "f16" ? GgmlType.F16 : GgmlType.F32;
-    this.#backend = new CpuBackend({ threads: this.threads });
-    this.#kv = kvCacheTensors(hp, this.contextSize, this.kvType);
-    const all = [...this.#kv.k, ...this.#kv.v];
-    const size = all.reduce((s, t) => s + Math.ceil(t.nbytes / 64) * 64, 0);
-    this.#kvBuffer = CpuBuffer.alloc(Math.max(size, 64));
-    let off = 0;
-    for (const t of all) { t.buffer = this.#kvBuffer; t.offset = off; off += Math.ceil(t.nbytes / 64) * 64; }
-    // a zeroed cache: masked positions then hold finite values (0 · -inf never happens)
-    this.#kvBuffer.fill(0, this.#kvBuffer.size, 0);
+    this.splitMode = opts.splitMode ?? "none";
+    if (this.splitMode !== "none" && this.splitMode !== "layer")
+      throw weftError("BAD_ARGUMENT", `split mode must be none or layer, got '${this.splitMode}' (tensor parallelism comes with the meta backend)`);
+    const listed = (opts.devices && opts.devices.length ? [...opts.devices] : ["cpu:0"]).map((d) => (typeof d === "string" ? cpuDevice(d) : d));
+    if (new Set(listed).size !== listed.length) throw weftError("BAD_ARGUMENT", `a device is listed twice: ${listed.map((d) => d.name).join(",")}`);
+    const devices = this.splitMode === "none" ? listed.slice(0, 1) : listed;
+    this.layerRanges = this.splitMode === "none" ? [[0, hp.nLayer]] : layerRanges(hp.nLayer, devices.length, opts.tensorSplit);
+    const deviceOfLayer = (l: number) => this.layerRanges.findIndex(([a, b]) => l >= a && l < b);
+    const head = devices.length - 1;
+
+    this.#backends = [];
+    this.#weights = [];
+    this.#kvBuffers = [];
+    this.#weightBytes = devices.map(() => 0);
+    try {
+      for (const d of devices) {
+        this.#backends.push(d.initBackend({ threads: this.threads }));
+        // each device maps the file itself (the page cache shares the pages)
+        const m = d.bufferType().mapFile(path);
+        m.usage = BufferUsage.WEIGHTS;
+        this.#weights.push(m);
+      }
+      const counted = devices.map(() => new Set<string>());
+      this.#w = weightTensors(table, (t, info, where) => {
+        const d = where === "embd" ? 0 : where === "head" ? head : deviceOfLayer(where);
+        t.buffer = this.#weights[d]!;
+        t.offset = file.dataOffset + info.offset;
+        // a tied embedding used by the head on the same device counts once
+        if (!counted[d]!.has(info.name)) { counted[d]!.add(info.name); this.#weightBytes[d]! += info.nbytes; }
+      });
+      this.#kv = kvCacheTensors(hp, this.contextSize, this.kvType);
+      devices.forEach((d, i) => {
+        const [a, b] = this.layerRanges[i]!;
+        const mine = [...this.#kv.k.slice(a, b), ...this.#kv.v.slice(a, b)];
+        const size = mine.reduce((s, t) => s + Math.ceil(t.nbytes / 64) * 64, 0);
+        const buf = d.bufferType().alloc(size);
+        // zeroed: masked positions then hold finite values (0 · -inf never happens)
+        buf.clear(0);
+        let off = 0;
+        for (const t of mine) { t.buffer = buf; t.offset = off; off += Math.ceil(t.nbytes / 64) * 64; }
+        this.#kvBuffers.push(buf);
+      });
+      this.#sched = new Scheduler(this.#backends);
+    } catch (e) {
+      for (const b of [...this.#weights, ...this.#kvBuffers]) b.dispose();
+      for (const b of this.#backends) void b.dispose();
+      throw e;
+    }
   }
 
   /** Tokens evaluated so far in the sequence (the next token's position). */
   get position(): number { return this.#pos; }
-  /** Bytes of the KV cache. */
-  get kvCacheBytes(): number { return this.#kvBuffer.size; }
-  get weightBytes(): number { return this.#weights.size; }
+  /** Bytes of the KV cache (all devices). */
+  get kvCacheBytes(): number { return this.#kvBuffers.reduce((s, b) => s + b.size, 0); }
+  /** Bytes of the model's weights (a tensor used on two devices counts twice). */
+  get weightBytes(): number { return this.#weightBytes.reduce((a, b) => a + b, 0); }
+  get devices(): string[] { return this.#backends.map((b) => b.name); }
+
+  /** Memory per device: weights it holds, its KV cache, compute buffers of the cached graphs. */
+  memory(): DeviceUsage[] {
+    const compute = new Map<Backend, number>();
+    for (const g of this.#graphs.values()) for (const [be, n] of g.sg.computeBytes()) compute.set(be, (compute.get(be) ?? 0) + n);
+    return this.#backends.map((be, i) => ({
+      device: be.name, layers: this.layerRanges[i]!, weightBytes: this.#weightBytes[i]!,
+      kvBytes: this.#kvBuffers[i]!.size, computeBytes: compute.get(be) ?? 0,
+    }));
+  }
 
   tokenize(text: string, opts?: TokenizeOptions): number[] { return this.tokenizer.tokenize(text, opts); }
   detokenize(ids: readonly number[], opts?: DetokenizeOptions): string { return this.tokenizer.detokenize(ids, opts); }
@@ -122,21 +208,17 @@ export class Model {
     if (this.#busy) throw weftError("BUSY", "the model is already evaluating (await the previous call)");
   }
 
-  #graph(n: number, kvLen: number, allLogits: boolean): CachedGraph {
-    const key = `${n}:${kvLen}:${allLogits ? 1 : 0}`;
+  #graph(n: number, kvLen: number, allLogits: boolean, slot: number): CachedGraph {
+    const key = `${n}:${kvLen}:${allLogits ? 1 : 0}:${slot}`;
     const hit = this.#graphs.get(key);
     if (hit) { this.#graphs.delete(key); this.#graphs.set(key, hit); return hit; }
     if (this.#graphs.size >= GRAPH_CACHE) {
       const [oldKey, old] = this.#graphs.entries().next().value as [string, CachedGraph];
       this.#graphs.delete(oldKey);
-      this.#backend.forget(old.fg.graph);
-      old.buffer.dispose();
+      old.sg.dispose();  // its last run has completed: evaluate awaits every run it enqueues
     }
     const fg = buildForward(this.hparams, this.#w, this.#kv, n, kvLen, allLogits);
-    const plan = planGraphAllocation(fg.graph);
-    const buffer = CpuBuffer.alloc(Math.max(plan.size, 64));
-    applyGraphAllocation(plan, buffer);
-    const c = { fg, buffer, mask: new Float32Array(kvLen * n) };
+    const c = { fg, sg: this.#sched.schedule(fg.graph) };
     this.#graphs.set(key, c);
     return c;
   }
@@ -156,33 +238,39 @@ export class Model {
     try {
       const all = opts.allLogits ?? false;
       const out = new Float32Array(all ? tokens.length * nV : nV);
-      for (let start = 0; start < tokens.length; start += this.batchSize) {
+      const slots = this.#backends.length > 1 ? PIPELINE_SLOTS : 1;
+      const pending: Promise<unknown>[] = [];
+      // Every micro-batch is only enqueued here: on several devices they pipeline.
+      for (let start = 0, mb = 0; start < tokens.length; start += this.batchSize, mb++) {
         opts.signal?.throwIfAborted();
         const chunk = tokens.slice(start, start + this.batchSize);
         const n = chunk.length;
         const p0 = this.#pos;
         const kvLen = Math.min(this.contextSize, Math.ceil((p0 + n) / KV_BUCKET) * KV_BUCKET);
         const last = start + n >= tokens.length;
-        const g = this.#graph(n, kvLen, all);
-        const { fg, mask } = g;
+        const { fg, sg } = this.#graph(n, kvLen, all, mb % slots);
         const pos = new Int32Array(n);
         for (let i = 0; i < n; i++) pos[i] = p0 + i;
-        mask.fill(-Infinity);
+        const mask = new Float32Array(kvLen * n).fill(-Infinity);
         for (let i = 0; i < n; i++) mask.fill(0, i * kvLen, i * kvLen + p0 + i + 1);
-        setTensorData(fg.tokens, Int32Array.from(chunk));
-        setTensorData(fg.positions, pos);
-        setTensorData(fg.mask, mask);
-        setTensorData(fg.slots, BigInt64Array.from(pos, (p) => BigInt(p)));
-        await this.#backend.compute(fg.graph);
+        // fresh arrays: the writes are queued and read them later
+        await sg.setInput(fg.tokens, Int32Array.from(chunk));
+        await sg.setInput(fg.positions, pos);
+        await sg.setInput(fg.mask, mask);
+        await sg.setInput(fg.slots, BigInt64Array.from(pos, (p) => BigInt(p)));
+        pending.push((await sg.enqueue()).done);
         this.#pos += n;
         this.#history.push(...chunk);
         if (all || last) {
-          const bytes = getTensorData(fg.logits);
-          const rows = new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
-          if (all) out.set(rows, start * nV);
-          else out.set(rows.subarray(rows.length - nV));
+          const at = start;
+          pending.push(sg.getOutput(fg.logits).then((bytes) => {
+            const rows = new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
+            if (all) out.set(rows, at * nV);
+            else out.set(rows.subarray(rows.length - nV));
+          }));
         }
       }
+      await Promise.all(pending);
       return out;
     } finally {
       this.#busy = false;
@@ -222,11 +310,11 @@ export class Model {
   async dispose(): Promise<void> {
     if (this.#disposed) return;
     this.#disposed = true;
-    await this.#backend.dispose();
-    for (const g of this.#graphs.values()) g.buffer.dispose();
+    await Promise.all(this.#backends.map((b) => b.synchronize()));
+    for (const g of this.#graphs.values()) g.sg.dispose();
     this.#graphs.clear();
-    this.#kvBuffer.dispose();
-    this.#weights.dispose();
+    await Promise.all(this.#backends.map((b) => b.dispose()));
+    for (const b of [...this.#kvBuffers, ...this.#weights]) b.dispose();
   }
   [Symbol.asyncDispose](): Promise<void> { return this.dispose(); }
 }
@@ -241,25 +329,24 @@ export async function loadModel(path: string, opts: LoadModelOptions = {}): Prom
   if (tokenizer.vocabSize !== hp.nVocab)
     throw weftError("BAD_GGUF", `${path}: the tokenizer has ${tokenizer.vocabSize} tokens but token_embd.weight has ${hp.nVocab} rows`);
   report({ phase: "map", loaded: 0, total: file.fileSize });
-  const weights = CpuBuffer.mapFile(path);
-  try {
-    const w = weightTensors(table, (t, info) => { t.buffer = weights; t.offset = file.dataOffset + info.offset; });
-    if (opts.prefault ?? true) {
+  if (opts.prefault ?? true) {
+    // fault the file in once (every device's mapping shares these pages)
+    const m = CpuBuffer.mapFile(path);
+    try {
       const chunk = 64 << 20;
-      for (let off = 0; off < weights.size; off += chunk) {
+      for (let off = 0; off < m.size; off += chunk) {
         opts.signal?.throwIfAborted();
-        weights.touch(off, Math.min(chunk, weights.size - off));
-        report({ phase: "load", loaded: Math.min(off + chunk, weights.size), total: weights.size });
+        m.touch(off, Math.min(chunk, m.size - off));
+        report({ phase: "load", loaded: Math.min(off + chunk, m.size), total: m.size });
         await new Promise((r) => setImmediate(r));
       }
+    } finally {
+      m.dispose();
     }
-    const m = new Model(path, file, hp, tokenizer, weights, w, opts);
-    report({ phase: "ready", loaded: weights.size, total: weights.size });
-    return m;
-  } catch (e) {
-    weights.dispose();
-    throw e;
   }
+  const model = new Model(path, file, hp, tokenizer, table, opts);
+  report({ phase: "ready", loaded: file.fileSize, total: file.fileSize });
+  return model;
 }
 
 /** Loads only the tokenizer of a GGUF (works on vocab-only files). */
