@@ -12,7 +12,7 @@ const dir = mkdtempSync(join(tmpdir(), "weft-cli-"));
 // the embedded default model is synthesized into this cache on first use
 const env = { ...process.env, WEFT_CACHE_DIR: join(dir, "cache") };
 const weft = (...args: string[]) => spawnSync(process.execPath, [join(ROOT, "bin/weft.js"), ...args], { encoding: "utf8", env, maxBuffer: 1 << 28 });
-const COMMANDS = ["run", "tokenize", "logits", "synth", "bench", "quantize", "info", "cpu"];
+const COMMANDS = ["run", "tokenize", "logits", "synth", "bench", "devices", "quantize", "info", "cpu"];
 
 test("weft --help lists the commands that exist", () => {
   const r = weft("--help");
@@ -116,6 +116,38 @@ test("weft synth writes the preset's shapes and type mix; weft bench prints a ta
   assert.match(b.stdout, /\| 1 \| tg4 \|/);
   const j = weft("bench", "-m", out, "-p", "8", "-n", "0", "-r", "1", "-t", "1", "-o", "json");
   assert.ok(JSON.parse(j.stdout.trim()).weft.mean > 0);
+});
+
+test("weft devices lists the CPU device with memory and capabilities", () => {
+  const r = weft("devices");
+  assert.is(r.status, 0, r.stderr);
+  assert.match(r.stdout, /^cpu:0 +CPU .*memory [\d.]+ \/ [\d.]+ GiB free; async yes, events yes/m);
+});
+
+test("--split-mode layer on several devices: same logits and text as one device", () => {
+  if (!haveFixtures) return warnNoFixtures("CLI layer split");
+  const gl = JSON.parse(readFileSync(fixture("nano-q4_k_m.golden.json"), "utf8"));
+  const one = weft("logits", "-m", fixture("nano-q4_k_m.gguf"), "--tokens", gl.tokens.join(","), "-t", "1");
+  const split = weft("logits", "-m", fixture("nano-q4_k_m.gguf"), "--tokens", gl.tokens.join(","), "-t", "1", "--split-mode", "layer", "--device", "cpu:0,cpu:1,cpu:2", "--tensor-split", "1,0,1");
+  assert.is(split.status, 0, split.stderr);
+  assert.match(split.stderr, /cpu:1: layers 1\.\.0/);  // an empty device is fine
+  assert.is(split.stdout, one.stdout);
+  const g = JSON.parse(readFileSync(fixture("stories260K.golden.json"), "utf8"));
+  const r = weft("run", "-m", fixture("stories260K.gguf"), "-p", g.greedy.prompt, "-n", String(g.greedy.n_predict), "--temp", "0", "-t", "1", "--device", "cpu:0,cpu:1", "-b", "3");
+  assert.is(r.status, 0, r.stderr);
+  assert.is(r.stdout, g.greedy.text + "\n");
+  const bad = weft("run", "--split-mode", "tensor");
+  assert.match(bad.stderr, /tensor parallelism comes with the meta backend/);
+});
+
+test("weft bench compares split modes, device sets and micro-batch sizes, with memory per device", () => {
+  const out = join(dir, "tiny-bench.gguf");
+  assert.is(weft("synth", "--preset", "tiny", "--type", "q8_0", "-o", out).status, 0);
+  const b = weft("bench", "-m", out, "-p", "32", "-n", "2", "-r", "1", "-t", "1", "--split-mode", "none,layer", "--device", "cpu:0,cpu:1", "-b", "32,8");
+  assert.is(b.status, 0, b.stderr);
+  const rows = b.stdout.split("\n").filter((l) => / pp32 /.test(l));
+  assert.is(rows.length, 4, b.stdout);
+  assert.match(b.stdout, /\| layer \| cpu:0,cpu:1 \| 8 \| cpu:0 [\d.]+\+[\d.]+\+[\d.]+, cpu:1 [\d.]+\+[\d.]+\+[\d.]+ \| pp32 \|/);
 });
 
 test("flag errors are clear", () => {
