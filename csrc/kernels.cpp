@@ -379,19 +379,28 @@ WEFT_AVX2 static void act_q8_0_avx2(const float* x, void* y, int64_t n) { act_q8
 // once and each activation block loaded once per tile instead of once per dot product
 // (tinyBLAS-style register blocking). Int8 × int8 blocks of 32 with Q8_0 activations.
 
+// One selector for every tile kernel: instantiates K::run<RM, RN> for each tile size up
+// to TILE_RM × TILE_RN and picks the one the caller's remainder needs.
+template <class K>
+static void tile_select(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn) {
+#define T(R, C) case R * 8 + C: return K::template run<R, C>(n, (const char*)w, ws, (const char*)a, as, out, os);
+  switch (rm * 8 + rn) {
+    T(1, 1) T(1, 2) T(1, 3) T(2, 1) T(2, 2) T(2, 3) T(3, 1) T(3, 2) T(3, 3) T(4, 1) T(4, 2) T(4, 3)
+    default: break;
+  }
+#undef T
+}
+
 struct DecodeQ8_0 {
   static constexpr int64_t BYTES = sizeof(block_q8_0);
   WEFT_AVX2 static inline __m256i q(const char* p) { return _mm256_loadu_si256((const __m256i*)((const block_q8_0*)p)->qs); }
   static inline float d(const char* p) { return fp16_to_fp32(((const block_q8_0*)p)->d); }
 };
-struct DecodeQ4_0 {
-  static constexpr int64_t BYTES = sizeof(block_q4_0);
-  WEFT_AVX2 static inline __m256i q(const char* p) { return q4_0_unpack(((const block_q4_0*)p)->qs); }
-  static inline float d(const char* p) { return fp16_to_fp32(((const block_q4_0*)p)->d); }
-};
 
-template <int RM, int RN, class W>
-WEFT_AVX2 static void tile_i8(int64_t nb, const char* w, int64_t ws, const char* a, int64_t as, float* out, int64_t os) {
+template <class W> struct TileI8 {
+template <int RM, int RN>
+WEFT_AVX2 static void run(int64_t n, const char* w, int64_t ws, const char* a, int64_t as, float* out, int64_t os) {
+  const int64_t nb = n / 32;
   __m256 acc[RM][RN];
   for (int i = 0; i < RM; ++i) for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1);
@@ -416,21 +425,10 @@ WEFT_AVX2 static void tile_i8(int64_t nb, const char* w, int64_t ws, const char*
   }
   for (int i = 0; i < RM; ++i) for (int j = 0; j < RN; ++j) out[j * os + i] = hsum256(acc[i][j]);
 }
+};
 
-template <class W>
-static void tile_dispatch(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn) {
-  const int64_t nb = n / 32;
-  const char* wc = (const char*)w;
-  const char* ac = (const char*)a;
-#define T(R, C) case R * 8 + C: return tile_i8<R, C, W>(nb, wc, ws, ac, as, out, os);
-  switch (rm * 8 + rn) {
-    T(1, 1) T(1, 2) T(1, 3) T(2, 1) T(2, 2) T(2, 3) T(3, 1) T(3, 2) T(3, 3) T(4, 1) T(4, 2) T(4, 3)
-    default: break;
-  }
-#undef T
-}
 static void tile_q8_0_avx2(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn) {
-  tile_dispatch<DecodeQ8_0>(n, w, ws, a, as, out, os, rm, rn);
+  tile_select<TileI8<DecodeQ8_0>>(n, w, ws, a, as, out, os, rm, rn);
 }
 // Q4_0 rows -> Q8_0 rows ((q - 8) as int8, same scale): batched products decode a block of
 // weight rows once per work unit and reuse it for every activation column.
@@ -451,9 +449,6 @@ static void decode_q4_0_q8_scalar(const void* w, void* out, int64_t n) {
   }
 }
 
-static void tile_q4_0_avx2(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn) {
-  tile_dispatch<DecodeQ4_0>(n, w, ws, a, as, out, os, rm, rn);
-}
 
 
 
@@ -509,8 +504,10 @@ WEFT_AVX2 static void decode_q6_K_kdec(const void* w, void* out, int64_t n) {
   }
 }
 
+struct TileKDec {
 template <int RM, int RN>
-WEFT_AVX2 static void tile_kdec(int64_t nsb, const char* w, int64_t ws, const char* a, int64_t as, float* out, int64_t os) {
+WEFT_AVX2 static void run(int64_t n, const char* w, int64_t ws, const char* a, int64_t as, float* out, int64_t os) {
+  const int64_t nsb = n / QK_K;
   __m256 accf[RM][RN];
   for (int i = 0; i < RM; ++i) for (int j = 0; j < RN; ++j) accf[i][j] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nsb; ++b) {
@@ -541,18 +538,8 @@ WEFT_AVX2 static void tile_kdec(int64_t nsb, const char* w, int64_t ws, const ch
   }
   for (int i = 0; i < RM; ++i) for (int j = 0; j < RN; ++j) out[j * os + i] = hsum256(accf[i][j]);
 }
+};
 
-static void tile_kdec_avx2(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn) {
-  const int64_t nsb = n / QK_K;
-  const char* wc = (const char*)w;
-  const char* ac = (const char*)a;
-#define T(R, C) case R * 8 + C: return tile_kdec<R, C>(nsb, wc, ws, ac, as, out, os);
-  switch (rm * 8 + rn) {
-    T(1, 1) T(1, 2) T(1, 3) T(2, 1) T(2, 2) T(2, 3) T(3, 1) T(3, 2) T(3, 3) T(4, 1) T(4, 2) T(4, 3)
-    default: break;
-  }
-#undef T
-}
 
 // ---------------------------------------------------------------- AVX2 float tiles and vector math
 
@@ -564,8 +551,9 @@ struct LoadF16 { WEFT_AVX2 static inline __m256 v(const char* p, int64_t k) { re
 struct LoadBF16 { WEFT_AVX2 static inline __m256 v(const char* p, int64_t k) { return bf16x8_to_f32((const uint16_t*)p + k); }
                   static inline float s(const char* p, int64_t k) { return bf16_to_fp32(((const uint16_t*)p)[k]); } };
 
-template <int RM, int RN, class W>
-WEFT_AVX2 static void tile_f(int64_t n, const char* w, int64_t ws, const char* a, int64_t as, float* out, int64_t os) {
+template <class W> struct TileF {
+template <int RM, int RN>
+WEFT_AVX2 static void run(int64_t n, const char* w, int64_t ws, const char* a, int64_t as, float* out, int64_t os) {
   __m256 acc[RM][RN];
   for (int i = 0; i < RM; ++i) for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
   int64_t k = 0;
@@ -584,21 +572,14 @@ WEFT_AVX2 static void tile_f(int64_t n, const char* w, int64_t ws, const char* a
       out[j * os + i] = r;
     }
 }
+};
 
-template <class W>
-static void tile_f_dispatch(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn) {
-  const char* wc = (const char*)w;
-  const char* ac = (const char*)a;
-#define T(R, C) case R * 8 + C: return tile_f<R, C, W>(n, wc, ws, ac, as, out, os);
-  switch (rm * 8 + rn) {
-    T(1, 1) T(1, 2) T(1, 3) T(2, 1) T(2, 2) T(2, 3) T(3, 1) T(3, 2) T(3, 3) T(4, 1) T(4, 2) T(4, 3)
-    default: break;
-  }
-#undef T
-}
-static void tile_f32_avx2(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* o, int64_t os, int rm, int rn) { tile_f_dispatch<LoadF32>(n, w, ws, a, as, o, os, rm, rn); }
-static void tile_f16_avx2(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* o, int64_t os, int rm, int rn) { tile_f_dispatch<LoadF16>(n, w, ws, a, as, o, os, rm, rn); }
-static void tile_bf16_avx2(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* o, int64_t os, int rm, int rn) { tile_f_dispatch<LoadBF16>(n, w, ws, a, as, o, os, rm, rn); }
+#define TILE_FN(name, K) static void name(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* o, int64_t os, int rm, int rn) { tile_select<K>(n, w, ws, a, as, o, os, rm, rn); }
+TILE_FN(tile_f32_avx2, TileF<LoadF32>)
+TILE_FN(tile_f16_avx2, TileF<LoadF16>)
+TILE_FN(tile_bf16_avx2, TileF<LoadBF16>)
+TILE_FN(tile_kdec_avx2, TileKDec)
+#undef TILE_FN
 
 // exp(x) for 8 lanes: x = k·ln2 + r with |r| ≤ ln2/2, e^r by its degree-6 Taylor polynomial
 // (relative error ≈ 1e-7, about one float ulp), 2^k through the exponent bits. Inputs below

@@ -13,17 +13,8 @@ export function warnNoFixtures(what: string): void {
   console.warn(`\n!!! SKIPPING ${what}: fixtures folder not found at ${FIXTURES} (set WEFT_FIXTURES) !!!`);
 }
 
-/** deterministic PRNG (mulberry32) */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** deterministic PRNG (the library's own) */
+export { mulberry32 as rng } from "../lib/core/random.js";
 /** uniform in [-1, 1), never all zeros */
 export function randomF32(n: number, r: () => number, scale = 1): Float32Array {
   const a = new Float32Array(n);
@@ -38,4 +29,14 @@ export async function rejectsWith(p: Promise<unknown>, re: RegExp): Promise<Erro
   if (!err) throw new Error(`expected a rejection matching ${re}, but it resolved`);
   if (!re.test(err.message)) throw new Error(`expected a rejection matching ${re}, got: ${err.message}`);
   return err;
+}
+
+/**
+ * Asserts two numeric arrays are identical (Object.is per element), naming the first
+ * difference. (uvu's diff of large arrays takes minutes; this stays readable and fast.)
+ */
+export function assertSameArray(got: ArrayLike<number>, want: ArrayLike<number>, what = "arrays"): void {
+  if (got.length !== want.length) throw new Error(`${what}: length ${got.length}, expected ${want.length}`);
+  for (let i = 0; i < want.length; i++)
+    if (!Object.is(got[i], want[i])) throw new Error(`${what}: element ${i} is ${got[i]}, expected ${want[i]}`);
 }

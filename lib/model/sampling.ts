@@ -4,6 +4,7 @@
  * llama_sampler_init_greedy).
  */
 import { weftError } from "../core/errors.js";
+import { mulberry32 } from "../core/random.js";
 
 export interface SamplingOptions {
   /** 0 = greedy (default 0.8) */
@@ -26,18 +27,6 @@ export function argmax(logits: ArrayLike<number>): number {
   let best = 0, bv = -Infinity;
   for (let i = 0; i < logits.length; i++) if (logits[i]! > bv) { bv = logits[i]!; best = i; }
   return best;
-}
-
-/** mulberry32: small, fast and reproducible from a 32-bit seed (sampling needs no more). */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 export class Sampler {
@@ -67,7 +56,7 @@ export class Sampler {
     check(this.repeatPenalty > 0, `repeat penalty must be positive, got ${o.repeatPenalty}`);
     check(Number.isInteger(this.repeatLastN) && this.repeatLastN >= 0, `repeat-last-n must be a non-negative integer, got ${o.repeatLastN}`);
     check(Number.isInteger(this.seed) && this.seed >= 0 && this.seed < 2 ** 32, `seed must be an integer in [0, 2^32), got ${o.seed}`);
-    this.#rand = rng(this.seed);
+    this.#rand = mulberry32(this.seed);
   }
 
   /** Remembers tokens for the repeat penalty (the prompt, then each sampled token). */

@@ -6,6 +6,7 @@
  * written the way llama.cpp's converter writes them, so llama.cpp loads these files.
  */
 import { weftError, fromNative } from "../core/errors.js";
+import { mulberry32 } from "../core/random.js";
 import { GgmlType, TYPES } from "../core/types.js";
 import { native } from "../cpu/native.js";
 import { GgufFile, GgufTensorInfo, GgufValue, GgufValueType } from "../gguf/types.js";
@@ -83,17 +84,11 @@ function tensorSeed(seed: number, name: string): number {
   return h >>> 0;
 }
 
-/** Uniform values with the given standard deviation (mulberry32). */
+/** Uniform values with the given standard deviation and mean. */
 function randomFill(a: Float32Array, seed: number, std: number, mean = 0): void {
-  let s = seed >>> 0;
+  const next = mulberry32(seed);
   const k = std * Math.sqrt(3) * 2;
-  for (let i = 0; i < a.length; i++) {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    a[i] = mean + (((t ^ (t >>> 14)) >>> 0) / 4294967296 - 0.5) * k;
-  }
+  for (let i = 0; i < a.length; i++) a[i] = mean + (next() - 0.5) * k;
 }
 
 export async function synthModel(o: SynthOptions): Promise<{ path: string; params: number; types: Map<string, GgmlType> }> {

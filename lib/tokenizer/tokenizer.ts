@@ -216,37 +216,15 @@ export class Tokenizer {
 
   /** SentencePiece-style merging: highest score first, leftmost on ties (llm_tokenizer_spm). */
   #spm(text: string, out: number[]): void {
-    const sym = Array.from(text);  // one symbol per code point
-    const n = sym.length;
-    const prev = Int32Array.from({ length: n }, (_, i) => i - 1);
-    const next = Int32Array.from({ length: n }, (_, i) => (i + 1 < n ? i + 1 : -1));
-    const len = new Int32Array(n).fill(1);  // code points merged into each symbol (0: merged away)
     const scores = this.#scores;
-    type Bigram = { left: number; right: number; score: number; size: number };
-    const q = new Heap<Bigram>((a, b) => a.score > b.score || (a.score === b.score && a.left < b.left));
-    const textOf = (i: number) => sym[i]!;
-    const tryAdd = (l: number, r: number) => {
-      if (l < 0 || r < 0) return;
-      const t = textOf(l) + textOf(r);
-      const id = this.#ids.get(t);
-      if (id === undefined) return;
-      q.push({ left: l, right: r, score: scores ? scores[id]! : 0, size: len[l]! + len[r]! });
-    };
-    for (let i = 1; i < n; i++) tryAdd(i - 1, i);
-    for (let b = q.pop(); b; b = q.pop()) {
-      if (len[b.left] === 0 || len[b.right] === 0 || len[b.left]! + len[b.right]! !== b.size || next[b.left] !== b.right) continue;
-      sym[b.left] = sym[b.left]! + sym[b.right]!;
-      len[b.left] = b.size;
-      len[b.right] = 0;
-      next[b.left] = next[b.right]!;
-      if (next[b.right]! >= 0) prev[next[b.right]!] = b.left;
-      tryAdd(prev[b.left]!, b.left);
-      tryAdd(b.left, next[b.left]!);
-    }
-    for (let i = n > 0 ? 0 : -1; i !== -1; i = next[i]!) {
-      const id = this.#ids.get(sym[i]!);
+    const merged = mergePairs(Array.from(text), (l, r) => {
+      const id = this.#ids.get(l + r);
+      return id === undefined ? undefined : -(scores ? scores[id]! : 0);
+    });
+    for (const piece of merged) {
+      const id = this.#ids.get(piece);
       if (id !== undefined) { out.push(id); continue; }
-      for (const byte of utf8.encode(sym[i]!)) out.push(this.#byteToken(byte));
+      for (const byte of utf8.encode(piece)) out.push(this.#byteToken(byte));
     }
   }
 
@@ -256,33 +234,10 @@ export class Tokenizer {
     for (const b of utf8.encode(word)) s += BYTE_TO_CHAR[b]!;
     const whole = this.#ids.get(s);
     if (whole !== undefined) { out.push(whole); return; }  // llama-bpe ignores merges for whole-token words
-    const sym = Array.from(s);
-    const n = sym.length;
-    const prev = Int32Array.from({ length: n }, (_, i) => i - 1);
-    const next = Int32Array.from({ length: n }, (_, i) => (i + 1 < n ? i + 1 : -1));
-    const alive = new Uint8Array(n).fill(1);
-    type Bigram = { left: number; right: number; rank: number; text: string };
-    const q = new Heap<Bigram>((a, b) => a.rank < b.rank || (a.rank === b.rank && a.left < b.left));
-    const tryAdd = (l: number, r: number) => {
-      if (l < 0 || r < 0) return;
-      const rank = this.#ranks.get(sym[l]! + "\u0000" + sym[r]!);
-      if (rank === undefined) return;
-      q.push({ left: l, right: r, rank, text: sym[l]! + sym[r]! });
-    };
-    for (let i = 1; i < n; i++) tryAdd(i - 1, i);
-    for (let b = q.pop(); b; b = q.pop()) {
-      if (!alive[b.left] || !alive[b.right] || next[b.left] !== b.right || sym[b.left]! + sym[b.right]! !== b.text) continue;
-      sym[b.left] = b.text;
-      alive[b.right] = 0;
-      next[b.left] = next[b.right]!;
-      if (next[b.right]! >= 0) prev[next[b.right]!] = b.left;
-      tryAdd(prev[b.left]!, b.left);
-      tryAdd(b.left, next[b.left]!);
-    }
-    for (let i = 0; i !== -1 && n > 0; i = next[i]!) {
-      const id = this.#ids.get(sym[i]!);
+    for (const piece of mergePairs(Array.from(s), (l, r) => this.#ranks.get(l + "\u0000" + r))) {
+      const id = this.#ids.get(piece);
       if (id !== undefined) { out.push(id); continue; }
-      for (const c of sym[i]!) { const t = this.#ids.get(c); if (t !== undefined) out.push(t); }
+      for (const c of piece) { const t = this.#ids.get(c); if (t !== undefined) out.push(t); }
     }
   }
 
@@ -339,6 +294,38 @@ export class Tokenizer {
   detokenize(ids: readonly number[], opts: DetokenizeOptions = {}): string {
     return new TextDecoder().decode(this.detokenizeBytes(ids, opts));
   }
+}
+
+/**
+ * The merge loop both tokenizers share: repeatedly join the adjacent pair with the lowest
+ * priority (leftmost on ties) until no pair has one. A heap of candidate pairs, each
+ * checked against the current symbols when popped, keeps it O(n log n) on hostile input.
+ */
+function mergePairs(sym: string[], priority: (left: string, right: string) => number | undefined): string[] {
+  const n = sym.length;
+  const prev = Int32Array.from({ length: n }, (_, i) => i - 1);
+  const next = Int32Array.from({ length: n }, (_, i) => (i + 1 < n ? i + 1 : -1));
+  const alive = new Uint8Array(n).fill(1);
+  type Pair = { left: number; right: number; prio: number; text: string };
+  const q = new Heap<Pair>((a, b) => a.prio < b.prio || (a.prio === b.prio && a.left < b.left));
+  const consider = (l: number, r: number) => {
+    if (l < 0 || r < 0) return;
+    const prio = priority(sym[l]!, sym[r]!);
+    if (prio !== undefined) q.push({ left: l, right: r, prio, text: sym[l]! + sym[r]! });
+  };
+  for (let i = 1; i < n; i++) consider(i - 1, i);
+  for (let p = q.pop(); p; p = q.pop()) {
+    if (!alive[p.left] || !alive[p.right] || next[p.left] !== p.right || sym[p.left]! + sym[p.right]! !== p.text) continue;  // stale
+    sym[p.left] = p.text;
+    alive[p.right] = 0;
+    next[p.left] = next[p.right]!;
+    if (next[p.right]! >= 0) prev[next[p.right]!] = p.left;
+    consider(prev[p.left]!, p.left);
+    consider(p.left, next[p.left]!);
+  }
+  const out: string[] = [];
+  for (let i = n > 0 ? 0 : -1; i !== -1; i = next[i]!) out.push(sym[i]!);
+  return out;
 }
 
 /** llama.cpp's clean_spaces passes over the detokenized bytes (BPE vocabularies). */
