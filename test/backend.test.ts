@@ -7,7 +7,7 @@ import { Tensor } from "../lib/core/tensor.js";
 import { GgmlType } from "../lib/core/types.js";
 import { CpuDevice, cpuDevice } from "../lib/backend/cpu.js";
 import { Backend } from "../lib/backend/interface.js";
-import { copyTensorAsync, getTensorAsync, get2d, recordEvent, set2d, setTensorAsync, waitEvent } from "../lib/backend/queue.js";
+import { copyTensorAsync, getTensorAsync, get2d, get2dAsync, recordEvent, set2d, set2dAsync, setTensorAsync, waitEvent } from "../lib/backend/queue.js";
 import { Scheduler } from "../lib/backend/sched.js";
 import { allocateTensors, getTensorData, setTensorData } from "../lib/cpu/buffer.js";
 import { loadModel } from "../lib/model/model.js";
@@ -94,6 +94,10 @@ for (const async of [true, false]) {
     const t = G.newTensor(F32, [4]);
     t.buffer = b; t.offset = 32;
     const q = dev(1).initBackend({ threads: 1 });
+    const rowsIn = Uint8Array.of(9, 8, 7, 6);
+    await set2dAsync(q, b, 50, rowsIn, 2, 2, 5);
+    rowsIn.fill(0);  // queued writes took their own copy
+    assert.equal(Array.from(await get2dAsync(q, b, 50, 2, 2, 5)), [9, 8, 7, 6]);
     await setTensorAsync(q, t, Float32Array.of(1, 2, 3, 4));
     assert.equal(Array.from(f32(await getTensorAsync(q, t))), [1, 2, 3, 4]);
     await q.dispose();

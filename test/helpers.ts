@@ -8,7 +8,10 @@ export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
 export const FIXTURES = process.env.WEFT_FIXTURES ?? resolve(ROOT, "../shared/fixtures");
 export const haveFixtures = existsSync(resolve(FIXTURES, "README.md"));
 export function fixture(name: string): string { return resolve(FIXTURES, name); }
-/** Every check that needs the fixtures names itself when it is skipped. */
+/**
+ * Every check that needs the fixtures names itself when it is skipped; call it once per
+ * test and return (scripts/run-tests.js counts these lines as skipped tests).
+ */
 export function warnNoFixtures(what: string): void {
   console.warn(`\n!!! SKIPPING ${what}: fixtures folder not found at ${FIXTURES} (set WEFT_FIXTURES) !!!`);
 }

@@ -13,6 +13,7 @@ import { CpuBackend } from "../cpu/backend.js";
 import { CpuBuffer, getTensorData, setHostBufferType, setTensorData, tensorLocation } from "../cpu/buffer.js";
 import { NativeContext, native } from "../cpu/native.js";
 import { Backend, BufferType, Device, DeviceCaps, Event } from "./interface.js";
+import { get2d, set2d } from "./queue.js";
 
 /** Ops the native CPU backend runs (FLASH_ATTN_EXT and ALL_REDUCE are not implemented). */
 const CPU_UNSUPPORTED: ReadonlySet<number> = new Set([Op.FLASH_ATTN_EXT, Op.ALL_REDUCE]);
@@ -74,14 +75,25 @@ export class CpuQueue implements Backend {
   readonly setTensorAsync?: Backend["setTensorAsync"];
   readonly getTensorAsync?: Backend["getTensorAsync"];
   readonly copyTensorAsync?: Backend["copyTensorAsync"];
+  readonly set2dAsync?: Backend["set2dAsync"];
+  readonly get2dAsync?: Backend["get2dAsync"];
   readonly recordEvent?: Backend["recordEvent"];
   readonly waitEvent?: Backend["waitEvent"];
 
   constructor(readonly device: CpuDevice, threads?: number) {
     this.#be = new CpuBackend({ threads, name: device.name });
     if (device.caps.async) {
-      this.setTensorAsync = (t, data) => { void this.#host(() => setTensorData(t, data)).catch(() => {}); };
+      this.setTensorAsync = (t, data) => {
+        const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength).slice();  // the caller may reuse its array
+        void this.#host(() => setTensorData(t, bytes)).catch(() => {});
+      };
       this.getTensorAsync = (t) => this.#host(() => getTensorData(t));
+      // a copy of the data is taken now: the caller may reuse its array once this returns
+      this.set2dAsync = (b, off, data, rows, rowBytes, stride) => {
+        const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength).slice();
+        void this.#host(() => set2d(b, off, bytes, rows, rowBytes, stride)).catch(() => {});
+      };
+      this.get2dAsync = (b, off, rows, rowBytes, stride) => this.#host(() => get2d(b, off, rows, rowBytes, stride));
       this.copyTensorAsync = (src, from, to) => {
         // after everything queued on src so far, before anything queued here later
         const ready = src === this ? Promise.resolve() : src.synchronize();

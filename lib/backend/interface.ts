@@ -62,6 +62,9 @@ export interface Backend {
   computeAsync(graph: Graph): Promise<void>;
   setTensorAsync?(t: Tensor, data: ArrayBufferView): void;
   getTensorAsync?(t: Tensor): Promise<Uint8Array>;
+  /** strided rows into / out of a buffer of this device, in queue order */
+  set2dAsync?(b: Buffer, offset: number, data: ArrayBufferView, rows: number, rowBytes: number, stride: number): void;
+  get2dAsync?(b: Buffer, offset: number, rows: number, rowBytes: number, stride: number): Promise<Uint8Array>;
   /** enqueued on this (destination) backend: runs after everything queued on `src` before the call */
   copyTensorAsync?(src: Backend, from: Tensor, to: Tensor): void;
   recordEvent?(): Event;

@@ -59,3 +59,15 @@ export function get2d(b: Buffer, offset: number, rows: number, rowBytes: number,
   for (let r = 0; r < rows; r++) out.set(b.get(offset + r * stride, rowBytes), r * rowBytes);
   return out;
 }
+
+/** 2-D strided writes/reads in a backend's queue order. */
+export async function set2dAsync(be: Backend, b: Buffer, offset: number, data: ArrayBufferView, rows: number, rowBytes: number, stride: number): Promise<void> {
+  if (be.set2dAsync) return be.set2dAsync(b, offset, data, rows, rowBytes, stride);
+  await be.synchronize();
+  set2d(b, offset, data, rows, rowBytes, stride);
+}
+export async function get2dAsync(be: Backend, b: Buffer, offset: number, rows: number, rowBytes: number, stride: number): Promise<Uint8Array> {
+  if (be.get2dAsync) return be.get2dAsync(b, offset, rows, rowBytes, stride);
+  await be.synchronize();
+  return get2d(b, offset, rows, rowBytes, stride);
+}
