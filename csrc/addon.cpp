@@ -313,9 +313,16 @@ static Napi::Value Compute(const Napi::CallbackInfo& info) {
     }
   }
   ctx->busy = true;
+  ctx->pool.prewake();
   auto* w = new ComputeWorker(env, ctx, it->second.get(), info[0].As<Napi::Object>(), std::move(waits), keepWaits);
   w->Queue();
   return w->Promise();
+}
+
+// Wakes a context's sleeping workers: work for it is about to be queued.
+static Napi::Value Wake(const Napi::CallbackInfo& info) {
+  info[0].As<Napi::External<Context>>().Data()->pool.prewake();
+  return info.Env().Undefined();
 }
 
 static Napi::Value ForgetPlan(const Napi::CallbackInfo& info) {
@@ -434,6 +441,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("mapFile", Napi::Function::New(env, MapFile));
   exports.Set("createContext", Napi::Function::New(env, CreateContext));
   exports.Set("compute", Napi::Function::New(env, Compute));
+  exports.Set("wake", Napi::Function::New(env, Wake));
   exports.Set("forgetPlan", Napi::Function::New(env, ForgetPlan));
   exports.Set("quantize", Napi::Function::New(env, Quantize));
   exports.Set("dequantize", Napi::Function::New(env, Dequantize));

@@ -88,9 +88,21 @@ inline uint16_t fp32_to_bf16(float f) {
 }
 
 // Q4_K packs eight 6-bit scales and eight 6-bit mins into 12 bytes.
+// Q4_K's 12 scale bytes as 32-bit words: 8 six-bit scales (sc, one byte each) and 8
+// six-bit mins (mn), unpacked with word masks (the AVX2 dot uses the words directly).
+inline void unpack_q4_K_words(const uint8_t* s, uint32_t sc[2], uint32_t mn[2]) {
+  uint32_t a, b, c;
+  std::memcpy(&a, s, 4); std::memcpy(&b, s + 4, 4); std::memcpy(&c, s + 8, 4);
+  sc[0] = a & 0x3f3f3f3f;
+  mn[0] = b & 0x3f3f3f3f;
+  sc[1] = (c & 0x0f0f0f0f) | (((a >> 6) & 0x03030303) << 4);
+  mn[1] = ((c >> 4) & 0x0f0f0f0f) | (((b >> 6) & 0x03030303) << 4);
+}
 inline void unpack_q4_K_scales(const uint8_t* s, uint8_t sc[8], uint8_t mn[8]) {
-  for (int j = 0; j < 4; ++j) { sc[j] = s[j] & 63; mn[j] = s[j + 4] & 63; }
-  for (int j = 4; j < 8; ++j) { sc[j] = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4); mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4); }
+  uint32_t w[2], m[2];
+  unpack_q4_K_words(s, w, m);
+  std::memcpy(sc, w, 8);
+  std::memcpy(mn, m, 8);
 }
 
 // Reference quantizers (bit-exact with ggml's *_ref) and dequantizers, quants.cpp.

@@ -303,21 +303,29 @@ WEFT_AVX2 static float dot_q4_0_avx2(int64_t n, const void* w, const void* a) {
 }
 
 // Q4_K: nibbles are unsigned, so maddubs(q, y) needs no sign tricks; the 6-bit scale of
-// each 32-value sub-block multiplies the int16 pair sums in madd; mins use Q8_K's bsums.
+// each 32-value sub-block multiplies the int16 pair sums in madd (cut from the 8 scales by
+// a byte shuffle); the mins meet Q8_K's per-16 sums in one madd.
 WEFT_AVX2 static float dot_q4_K_avx2(int64_t n, const void* w, const void* a) {
   const block_q4_K* x = (const block_q4_K*)w;
   const block_q8_K* y = (const block_q8_K*)a;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i pick0 = _mm256_set1_epi16(0x0100);  // bytes (0,1): int16 scale 0 in every lane
+  const __m256i two = _mm256_set1_epi8(2);
   __m256 acc = _mm256_setzero_ps();
   float acc_m = 0;
   for (int64_t i = 0; i < n / QK_K; ++i) {
     prefetch_ahead(x + i, 3);
-    uint8_t sc[8], mn[8];
-    unpack_q4_K_scales(x[i].scales, sc, mn);
-    int32_t msum = 0;
-    for (int j = 0; j < 8; ++j) msum += mn[j] * (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]);
+    uint32_t sc[2], mn[2];
+    unpack_q4_K_words(x[i].scales, sc, mn);
+    const __m128i mn16 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)mn[1], (int)mn[0]));
+    const __m128i bs_lo = _mm_loadu_si128((const __m128i*)y[i].bsums), bs_hi = _mm_loadu_si128((const __m128i*)(y[i].bsums + 8));
+    const __m128i prod = _mm_madd_epi16(mn16, _mm_hadd_epi16(bs_lo, bs_hi));  // Σ min·(sum of its 32 values)
+    __m128i t = _mm_add_epi32(prod, _mm_unpackhi_epi64(prod, prod));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 1));
     const float dy = y[i].d;
-    acc_m -= fp16_to_fp32(x[i].dmin) * dy * msum;
+    acc_m -= fp16_to_fp32(x[i].dmin) * dy * (float)_mm_cvtsi128_si32(t);
+    const __m256i scv = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)sc[1], (int)sc[0])));
+    __m256i pick = pick0;
     __m256i sumi = _mm256_setzero_si256();
     const uint8_t* q = x[i].qs;
     const int8_t* q8 = y[i].qs;
@@ -327,8 +335,10 @@ WEFT_AVX2 static float dot_q4_K_avx2(int64_t n, const void* w, const void* a) {
       const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
       const __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)(q8 + 64 * j)));
       const __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(q8 + 64 * j + 32)));
-      sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(plo, _mm256_set1_epi16(sc[2 * j])));
-      sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * j + 1])));
+      sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(plo, _mm256_shuffle_epi8(scv, pick)));
+      pick = _mm256_add_epi8(pick, two);
+      sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(phi, _mm256_shuffle_epi8(scv, pick)));
+      pick = _mm256_add_epi8(pick, two);
     }
     acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_fp32(x[i].d) * dy), _mm256_cvtepi32_ps(sumi), acc);
   }
@@ -336,39 +346,46 @@ WEFT_AVX2 static float dot_q4_K_avx2(int64_t n, const void* w, const void* a) {
 }
 
 // Q6_K: 6-bit values 0..63 are unsigned for maddubs; the −32 offset is folded in with
-// Q8_K's per-16 bsums. Each 32-lane product spans two 16-value scale groups.
+// Q8_K's per-16 sums (one madd over all 16 scale groups). Each 32-lane product spans two
+// 16-value scale groups: its int16 scale vector is cut from the 16 scales by a shuffle.
 WEFT_AVX2 static float dot_q6_K_avx2(int64_t n, const void* w, const void* a) {
   const block_q6_K* x = (const block_q6_K*)w;
   const block_q8_K* y = (const block_q8_K*)a;
   const __m256i m4 = _mm256_set1_epi8(0x0F), m3 = _mm256_set1_epi8(3);
+  // byte shuffles that broadcast int16 scale k (lanes 0-7) and k+1 (lanes 8-15) of a 128-bit row
+  const __m256i pick0 = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+  const __m256i two = _mm256_set1_epi8(4);
   __m256 acc = _mm256_setzero_ps();
   for (int64_t i = 0; i < n / QK_K; ++i) {
     prefetch_ahead(x + i, 4);
-    const int8_t* sc = x[i].scales;
-    int32_t off = 0;
-    for (int g = 0; g < 16; ++g) off += sc[g] * y[i].bsums[g];
-    __m256i sumi = _mm256_setzero_si256();
+    const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)x[i].scales));
+    const __m256i off = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i*)y[i].bsums));
+    __m256i sumi = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(off, 5));
     const uint8_t* ql = x[i].ql;
     const uint8_t* qh = x[i].qh;
     const int8_t* q8 = y[i].qs;
     for (int h = 0; h < 2; ++h) {
+      // scales 8h..8h+7 in both 128-bit halves, then 2 per chunk via shuffles
+      const __m128i s8 = h == 0 ? _mm256_castsi256_si128(sc16) : _mm256_extracti128_si256(sc16, 1);
+      const __m256i sc = _mm256_broadcastsi128_si256(s8);
+      __m256i pick = pick0;
       const __m256i l0 = _mm256_loadu_si256((const __m256i*)(ql + 64 * h));
       const __m256i l1 = _mm256_loadu_si256((const __m256i*)(ql + 64 * h + 32));
       const __m256i hb = _mm256_loadu_si256((const __m256i*)(qh + 32 * h));
-      const __m256i q1 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4));
-      const __m256i q2 = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m3), 4));
-      const __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m3), 4));
-      const __m256i q4 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m3), 4));
-      const __m256i qs[4] = {q1, q2, q3, q4};
+      const __m256i qs[4] = {
+        _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(hb, m3), 4)),
+        _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m3), 4)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m3), 4)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m3), 4)),
+      };
       for (int k = 0; k < 4; ++k) {
-        const int g = 8 * h + 2 * k;  // scale groups of this 32-value chunk
         const __m256i p = _mm256_maddubs_epi16(qs[k], _mm256_loadu_si256((const __m256i*)(q8 + 128 * h + 32 * k)));
-        const __m256i scv = _mm256_setr_m128i(_mm_set1_epi16(sc[g]), _mm_set1_epi16(sc[g + 1]));
-        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scv));
+        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_shuffle_epi8(sc, pick)));
+        pick = _mm256_add_epi8(pick, two);
       }
     }
     const float d = fp16_to_fp32(x[i].d) * y[i].d;
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi, _mm256_setr_epi32(32 * off, 0, 0, 0, 0, 0, 0, 0))), acc);
+    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
   }
   return hsum256(acc);
 }

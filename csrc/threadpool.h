@@ -47,6 +47,13 @@ class ThreadPool {
     for (auto& t : workers_) t.join();
   }
   int size() const { return n_; }
+  // Wakes sleeping workers ahead of a run (called when a compute is queued, before the
+  // queue's thread picks it up), so their wake-up latency overlaps the hand-off.
+  void prewake() {
+    if (n_ == 1) return;
+    { std::lock_guard<std::mutex> lk(mu_); ++wake_; }
+    cv_.notify_all();
+  }
   SpinBarrier& barrier() { return barrier_; }
   // Runs fn(ith, nth) on every worker; returns when all are done.
   void run(const std::function<void(int, int)>& fn) {
@@ -64,14 +71,16 @@ class ThreadPool {
   }
  private:
   void loop(int ith) {
-    uint64_t seen = 0;
+    uint64_t seen = 0, woken = 0;
     for (;;) {
       // spin briefly for back-to-back graphs (token generation), then sleep
       int spins = 0;
       while (gen_.load(std::memory_order_acquire) == seen && spins < 20000) { _mm_pause(); ++spins; }
       if (gen_.load(std::memory_order_acquire) == seen) {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return gen_.load() != seen; });
+        cv_.wait(lk, [&] { return gen_.load() != seen || wake_ != woken; });
+        woken = wake_;
+        if (gen_.load() == seen && !stop_) continue;  // pre-woken: spin for the job that is on its way
       }
       seen = gen_.load(std::memory_order_acquire);
       if (stop_) return;
@@ -85,6 +94,7 @@ class ThreadPool {
   std::mutex mu_;
   std::condition_variable cv_;
   std::atomic<uint64_t> gen_{0};
+  uint64_t wake_ = 0;  // guarded by mu_
   std::atomic<int> pending_{0};
   const std::function<void(int, int)>* volatile job_ = nullptr;
   std::atomic<bool> stop_{false};

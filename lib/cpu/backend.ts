@@ -64,6 +64,8 @@ export class CpuBackend {
    */
   enqueue<T>(fn: () => T | Promise<T>): Promise<T> {
     if (!this.#ctx) return Promise.reject(weftError("DISPOSED", `${this.name} backend was disposed`));
+    // the workers' wake-up (a few hundred µs to ms here) overlaps the queue's hand-off
+    if (this.threads > 1) native().wake(this.#ctx);
     const p = this.#tail.then(fn, fn);
     this.#tail = p.then(() => undefined, () => undefined);
     return p;

@@ -26,6 +26,8 @@ export interface NativeAddon {
    */
   compute(ctx: NativeContext, uid: number, plan?: Float64Array, waits?: Array<[NativeContext, number]>): Promise<void>;
   forgetPlan(ctx: NativeContext, uid: number): void;
+  /** wakes the context's sleeping worker threads (work is about to arrive) */
+  wake(ctx: NativeContext): void;
   quantize(type: number, src: Float32Array, nPerRow: number): Uint8Array;
   dequantize(type: number, src: Uint8Array, n: number): Float32Array;
   /** get (and with an argument, force) the kernel level: 0 scalar, 1 AVX2 */
