@@ -159,6 +159,29 @@ test("load progress is reported and ends at 'ready'", async () => {
   await m.dispose();
 });
 
+test("qwen2 (NeoX RoPE, Q/K/V biases) and mistral load and run; the biases take effect", async () => {
+  const withBias = (scale: number) => (_: unknown, t: import("../lib/gguf/writer.js").GgufTensorSpec[]) => {
+    for (let l = 0; l < 2; l++) for (const [name, n] of [["attn_q", 64], ["attn_k", 32], ["attn_v", 32]] as const) {
+      const d = new Float32Array(n).map((_, i) => scale * Math.sin(i + l));
+      t.push({ name: `blk.${l}.${name}.bias`, type: GgmlType.F32, ne: [n], data: new Uint8Array(d.buffer) });
+    }
+  };
+  const logitsOf = async (arch: string, mutate?: ReturnType<typeof withBias>) => {
+    const p = join(dir, `${arch}-${mutate ? "b" : "n"}.gguf`);
+    writeTinyModel(p, { arch, mutate });
+    const m = await loadModel(p, { threads: 1, kvType: "f32" });
+    const l = await m.evaluate(m.tokenize("the tea"), { allLogits: true });
+    await m.dispose();
+    return l;
+  };
+  const llama = await logitsOf("llama"), mistral = await logitsOf("mistral");
+  assert.ok(llama.every((v, i) => v === mistral[i]), "mistral is llama with another name");
+  const qwen = await logitsOf("qwen2"), qwenBias = await logitsOf("qwen2", withBias(0.5));
+  assert.ok(qwen.some((v, i) => v !== llama[i]), "qwen2 rotates NeoX-style, so its logits differ");
+  assert.ok(qwenBias.some((v, i) => v !== qwen[i]), "biases change the result");
+  assert.ok(qwenBias.every(Number.isFinite));
+});
+
 // ---- malformed or unsupported models: each refused with an error naming the problem
 
 const BAD: Array<[string, Parameters<typeof writeTinyModel>[1], RegExp]> = [
