@@ -6,6 +6,8 @@
 #include <unistd.h>
 #include <cerrno>
 #include <cstdlib>
+#include <thread>
+#include <algorithm>
 #include <condition_variable>
 #include <mutex>
 #include <chrono>
@@ -197,8 +199,8 @@ static Napi::Value BufferCopy(const Napi::CallbackInfo& info) {
 // ---------------------------------------------------------------- contexts (one per CPU device)
 
 struct Context {
-  explicit Context(int n) : pool(n) {}
-  ThreadPool pool;
+  explicit Context(int n) : pool(std::make_unique<ThreadPool>(n)) {}
+  std::unique_ptr<ThreadPool> pool;  // null once destroyed (threads joined, plans freed)
   std::unordered_map<double, std::unique_ptr<Plan>> plans;
   std::unordered_map<double, std::vector<int64_t>> plan_bufs;
   std::vector<char> scratch;
@@ -250,7 +252,7 @@ class ComputeWorker : public Napi::AsyncWorker {
         return;
       }
     }
-    try { execute_plan(*plan_, ctx_->pool, ctx_->scratch); }
+    try { execute_plan(*plan_, *ctx_->pool, ctx_->scratch); }
     catch (const std::exception& e) { SetError(e.what()); }
     ctx_->signal();
   }
@@ -274,6 +276,7 @@ static Napi::Value Compute(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Context* ctx = info[0].As<Napi::External<Context>>().Data();
   double uid = info[1].As<Napi::Number>().DoubleValue();
+  if (!ctx->pool) throw weft_error(env, "DISPOSED", "this CPU device's context was destroyed");
   if (ctx->busy) throw weft_error(env, "BUSY", "this CPU device is already computing a graph; await it first");
   if (info.Length() > 2 && info[2].IsTypedArray()) {
     Napi::Float64Array rec = info[2].As<Napi::Float64Array>();
@@ -313,15 +316,27 @@ static Napi::Value Compute(const Napi::CallbackInfo& info) {
     }
   }
   ctx->busy = true;
-  ctx->pool.prewake();
+  ctx->pool->prewake();
   auto* w = new ComputeWorker(env, ctx, it->second.get(), info[0].As<Napi::Object>(), std::move(waits), keepWaits);
   w->Queue();
   return w->Promise();
 }
 
+// Frees a context's threads, plans and scratch now instead of at garbage collection.
+static Napi::Value DestroyContext(const Napi::CallbackInfo& info) {
+  Context* ctx = info[0].As<Napi::External<Context>>().Data();
+  if (ctx->busy) throw weft_error(info.Env(), "BUSY", "cannot destroy a CPU device context while it computes");
+  ctx->plans.clear();
+  ctx->plan_bufs.clear();
+  std::vector<char>().swap(ctx->scratch);
+  ctx->pool.reset();  // joins the worker threads
+  return info.Env().Undefined();
+}
+
 // Wakes a context's sleeping workers: work for it is about to be queued.
 static Napi::Value Wake(const Napi::CallbackInfo& info) {
-  info[0].As<Napi::External<Context>>().Data()->pool.prewake();
+  Context* ctx = info[0].As<Napi::External<Context>>().Data();
+  if (ctx->pool) ctx->pool->prewake();
   return info.Env().Undefined();
 }
 
@@ -352,7 +367,18 @@ static Napi::Value Quantize(const Napi::CallbackInfo& info) {
   if (n % npr != 0) throw weft_error(env, "BAD_ARGUMENT", "element count is not a whole number of rows");
   int64_t rows = n / npr, rb = row_bytes(type, npr);
   Napi::Uint8Array out = Napi::Uint8Array::New(env, (size_t)(rows * rb));
-  for (int64_t r = 0; r < rows; ++r) quantize_row(type, src.Data() + r * npr, out.Data() + r * rb, npr);
+  // rows are independent (each quantized exactly as alone), so threads split them
+  int nth = info.Length() > 3 && info[3].IsNumber() ? info[3].As<Napi::Number>().Int32Value() : (int)std::thread::hardware_concurrency();
+  nth = (int)std::max<int64_t>(1, std::min<int64_t>({(int64_t)std::max(nth, 1), 64, rows / 16 + 1}));
+  const float* x = src.Data();
+  uint8_t* y = out.Data();
+  auto work = [&](int t) {
+    for (int64_t r = rows * t / nth; r < rows * (t + 1) / nth; ++r) quantize_row(type, x + r * npr, y + r * rb, npr);
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < nth; ++t) pool.emplace_back(work, t);
+  work(0);
+  for (auto& th : pool) th.join();
   return out;
 }
 
@@ -441,6 +467,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("mapFile", Napi::Function::New(env, MapFile));
   exports.Set("createContext", Napi::Function::New(env, CreateContext));
   exports.Set("compute", Napi::Function::New(env, Compute));
+  exports.Set("destroyContext", Napi::Function::New(env, DestroyContext));
   exports.Set("wake", Napi::Function::New(env, Wake));
   exports.Set("forgetPlan", Napi::Function::New(env, ForgetPlan));
   exports.Set("quantize", Napi::Function::New(env, Quantize));

@@ -1,6 +1,6 @@
 import { test } from "uvu";
 import * as assert from "uvu/assert";
-import { readFileSync } from "node:fs";
+import { readFileSync, readdirSync } from "node:fs";
 import * as G from "../lib/core/graph.js";
 import { Op } from "../lib/core/ops.js";
 import { Tensor } from "../lib/core/tensor.js";
@@ -104,6 +104,20 @@ for (const async of [true, false]) {
     b.dispose();
   });
 }
+
+test("dispose frees a device's threads at once, not at garbage collection", async () => {
+  const threads = () => readdirSync("/proc/self/task").length;
+  const before = threads();
+  const qs = [1, 2, 3].map((i) => cpuDevice(`cpu:${i}`).initBackend({ threads: 3 }));
+  assert.is(threads(), before + 6);  // the caller is worker 0 of each pool
+  for (const q of qs) await q.dispose();
+  assert.is(threads(), before);
+  const { g, buf } = slowGraph(32, 1);
+  let err: Error | null = null;
+  try { await qs[0]!.computeAsync(g); } catch (e) { err = e as Error; }
+  assert.match(String(err?.message), /disposed/);
+  buf.dispose();
+});
 
 test("devices are canonical objects; names are checked", () => {
   assert.is(cpuDevice("cpu"), cpuDevice("cpu:0"));

@@ -82,7 +82,9 @@ export class CpuBackend {
   async dispose(): Promise<void> {
     if (!this.#ctx) return;
     await this.synchronize();
-    this.#ctx = null;  // the native context (and its threads) is freed by the GC finalizer
+    const ctx = this.#ctx;
+    this.#ctx = null;
+    native().destroyContext(ctx);  // threads joined and plans freed now; the handle itself goes with the GC
     this.#sent.clear();
   }
   [Symbol.asyncDispose](): Promise<void> { return this.dispose(); }

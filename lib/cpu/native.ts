@@ -26,9 +26,12 @@ export interface NativeAddon {
    */
   compute(ctx: NativeContext, uid: number, plan?: Float64Array, waits?: Array<[NativeContext, number]>): Promise<void>;
   forgetPlan(ctx: NativeContext, uid: number): void;
+  /** joins the context's threads and frees its plans now (not at GC); later computes fail */
+  destroyContext(ctx: NativeContext): void;
   /** wakes the context's sleeping worker threads (work is about to arrive) */
   wake(ctx: NativeContext): void;
-  quantize(type: number, src: Float32Array, nPerRow: number): Uint8Array;
+  /** rows are split across `threads` (default: all cores); the bytes do not depend on it */
+  quantize(type: number, src: Float32Array, nPerRow: number, threads?: number): Uint8Array;
   dequantize(type: number, src: Uint8Array, n: number): Float32Array;
   /** get (and with an argument, force) the kernel level: 0 scalar, 1 AVX2 */
   kernelLevel(force?: number): { current: number; detected: number };
