@@ -11,6 +11,8 @@ namespace weft {
 enum Type : int32_t {
   T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14, T_Q8_K = 15,
   T_I8 = 24, T_I16 = 25, T_I32 = 26, T_I64 = 27, T_F64 = 28, T_BF16 = 30,
+  // internal activation form for Q4_0 weights, never a tensor type (type_info says unknown)
+  T_Q8_0S = 31,
 };
 
 constexpr int QK8_0 = 32, QK4_0 = 32, QK_K = 256;
@@ -20,6 +22,9 @@ struct block_q4_0 { uint16_t d; uint8_t qs[QK4_0 / 2]; };
 struct block_q4_K { uint16_t d; uint16_t dmin; uint8_t scales[12]; uint8_t qs[QK_K / 2]; };
 struct block_q6_K { uint8_t ql[QK_K / 2]; uint8_t qh[QK_K / 4]; int8_t scales[QK_K / 16]; uint16_t d; };
 struct block_q8_K { float d; int8_t qs[QK_K]; int16_t bsums[QK_K / 16]; };
+// Q8_0 with its scale as float and the block sum d·Σqs precomputed: a Q4_0 dot then needs
+// no "−8·Σy" product per weight block (the activation row is reused by every weight row).
+struct block_q8_0s { float d; float s; int8_t qs[QK8_0]; };
 static_assert(sizeof(block_q8_0) == 34, "q8_0 layout");
 static_assert(sizeof(block_q4_0) == 18, "q4_0 layout");
 static_assert(sizeof(block_q4_K) == 144, "q4_K layout");
@@ -37,6 +42,7 @@ inline TypeInfo type_info(int32_t t) {
     case T_Q4_K: return {t, QK_K, sizeof(block_q4_K), true};
     case T_Q6_K: return {t, QK_K, sizeof(block_q6_K), true};
     case T_Q8_K: return {t, QK_K, sizeof(block_q8_K), true};
+    case T_Q8_0S: return {t, QK8_0, sizeof(block_q8_0s), false};
     case T_I8: return {t, 1, 1, true};
     case T_I16: return {t, 1, 2, true};
     case T_I32: return {t, 1, 4, true};

@@ -14,7 +14,8 @@ namespace weft {
 
 int32_t vec_dot_type(int32_t t) {
   switch (t) {
-    case T_Q8_0: case T_Q4_0: return T_Q8_0;
+    case T_Q8_0: return T_Q8_0;
+    case T_Q4_0: return T_Q8_0S;
     case T_Q4_K: case T_Q6_K: return T_Q8_K;
     default: return T_F32;
   }
@@ -75,15 +76,13 @@ static float dot_q8_0_scalar(int64_t n, const void* w, const void* a) {
 
 static float dot_q4_0_scalar(int64_t n, const void* w, const void* a) {
   const block_q4_0* x = (const block_q4_0*)w;
-  const block_q8_0* y = (const block_q8_0*)a;
+  const block_q8_0s* y = (const block_q8_0s*)a;
   float sum = 0;
   for (int64_t i = 0; i < n / QK4_0; ++i) {
     int s = 0;
-    for (int j = 0; j < QK4_0 / 2; ++j) {
-      s += ((x[i].qs[j] & 0x0F) - 8) * y[i].qs[j];
-      s += ((x[i].qs[j] >> 4) - 8) * y[i].qs[j + QK4_0 / 2];
-    }
-    sum += s * fp16_to_fp32(x[i].d) * fp16_to_fp32(y[i].d);
+    for (int j = 0; j < QK4_0 / 2; ++j) s += (x[i].qs[j] & 0x0F) * y[i].qs[j] + (x[i].qs[j] >> 4) * y[i].qs[j + QK4_0 / 2];
+    const float dx = fp16_to_fp32(x[i].d);
+    sum += s * dx * y[i].d - 8 * dx * y[i].s;  // (q − 8)·y = q·y − 8·Σy
   }
   return sum;
 }
@@ -159,6 +158,19 @@ static WEFT_INLINE void act_q8_0_body(const float* x, void* vy, int64_t n) {
   }
 }
 static void act_q8_0_scalar(const float* x, void* y, int64_t n) { act_q8_0_body(x, y, n); }
+// Q8_0S: the same int8 values and scale (rounded through fp16 exactly as Q8_0's), plus d·Σqs.
+static WEFT_INLINE void act_q8_0s_body(const float* x, void* vy, int64_t n) {
+  block_q8_0s* y = (block_q8_0s*)vy;
+  for (int64_t i = 0; i < n / QK8_0; ++i) {
+    block_q8_0 b;
+    act_q8_0_body(x + i * QK8_0, &b, QK8_0);
+    int s = 0;
+    for (int j = 0; j < QK8_0; ++j) { y[i].qs[j] = b.qs[j]; s += b.qs[j]; }
+    y[i].d = fp16_to_fp32(b.d);
+    y[i].s = y[i].d * (float)s;
+  }
+}
+static void act_q8_0s_scalar(const float* x, void* y, int64_t n) { act_q8_0s_body(x, y, n); }
 static void act_q8_K(const float* x, void* y, int64_t n) { quantize_row(T_Q8_K, x, y, n); }
 static void act_f32(const float* x, void* y, int64_t n) { std::memcpy(y, x, n * 4); }
 
@@ -273,33 +285,35 @@ WEFT_AVX2 static inline __m256i q4_0_unpack(const uint8_t* qs) {
   return _mm256_sub_epi8(_mm256_and_si256(b, _mm256_set1_epi8(0x0F)), _mm256_set1_epi8(8));
 }
 
-// Q4_0: (q − 8)·y = q·y − 8·y, both as maddubs with unsigned left operands, which
-// avoids the two sign instructions of the signed×signed path.
-WEFT_AVX2 static inline __m256 q4_0_block(const block_q4_0* x, const block_q8_0* y) {
+// Q4_0 against Q8_0S: (q − 8)·y = q·y − 8·Σy, where Σy comes with the activations, so a
+// block is one maddubs of the unsigned nibbles; the −8·Σy terms add up in a scalar.
+WEFT_AVX2 static inline __m256 q4_0_block(const block_q4_0* x, const block_q8_0s* y) {
   const __m128i t = _mm_loadu_si128((const __m128i*)x->qs);
   const __m256i q = _mm256_and_si256(_mm256_insertf128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1), _mm256_set1_epi8(0x0F));
-  const __m256i yv = _mm256_loadu_si256((const __m256i*)y->qs);
-  const __m256i p = _mm256_sub_epi16(_mm256_maddubs_epi16(q, yv), _mm256_maddubs_epi16(_mm256_set1_epi8(8), yv));
+  const __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i*)y->qs));
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
 }
 
 WEFT_AVX2 static float dot_q4_0_avx2(int64_t n, const void* w, const void* a) {
   const block_q4_0* x = (const block_q4_0*)w;
-  const block_q8_0* y = (const block_q8_0*)a;
+  const block_q8_0s* y = (const block_q8_0s*)a;
   const int64_t nb = n / QK4_0;
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
+  float off = 0;
   int64_t i = 0;
-#define Q4S(k) _mm256_set1_ps(_cvtsh_ss(x[i + k].d) * _cvtsh_ss(y[i + k].d))
+#define Q4B(k) do { const float dx = _cvtsh_ss(x[i + k].d); off += dx * y[i + k].s; \
+    acc##k = _mm256_fmadd_ps(_mm256_set1_ps(dx * y[i + k].d), q4_0_block(x + i + k, y + i + k), acc##k); } while (0)
   for (; i + 4 <= nb; i += 4) {
     prefetch_ahead(x + i, 1);
-    acc0 = _mm256_fmadd_ps(Q4S(0), q4_0_block(x + i, y + i), acc0);
-    acc1 = _mm256_fmadd_ps(Q4S(1), q4_0_block(x + i + 1, y + i + 1), acc1);
-    acc2 = _mm256_fmadd_ps(Q4S(2), q4_0_block(x + i + 2, y + i + 2), acc2);
-    acc3 = _mm256_fmadd_ps(Q4S(3), q4_0_block(x + i + 3, y + i + 3), acc3);
+    Q4B(0); Q4B(1); Q4B(2); Q4B(3);
   }
-  for (; i < nb; ++i) acc0 = _mm256_fmadd_ps(Q4S(0), q4_0_block(x + i, y + i), acc0);
-#undef Q4S
-  return hsum256(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+  for (; i < nb; ++i) {
+    const float dx = _cvtsh_ss(x[i].d);
+    off += dx * y[i].s;
+    acc0 = _mm256_fmadd_ps(_mm256_set1_ps(dx * y[i].d), q4_0_block(x + i, y + i), acc0);
+  }
+#undef Q4B
+  return hsum256(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3))) - 8 * off;
 }
 
 // Q4_K: nibbles are unsigned, so maddubs(q, y) needs no sign tricks; the 6-bit scale of
@@ -390,6 +404,7 @@ WEFT_AVX2 static float dot_q6_K_avx2(int64_t n, const void* w, const void* a) {
   return hsum256(acc);
 }
 WEFT_AVX2 static void act_q8_0_avx2(const float* x, void* y, int64_t n) { act_q8_0_body(x, y, n); }
+WEFT_AVX2 static void act_q8_0s_avx2(const float* x, void* y, int64_t n) { act_q8_0s_body(x, y, n); }
 
 // ---------------------------------------------------------------- AVX2 tiles (batched MUL_MAT)
 // An RM×RN tile: RM weight rows against RN activation columns, each weight block decoded
@@ -414,7 +429,16 @@ struct DecodeQ8_0 {
   static inline float d(const char* p) { return fp16_to_fp32(((const block_q8_0*)p)->d); }
 };
 
-template <class W> struct TileI8 {
+struct ActQ8_0 {
+  using B = block_q8_0;
+  static inline float d(const B* b) { return fp16_to_fp32(b->d); }
+};
+struct ActQ8_0S {
+  using B = block_q8_0s;
+  static inline float d(const B* b) { return b->d; }
+};
+
+template <class W, class A = ActQ8_0> struct TileI8 {
 template <int RM, int RN>
 WEFT_AVX2 static void run(int64_t n, const char* w, int64_t ws, const char* a, int64_t as, float* out, int64_t os) {
   const int64_t nb = n / 32;
@@ -425,8 +449,8 @@ WEFT_AVX2 static void run(int64_t n, const char* w, int64_t ws, const char* a, i
     float ad[RN];
     __m256i y[RN];
     for (int j = 0; j < RN; ++j) {
-      const block_q8_0* yb = (const block_q8_0*)(a + j * as) + b;
-      ad[j] = fp16_to_fp32(yb->d);
+      const typename A::B* yb = (const typename A::B*)(a + j * as) + b;
+      ad[j] = A::d(yb);
       y[j] = _mm256_loadu_si256((const __m256i*)yb->qs);
     }
     for (int i = 0; i < RM; ++i) {
@@ -446,6 +470,10 @@ WEFT_AVX2 static void run(int64_t n, const char* w, int64_t ws, const char* a, i
 
 static void tile_q8_0_avx2(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn) {
   tile_select<TileI8<DecodeQ8_0>>(n, w, ws, a, as, out, os, rm, rn);
+}
+// Q4_0 weights decoded to Q8_0 rows, against their Q8_0S activations
+static void tile_q4_0_avx2(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn) {
+  tile_select<TileI8<DecodeQ8_0, ActQ8_0S>>(n, w, ws, a, as, out, os, rm, rn);
 }
 // Q4_0 rows -> Q8_0 rows ((q - 8) as int8, same scale): batched products decode a block of
 // weight rows once per work unit and reuse it for every activation column.
@@ -675,8 +703,8 @@ static KernelTable make_table(int level) {
     t.dot[T_F32] = dot_f32_avx2; t.dot[T_F16] = dot_f16_avx2; t.dot[T_BF16] = dot_bf16_avx2;
     t.dot[T_Q8_0] = dot_q8_0_avx2; t.dot[T_Q4_0] = dot_q4_0_avx2;
     t.dot[T_Q4_K] = dot_q4_K_avx2; t.dot[T_Q6_K] = dot_q6_K_avx2;
-    t.act[T_Q8_0] = act_q8_0_avx2;
-    t.tile[T_Q8_0] = tile_q8_0_avx2; t.tile[T_Q4_0] = tile_q8_0_avx2; t.decode[T_Q4_0] = decode_q4_0_q8_avx2;
+    t.act[T_Q8_0] = act_q8_0_avx2; t.act[T_Q8_0S] = act_q8_0s_avx2;
+    t.tile[T_Q8_0] = tile_q8_0_avx2; t.tile[T_Q4_0] = tile_q4_0_avx2; t.decode[T_Q4_0] = decode_q4_0_q8_avx2;
     t.tile[T_Q4_K] = tile_kdec_avx2; t.decode[T_Q4_K] = decode_q4_K_kdec;
     t.tile[T_Q6_K] = tile_kdec_avx2; t.decode[T_Q6_K] = decode_q6_K_kdec;
     t.tile[T_F32] = tile_f32_avx2; t.tile[T_F16] = tile_f16_avx2; t.tile[T_BF16] = tile_bf16_avx2;
@@ -685,7 +713,7 @@ static KernelTable make_table(int level) {
     t.dot[T_F32] = dot_f32_scalar; t.dot[T_F16] = dot_f16_scalar; t.dot[T_BF16] = dot_bf16_scalar;
     t.dot[T_Q8_0] = dot_q8_0_scalar; t.dot[T_Q4_0] = dot_q4_0_scalar;
     t.dot[T_Q4_K] = dot_q4_K_scalar; t.dot[T_Q6_K] = dot_q6_K_scalar;
-    t.act[T_Q8_0] = act_q8_0_scalar;
+    t.act[T_Q8_0] = act_q8_0_scalar; t.act[T_Q8_0S] = act_q8_0s_scalar;
     t.exp_sum = exp_sum_scalar; t.swiglu = swiglu_scalar;
   }
   return t;
