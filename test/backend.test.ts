@@ -6,7 +6,6 @@ import { Op } from "../lib/core/ops.js";
 import { Tensor } from "../lib/core/tensor.js";
 import { GgmlType } from "../lib/core/types.js";
 import { CpuDevice, cpuDevice } from "../lib/backend/cpu.js";
-import { Backend } from "../lib/backend/interface.js";
 import { copyTensorAsync, getTensorAsync, get2d, get2dAsync, recordEvent, set2d, set2dAsync, setTensorAsync, waitEvent } from "../lib/backend/queue.js";
 import { Scheduler } from "../lib/backend/sched.js";
 import { allocateTensors, getTensorData, setTensorData } from "../lib/cpu/buffer.js";

@@ -6,7 +6,7 @@
  */
 import { availableParallelism } from "node:os";
 import { weftError } from "../core/errors.js";
-import { GgmlType, TYPES } from "../core/types.js";
+import { GgmlType } from "../core/types.js";
 import { readGguf } from "../gguf/reader.js";
 import { GgufFile } from "../gguf/types.js";
 import { CpuBuffer } from "../cpu/buffer.js";
@@ -114,7 +114,6 @@ export class Model {
   #kvBuffers: CpuBuffer[];
   #graphs = new Map<string, CachedGraph>();
   #pos = 0;
-  #history: number[] = [];
   #busy = false;
   #disposed = false;
 
@@ -201,7 +200,7 @@ export class Model {
   detokenize(ids: readonly number[], opts?: DetokenizeOptions): string { return this.tokenizer.detokenize(ids, opts); }
 
   /** Forgets the sequence: the next evaluate starts at position 0. */
-  reset(): void { this.#pos = 0; this.#history = []; }
+  reset(): void { this.#pos = 0; }
 
   #check(): void {
     if (this.#disposed) throw weftError("DISPOSED", "the model was disposed");
@@ -260,7 +259,6 @@ export class Model {
         await sg.setInput(fg.slots, BigInt64Array.from(pos, (p) => BigInt(p)));
         pending.push((await sg.enqueue()).done);
         this.#pos += n;
-        this.#history.push(...chunk);
         if (all || last) {
           const at = start;
           pending.push(sg.getOutput(fg.logits).then((bytes) => {
@@ -354,4 +352,3 @@ export function loadTokenizer(path: string): Tokenizer {
   return new Tokenizer(readGguf(path));
 }
 
-export { TYPES };

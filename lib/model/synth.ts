@@ -7,7 +7,7 @@
  */
 import { weftError, fromNative } from "../core/errors.js";
 import { mulberry32 } from "../core/random.js";
-import { GgmlType, TYPES } from "../core/types.js";
+import { GgmlType } from "../core/types.js";
 import { native } from "../cpu/native.js";
 import { GgufFile, GgufTensorInfo, GgufValue, GgufValueType } from "../gguf/types.js";
 import { writeGguf } from "../gguf/writer.js";
@@ -161,4 +161,3 @@ export async function synthModel(o: SynthOptions): Promise<{ path: string; param
   return { path: o.out, params, types };
 }
 
-export { TYPES };
