@@ -14,8 +14,7 @@ namespace weft {
 
 int32_t vec_dot_type(int32_t t) {
   switch (t) {
-    case T_Q8_0: return T_Q8_0;
-    case T_Q4_0: return T_Q8_0S;
+    case T_Q8_0: case T_Q4_0: return T_Q8_0S;
     case T_Q4_K: case T_Q6_K: return T_Q8_K;
     default: return T_F32;
   }
@@ -64,12 +63,12 @@ static float dot_bf16_scalar(int64_t n, const void* w, const void* a) {
 
 static float dot_q8_0_scalar(int64_t n, const void* w, const void* a) {
   const block_q8_0* x = (const block_q8_0*)w;
-  const block_q8_0* y = (const block_q8_0*)a;
+  const block_q8_0s* y = (const block_q8_0s*)a;
   float sum = 0;
   for (int64_t i = 0; i < n / QK8_0; ++i) {
     int s = 0;
     for (int j = 0; j < QK8_0; ++j) s += x[i].qs[j] * y[i].qs[j];
-    sum += s * fp16_to_fp32(x[i].d) * fp16_to_fp32(y[i].d);
+    sum += s * fp16_to_fp32(x[i].d) * y[i].d;
   }
   return sum;
 }
@@ -157,7 +156,6 @@ static WEFT_INLINE void act_q8_0_body(const float* x, void* vy, int64_t n) {
     for (int j = 0; j < QK8_0; ++j) y[i].qs[j] = (int8_t)std::nearbyint(x[i * QK8_0 + j] * id);
   }
 }
-static void act_q8_0_scalar(const float* x, void* y, int64_t n) { act_q8_0_body(x, y, n); }
 // Q8_0S: the same int8 values and scale (rounded through fp16 exactly as Q8_0's), plus d·Σqs.
 static WEFT_INLINE void act_q8_0s_body(const float* x, void* vy, int64_t n) {
   block_q8_0s* y = (block_q8_0s*)vy;
@@ -255,27 +253,22 @@ WEFT_AVX2 static inline __m256 mul_sum_i8(__m256i x, __m256i y) {
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(dot16, _mm256_set1_epi16(1)));
 }
 
-WEFT_AVX2 static inline __m256 q8_block_scale(const block_q8_0* x, const block_q8_0* y) {
-  return _mm256_set1_ps(_cvtsh_ss(x->d) * _cvtsh_ss(y->d));
-}
-
-// Four independent accumulators keep the FMA latency chain off the critical path.
+// Four independent accumulators keep the FMA latency chain off the critical path. The
+// activations' scales come as floats (Q8_0S): one fp16 conversion per block, not two.
 WEFT_AVX2 static float dot_q8_0_avx2(int64_t n, const void* w, const void* a) {
   const block_q8_0* x = (const block_q8_0*)w;
-  const block_q8_0* y = (const block_q8_0*)a;
+  const block_q8_0s* y = (const block_q8_0s*)a;
   const int64_t nb = n / QK8_0;
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
   int64_t i = 0;
-#define Q8P(k) mul_sum_i8(_mm256_loadu_si256((const __m256i*)x[i + k].qs), _mm256_loadu_si256((const __m256i*)y[i + k].qs))
+#define Q8B(k) acc##k = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(x[i + k].d) * y[i + k].d), \
+    mul_sum_i8(_mm256_loadu_si256((const __m256i*)x[i + k].qs), _mm256_loadu_si256((const __m256i*)y[i + k].qs)), acc##k)
   for (; i + 4 <= nb; i += 4) {
     prefetch_ahead(x + i, 2);
-    acc0 = _mm256_fmadd_ps(q8_block_scale(x + i, y + i), Q8P(0), acc0);
-    acc1 = _mm256_fmadd_ps(q8_block_scale(x + i + 1, y + i + 1), Q8P(1), acc1);
-    acc2 = _mm256_fmadd_ps(q8_block_scale(x + i + 2, y + i + 2), Q8P(2), acc2);
-    acc3 = _mm256_fmadd_ps(q8_block_scale(x + i + 3, y + i + 3), Q8P(3), acc3);
+    Q8B(0); Q8B(1); Q8B(2); Q8B(3);
   }
-  for (; i < nb; ++i) acc0 = _mm256_fmadd_ps(q8_block_scale(x + i, y + i), Q8P(0), acc0);
-#undef Q8P
+  for (; i < nb; ++i) Q8B(0);
+#undef Q8B
   return hsum256(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
 }
 
@@ -403,7 +396,6 @@ WEFT_AVX2 static float dot_q6_K_avx2(int64_t n, const void* w, const void* a) {
   }
   return hsum256(acc);
 }
-WEFT_AVX2 static void act_q8_0_avx2(const float* x, void* y, int64_t n) { act_q8_0_body(x, y, n); }
 WEFT_AVX2 static void act_q8_0s_avx2(const float* x, void* y, int64_t n) { act_q8_0s_body(x, y, n); }
 
 // ---------------------------------------------------------------- AVX2 tiles (batched MUL_MAT)
@@ -429,16 +421,7 @@ struct DecodeQ8_0 {
   static inline float d(const char* p) { return fp16_to_fp32(((const block_q8_0*)p)->d); }
 };
 
-struct ActQ8_0 {
-  using B = block_q8_0;
-  static inline float d(const B* b) { return fp16_to_fp32(b->d); }
-};
-struct ActQ8_0S {
-  using B = block_q8_0s;
-  static inline float d(const B* b) { return b->d; }
-};
-
-template <class W, class A = ActQ8_0> struct TileI8 {
+template <class W> struct TileI8 {
 template <int RM, int RN>
 WEFT_AVX2 static void run(int64_t n, const char* w, int64_t ws, const char* a, int64_t as, float* out, int64_t os) {
   const int64_t nb = n / 32;
@@ -449,8 +432,8 @@ WEFT_AVX2 static void run(int64_t n, const char* w, int64_t ws, const char* a, i
     float ad[RN];
     __m256i y[RN];
     for (int j = 0; j < RN; ++j) {
-      const typename A::B* yb = (const typename A::B*)(a + j * as) + b;
-      ad[j] = A::d(yb);
+      const block_q8_0s* yb = (const block_q8_0s*)(a + j * as) + b;
+      ad[j] = yb->d;
       y[j] = _mm256_loadu_si256((const __m256i*)yb->qs);
     }
     for (int i = 0; i < RM; ++i) {
@@ -468,12 +451,9 @@ WEFT_AVX2 static void run(int64_t n, const char* w, int64_t ws, const char* a, i
 }
 };
 
+// Q8_0 rows (Q4_0 weights are decoded to them first) against Q8_0S activations
 static void tile_q8_0_avx2(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn) {
   tile_select<TileI8<DecodeQ8_0>>(n, w, ws, a, as, out, os, rm, rn);
-}
-// Q4_0 weights decoded to Q8_0 rows, against their Q8_0S activations
-static void tile_q4_0_avx2(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn) {
-  tile_select<TileI8<DecodeQ8_0, ActQ8_0S>>(n, w, ws, a, as, out, os, rm, rn);
 }
 // Q4_0 rows -> Q8_0 rows ((q - 8) as int8, same scale): batched products decode a block of
 // weight rows once per work unit and reuse it for every activation column.
@@ -703,8 +683,8 @@ static KernelTable make_table(int level) {
     t.dot[T_F32] = dot_f32_avx2; t.dot[T_F16] = dot_f16_avx2; t.dot[T_BF16] = dot_bf16_avx2;
     t.dot[T_Q8_0] = dot_q8_0_avx2; t.dot[T_Q4_0] = dot_q4_0_avx2;
     t.dot[T_Q4_K] = dot_q4_K_avx2; t.dot[T_Q6_K] = dot_q6_K_avx2;
-    t.act[T_Q8_0] = act_q8_0_avx2; t.act[T_Q8_0S] = act_q8_0s_avx2;
-    t.tile[T_Q8_0] = tile_q8_0_avx2; t.tile[T_Q4_0] = tile_q4_0_avx2; t.decode[T_Q4_0] = decode_q4_0_q8_avx2;
+    t.act[T_Q8_0S] = act_q8_0s_avx2;
+    t.tile[T_Q8_0] = tile_q8_0_avx2; t.tile[T_Q4_0] = tile_q8_0_avx2; t.decode[T_Q4_0] = decode_q4_0_q8_avx2;
     t.tile[T_Q4_K] = tile_kdec_avx2; t.decode[T_Q4_K] = decode_q4_K_kdec;
     t.tile[T_Q6_K] = tile_kdec_avx2; t.decode[T_Q6_K] = decode_q6_K_kdec;
     t.tile[T_F32] = tile_f32_avx2; t.tile[T_F16] = tile_f16_avx2; t.tile[T_BF16] = tile_bf16_avx2;
@@ -713,7 +693,7 @@ static KernelTable make_table(int level) {
     t.dot[T_F32] = dot_f32_scalar; t.dot[T_F16] = dot_f16_scalar; t.dot[T_BF16] = dot_bf16_scalar;
     t.dot[T_Q8_0] = dot_q8_0_scalar; t.dot[T_Q4_0] = dot_q4_0_scalar;
     t.dot[T_Q4_K] = dot_q4_K_scalar; t.dot[T_Q6_K] = dot_q6_K_scalar;
-    t.act[T_Q8_0] = act_q8_0_scalar; t.act[T_Q8_0S] = act_q8_0s_scalar;
+    t.act[T_Q8_0S] = act_q8_0s_scalar;
     t.exp_sum = exp_sum_scalar; t.swiglu = swiglu_scalar;
   }
   return t;
