@@ -466,14 +466,6 @@ WEFT_AVX2 static void decode_q4_0_q8_avx2(const void* w, void* out, int64_t n) {
     _mm256_storeu_si256((__m256i*)y[i].qs, q4_0_unpack(x[i].qs));
   }
 }
-static void decode_q4_0_q8_scalar(const void* w, void* out, int64_t n) {
-  const block_q4_0* x = (const block_q4_0*)w;
-  block_q8_0* y = (block_q8_0*)out;
-  for (int64_t i = 0; i < n / 32; ++i) {
-    y[i].d = x[i].d;
-    for (int j = 0; j < 16; ++j) { y[i].qs[j] = (int8_t)((x[i].qs[j] & 15) - 8); y[i].qs[j + 16] = (int8_t)((x[i].qs[j] >> 4) - 8); }
-  }
-}
 
 
 
