@@ -94,6 +94,9 @@ ${Object.entries(COMMANDS).map(([k, c]) => `  ${k.padEnd(w)}  ${c.summary}`).joi
 
 environment:
   WEFT_CPU_KERNELS=${KERNEL_LEVELS.join("|")}   force a lower CPU kernel level (testing)
+  WEFT_CACHE_DIR=DIR            where the embedded default model is synthesized (default ~/.cache/weft)
+  WEFT_PEER_DIR=DIR             where "weft bench --peer node-llama-cpp" installs the peer
+  WEFT_PROFILE=1                time every op in the native backend (see README)
 `;
 }
 
