@@ -3,7 +3,7 @@ import { basename } from "node:path";
 import { weftError } from "../core/errors.js";
 import { loadModel } from "../model/model.js";
 import { int, intList, parse } from "./args.js";
-import { Command, resolveModel } from "./run.js";
+import { Command, printProfile, resolveModel } from "./run.js";
 import { Peer, ensurePeerInstalled } from "./peer.js";
 
 interface Row { model: string; threads: number; test: string; weft: number[]; peer: number[] }
@@ -99,6 +99,7 @@ device is weights + KV cache + compute buffers, in MiB.`,
               else { row.weft.push(await t.weft()); if (peer) row.peer.push(await t.peer()); }
             }
             rows.push(row);
+            printProfile(`${row.model} ${row.test}, ${th} thread(s), warm-up and repetitions`);
             const memory = m.memory();
             if (out === "md") {
               const size = `${(m.weightBytes / 2 ** 20).toFixed(1)} MiB`;

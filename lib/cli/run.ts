@@ -7,6 +7,7 @@ import { defaultModelPath, cacheDir, DEFAULT_MODEL } from "../model/default.js";
 import { SYNTH_PRESETS, SYNTH_TYPES, synthModel } from "../model/synth.js";
 import { int, num, parse } from "./args.js";
 import { cpuDevice } from "../backend/cpu.js";
+import { native } from "../cpu/native.js";
 
 export interface Command {
   summary: string;
@@ -53,6 +54,19 @@ export function loadOptions(v: Record<string, string | boolean | undefined>): Lo
     batchSize: int(v.ubatch as string | undefined, "--ubatch", 512, 1),
     kvType: kv as "f16" | "f32" | undefined,
   };
+}
+
+/** With WEFT_PROFILE=1: time per op since the last call, to stderr (then reset). */
+export function printProfile(label: string): void {
+  if (!process.env.WEFT_PROFILE || process.env.WEFT_PROFILE === "0") return;
+  const names = Object.fromEntries(Object.entries(TYPES).map(([id, t]) => [id, t.name]));
+  const rows = Object.entries(native().profileReport(true)).sort((a, b) => b[1][0] - a[1][0]);
+  const total = rows.reduce((s, [, [ms]]) => s + ms, 0);
+  log(`profile (${label}): ${total.toFixed(1)} ms in native ops`);
+  for (const [k, [ms, calls]] of rows) {
+    const name = k.startsWith("MUL_MAT/") ? `MUL_MAT ${names[k.slice(8)] ?? k.slice(8)}` : k;
+    log(`  ${name.padEnd(16)} ${ms.toFixed(1).padStart(9)} ms ${((100 * ms) / total).toFixed(1).padStart(5)} % ${String(calls).padStart(8)} calls`);
+  }
 }
 
 export async function resolveModel(path: string | undefined): Promise<string> {
@@ -140,6 +154,7 @@ and generation tokens/s) go to stderr, so "weft run ... > out.txt" captures only
         const ppMs = (tFirst || t1) - t0;
         log(`prompt: ${ids.length} tokens in ${ppMs.toFixed(0)} ms (${(ids.length / (ppMs / 1000)).toFixed(1)} t/s)`);
         if (n > 1) log(`generation: ${n} tokens in ${(t1 - tFirst).toFixed(0)} ms (${((n - 1) / ((t1 - tFirst) / 1000)).toFixed(1)} t/s)`);
+        printProfile("prompt + generation");
         return 0;
       } finally {
         process.off("SIGINT", onSig);
