@@ -70,6 +70,9 @@ test("weft run with no model: synthesizes the default once, streams only the gen
   assert.is(again.stdout, r.stdout, "same seed, same text");
   const echo = weft("run", "-p", "Hello", "-n", "2", "--temp", "0", "--echo");
   assert.match(echo.stdout, /^Hello/);
+  const prof = spawnSync(process.execPath, [join(ROOT, "bin/weft.js"), "run", "-n", "2", "-t", "1"], { encoding: "utf8", env: { ...env, WEFT_PROFILE: "1" } });
+  assert.match(prof.stderr, /profile \(prompt \+ generation\): [\d.]+ ms in native ops/);
+  assert.match(prof.stderr, /MUL_MAT q8_0 +[\d.]+ ms/);
 });
 
 test("weft run: greedy stories260K text equals llama.cpp's", () => {
