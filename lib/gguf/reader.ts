@@ -51,11 +51,27 @@ class Cursor {
   f64(w = "f64"): number { const b = this.#need(8, w); const v = b.readDoubleLE(this.pos - this.#bufStart); this.pos += 8; return v; }
   u64big(w = "u64"): bigint { const b = this.#need(8, w); const v = b.readBigUInt64LE(this.pos - this.#bufStart); this.pos += 8; return v; }
   i64big(w = "i64"): bigint { const b = this.#need(8, w); const v = b.readBigInt64LE(this.pos - this.#bufStart); this.pos += 8; return v; }
-  /** u64 that must fit a JS number */
+  /** u64 that must fit a JS number (read as two halves: no BigInt on the hot path) */
   u64(w: string): number {
-    const v = this.u64big(w);
-    if (v > BigInt(Number.MAX_SAFE_INTEGER)) this.fail(`${w} is ${v}, far beyond the file size`);
-    return Number(v);
+    const b = this.#need(8, w);
+    const at = this.pos - this.#bufStart;
+    const lo = b.readUInt32LE(at), hi = b.readUInt32LE(at + 4);
+    if (hi > 0x1fffff) this.fail(`${w} is ${(BigInt(hi) << 32n) | BigInt(lo)}, far beyond the file size`);
+    this.pos += 8;
+    return hi * 4294967296 + lo;
+  }
+  /** element i of a string array; the label is only built for an error message */
+  strElem(what: string, i: number): string {
+    if (this.remaining() < 8) return this.str(`${what}[${i}]`);
+    const b = this.#need(8, what);
+    const at = this.pos - this.#bufStart;
+    const lo = b.readUInt32LE(at), hi = b.readUInt32LE(at + 4);
+    if (hi !== 0 || lo > this.remaining() - 8) return this.str(`${what}[${i}]`);  // the slow path names the problem
+    this.pos += 8;
+    const d = this.#need(lo, what);
+    const s = d.toString("utf8", this.pos - this.#bufStart, this.pos - this.#bufStart + lo);
+    this.pos += lo;
+    return s;
   }
   str(w: string): string {
     const len = this.u64(`${w} length`);
@@ -111,6 +127,7 @@ function readArray(c: Cursor, what: string, depth: number): GgufArray {
     case GgufValueType.UINT32: { const a = new Uint32Array(count); for (let i = 0; i < count; i++) a[i] = c.u32(what); return { elemType, values: a }; }
     case GgufValueType.UINT8: { const a = new Uint8Array(count); for (let i = 0; i < count; i++) a[i] = c.u8(what); return { elemType, values: a }; }
     case GgufValueType.INT8: { const a = new Int8Array(count); for (let i = 0; i < count; i++) a[i] = c.i8(what); return { elemType, values: a }; }
+    case GgufValueType.STRING: { const values: string[] = new Array(count); for (let i = 0; i < count; i++) values[i] = c.strElem(what, i); return { elemType, values }; }
     default: {
       const values: GgufScalar[] = new Array(count);
       for (let i = 0; i < count; i++) values[i] = readScalar(c, elemType, `${what}[${i}]`);

@@ -121,14 +121,16 @@ export class Tokenizer {
       const merges = metaValue(f, "tokenizer.ggml.merges");
       if (!merges || typeof merges !== "object" || !Array.isArray(merges.values))
         throw weftError("BAD_GGUF", `${f.path}: 'tokenizer.ggml.merges' is missing (needed by the gpt2 tokenizer)`);
-      (merges.values as string[]).forEach((m, rank) => {
+      // Keyed by the merge text "left right" itself: byte-level BPE symbols never contain a
+      // space (0x20 is written as "Ġ"), so a lookup of left + " " + right is unambiguous,
+      // and 280k merges load without building a single new string.
+      const list = merges.values as string[];
+      for (let rank = 0; rank < list.length; rank++) {
+        const m = list[rank];
         if (typeof m !== "string") throw weftError("BAD_GGUF", `${f.path}: merge #${rank} is not a string`);
-        // "left right"; the split is at the first space not at position 0
-        const sp = m.indexOf(" ", 1);
-        if (sp < 0) throw weftError("BAD_GGUF", `${f.path}: merge #${rank} '${m}' has no separator`);
-        const key = m.slice(0, sp) + "\u0000" + m.slice(sp + 1);
-        if (!this.#ranks.has(key)) this.#ranks.set(key, rank);
-      });
+        if (m.indexOf(" ", 1) < 0) throw weftError("BAD_GGUF", `${f.path}: merge #${rank} '${m}' has no separator`);
+        if (!this.#ranks.has(m)) this.#ranks.set(m, rank);
+      }
     }
     this.addEos = flag("tokenizer.ggml.add_eos_token", false);
     if (this.addBos && this.bos === null) throw weftError("BAD_GGUF", `${f.path}: the vocabulary adds BOS but has no BOS token id`);
@@ -234,7 +236,7 @@ export class Tokenizer {
     for (const b of utf8.encode(word)) s += BYTE_TO_CHAR[b]!;
     const whole = this.#ids.get(s);
     if (whole !== undefined) { out.push(whole); return; }  // llama-bpe ignores merges for whole-token words
-    for (const piece of mergePairs(Array.from(s), (l, r) => this.#ranks.get(l + "\u0000" + r))) {
+    for (const piece of mergePairs(Array.from(s), (l, r) => this.#ranks.get(l + " " + r))) {
       const id = this.#ids.get(piece);
       if (id !== undefined) { out.push(id); continue; }
       for (const c of piece) { const t = this.#ids.get(c); if (t !== undefined) out.push(t); }
