@@ -173,11 +173,19 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
 
 // ---------------------------------------------------------------- kernels
 
+// Scratch layout: [activations converted for MUL_MAT: wsize][row temporaries × threads]
+// [decoded weight rows × threads].
 struct Ctx {
   Plan* plan;
   char* scratch;
   size_t row_scratch;  // bytes per thread for row temporaries
   std::atomic<int>* bad_index;
+  float* row_tmp(int ith) const { return (float*)(scratch + plan->wsize + ith * row_scratch); }
+  // 64-byte aligned (KDec is loaded with aligned loads; tile_scratch has 64 bytes of slack)
+  char* tile_tmp(int ith, int nth) const {
+    char* p = scratch + plan->wsize + nth * row_scratch + ith * plan->tile_scratch;
+    return (char*)(((uintptr_t)p + 63) & ~(uintptr_t)63);
+  }
 };
 
 static inline void split(int64_t n, int ith, int nth, int64_t& lo, int64_t& hi) {
@@ -217,7 +225,7 @@ static void mul_mat_convert(Ctx& c, Tensor& t, int ith, int nth) {
   const int32_t vt = vec_dot_type(a.type);
   if (vt == T_F32 && rows_contiguous(b)) return;
   const int64_t K = b.ne[0], nr = nrows(b), rb = row_bytes(vt, K);
-  float* tmp = (float*)(c.scratch + c.plan->wsize + ith * c.row_scratch);
+  float* tmp = c.row_tmp(ith);
   int64_t lo, hi;
   split(nr, ith, nth, lo, hi);
   const from_float_fn act = kernels().act[vt];
@@ -260,9 +268,7 @@ static void op_mul_mat(Ctx& c, Tensor& t, int ith, int nth) {
       const char* wrows = wbase + n0 * a.nb[1];
       int64_t ws = a.nb[1];
       if (auto dec = kernels().decode[a.type]) {
-        // 64-byte aligned per-thread area (KDec is loaded with aligned loads)
-        char* buf = c.scratch + c.plan->wsize + nth * c.row_scratch + ith * c.plan->tile_scratch;
-        buf = (char*)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
+        char* buf = c.tile_tmp(ith, nth);
         ws = decoded_row_bytes(a.type, K);
         for (int64_t n = n0; n < n1; ++n) dec(wbase + n * a.nb[1], buf + (n - n0) * ws, K);
         wrows = buf;
@@ -402,7 +408,7 @@ static void op_rope(Ctx& c, Tensor& t, int ith, int nth) {
   const float base = (float)t.params[2], fscale = (float)t.params[3];
   const float mscale = t.params[4] == 0 ? 1.0f : (float)t.params[4];
   const float theta_scale = powf(base, -2.0f / nd);
-  float* cache = (float*)(c.scratch + c.plan->wsize + ith * c.row_scratch);
+  float* cache = c.row_tmp(ith);
   // Work is split by token (i2): the sin/cos cache of a position is built once per token
   // and reused for every head.
   const int64_t units = t.ne[2] * t.ne[3];
@@ -445,7 +451,7 @@ static void op_soft_max(Ctx& c, Tensor& t, int ith, int nth) {
   Tensor& a = c.plan->t[t.src[0]];
   Tensor* m = t.src[1] >= 0 ? &c.plan->t[t.src[1]] : nullptr;
   const float scale = (float)t.params[0];
-  float* w = (float*)(c.scratch + c.plan->wsize + ith * c.row_scratch);
+  float* w = c.row_tmp(ith);
   for_rows(t, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
     const float* x = (const float*)row_ptr(a, i1, i2, i3);
     float* o = (float*)row_ptr(t, i1, i2, i3);
@@ -483,7 +489,7 @@ static inline void store_row(const Tensor& d, char* dst, const float* x) {
 
 static void op_cpy(Ctx& c, Tensor& t, int ith, int nth) {
   Tensor& a = c.plan->t[t.src[0]];
-  float* tmp = (float*)(c.scratch + c.plan->wsize + ith * c.row_scratch);
+  float* tmp = c.row_tmp(ith);
   const int64_t rb = row_bytes(a.type, a.ne[0]);
   for_rows(t, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) {
     const char* src = row_ptr(a, i1, i2, i3);

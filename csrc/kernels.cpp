@@ -416,13 +416,8 @@ static void tile_select(int64_t n, const void* w, int64_t ws, const void* a, int
 #undef T
 }
 
-struct DecodeQ8_0 {
-  static constexpr int64_t BYTES = sizeof(block_q8_0);
-  WEFT_AVX2 static inline __m256i q(const char* p) { return _mm256_loadu_si256((const __m256i*)((const block_q8_0*)p)->qs); }
-  static inline float d(const char* p) { return fp16_to_fp32(((const block_q8_0*)p)->d); }
-};
-
-template <class W> struct TileI8 {
+// Q8_0 weight rows (Q4_0 rows are decoded to them first) against Q8_0S activations.
+struct TileI8 {
 template <int RM, int RN>
 WEFT_AVX2 static void run(int64_t n, const char* w, int64_t ws, const char* a, int64_t as, float* out, int64_t os) {
   const int64_t nb = n / 32;
@@ -438,9 +433,9 @@ WEFT_AVX2 static void run(int64_t n, const char* w, int64_t ws, const char* a, i
       y[j] = _mm256_loadu_si256((const __m256i*)yb->qs);
     }
     for (int i = 0; i < RM; ++i) {
-      const char* wb = w + i * ws + b * W::BYTES;
-      const __m256i x = W::q(wb);
-      const float wd = W::d(wb);
+      const block_q8_0* wb = (const block_q8_0*)(w + i * ws) + b;
+      const __m256i x = _mm256_loadu_si256((const __m256i*)wb->qs);
+      const float wd = fp16_to_fp32(wb->d);
       const __m256i ax = _mm256_sign_epi8(x, x);
       for (int j = 0; j < RN; ++j) {
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(y[j], x)), ones);
@@ -452,9 +447,8 @@ WEFT_AVX2 static void run(int64_t n, const char* w, int64_t ws, const char* a, i
 }
 };
 
-// Q8_0 rows (Q4_0 weights are decoded to them first) against Q8_0S activations
 static void tile_q8_0_avx2(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn) {
-  tile_select<TileI8<DecodeQ8_0>>(n, w, ws, a, as, out, os, rm, rn);
+  tile_select<TileI8>(n, w, ws, a, as, out, os, rm, rn);
 }
 // Q4_0 rows -> Q8_0 rows ((q - 8) as int8, same scale): batched products decode a block of
 // weight rows once per work unit and reuse it for every activation column.

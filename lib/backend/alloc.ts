@@ -7,7 +7,7 @@
  */
 import { weftError } from "../core/errors.js";
 import { Graph } from "../core/graph.js";
-import { Op, OPS, opName } from "../core/ops.js";
+import { Op, VIEW_OPS } from "../core/ops.js";
 import { Tensor, TensorFlag } from "../core/tensor.js";
 
 export const COMPUTE_ALIGNMENT = 64;
@@ -34,8 +34,10 @@ class FreeList {
   end = 0;
   constructor(private align: number) {}
 
+  #round(bytes: number): number { return Math.max(this.align, Math.ceil(bytes / this.align) * this.align); }
+
   alloc(bytes: number): number {
-    const size = Math.max(this.align, Math.ceil(bytes / this.align) * this.align);
+    const size = this.#round(bytes);
     let best = -1;
     for (let i = 0; i < this.#free.length; i++) {
       const b = this.#free[i]!;
@@ -61,7 +63,7 @@ class FreeList {
   }
 
   release(offset: number, bytes: number): void {
-    const size = Math.max(this.align, Math.ceil(bytes / this.align) * this.align);
+    const size = this.#round(bytes);
     let i = 0;
     while (i < this.#free.length && this.#free[i]!.offset < offset) i++;
     this.#free.splice(i, 0, { offset, size });
@@ -82,7 +84,7 @@ export function planGraphAllocation(graph: Graph, align = COMPUTE_ALIGNMENT, inP
   const pinned = new Set<Tensor>();
   for (const t of graph.order) {
     if (t.flags & TensorFlag.OUTPUT) pinned.add(t.root().tensor);
-    if (t.op === Op.NONE || OPS[opName(t.op)].group === "view") continue;
+    if (t.op === Op.NONE || VIEW_OPS.has(t.op)) continue;
     for (const s of t.src) { const r = s.root().tensor; pending.set(r, (pending.get(r) ?? 0) + 1); }
   }
   const fl = new FreeList(align);
@@ -96,7 +98,7 @@ export function planGraphAllocation(graph: Graph, align = COMPUTE_ALIGNMENT, inP
     pinned.add(t);  // inputs are written before each run: they stay put
   }
   for (const t of graph.nodes) {
-    if (OPS[opName(t.op)].group === "view") continue;
+    if (VIEW_OPS.has(t.op)) continue;
     if (needs(t)) {
       let placed = false;
       if (inPlace && IN_PLACE_OPS.has(t.op) && t.isContiguous) {
@@ -119,7 +121,7 @@ export function planGraphAllocation(graph: Graph, align = COMPUTE_ALIGNMENT, inP
       const r = s.root().tensor;
       const left = (pending.get(r) ?? 0) - 1;
       pending.set(r, left);
-      if (left === 0 && offsets.has(r) && !pinned.has(r) && !moved.has(r)) fl.release(offsets.get(r)!, r.nbytes);
+      if (left === 0 && offsets.has(r) && !pinned.has(r)) fl.release(offsets.get(r)!, r.nbytes);
     }
   }
   // tensors that handed their memory to an in-place successor share its offset

@@ -10,7 +10,7 @@ import { Graph } from "../core/graph.js";
 import { Op } from "../core/ops.js";
 import { Tensor } from "../core/tensor.js";
 import { CpuBackend } from "../cpu/backend.js";
-import { CpuBuffer, getTensorData, setHostBufferType, setTensorData, tensorLocation } from "../cpu/buffer.js";
+import { CpuBuffer, bytesOf, getTensorData, setHostBufferType, setTensorData, tensorLocation } from "../cpu/buffer.js";
 import { NativeContext, native } from "../cpu/native.js";
 import { Backend, BufferType, Device, DeviceCaps, Event } from "./interface.js";
 import { get2d, set2d } from "./queue.js";
@@ -84,13 +84,12 @@ export class CpuQueue implements Backend {
     this.#be = new CpuBackend({ threads, name: device.name });
     if (device.caps.async) {
       this.setTensorAsync = (t, data) => {
-        const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength).slice();  // the caller may reuse its array
+        const bytes = bytesOf(data).slice();  // the caller may reuse its array once this returns
         void this.#host(() => setTensorData(t, bytes)).catch(() => {});
       };
       this.getTensorAsync = (t) => this.#host(() => getTensorData(t));
-      // a copy of the data is taken now: the caller may reuse its array once this returns
       this.set2dAsync = (b, off, data, rows, rowBytes, stride) => {
-        const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength).slice();
+        const bytes = bytesOf(data).slice();
         void this.#host(() => set2d(b, off, bytes, rows, rowBytes, stride)).catch(() => {});
       };
       this.get2dAsync = (b, off, rows, rowBytes, stride) => this.#host(() => get2d(b, off, rows, rowBytes, stride));

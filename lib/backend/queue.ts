@@ -5,7 +5,7 @@
  */
 import { weftError } from "../core/errors.js";
 import { Tensor } from "../core/tensor.js";
-import { getTensorData, setTensorData } from "../cpu/buffer.js";
+import { bytesOf, getTensorData, setTensorData } from "../cpu/buffer.js";
 import { copyTensor } from "./cpu.js";
 import { Backend, Buffer, Event } from "./interface.js";
 
@@ -50,7 +50,7 @@ export async function copyTensorAsync(srcBe: Backend, dstBe: Backend, src: Tenso
 /** 2-D strided writes/reads on any buffer. */
 export function set2d(b: Buffer, offset: number, data: ArrayBufferView, rows: number, rowBytes: number, stride: number): void {
   if (b.set2d) return b.set2d(offset, data, rows, rowBytes, stride);
-  const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+  const bytes = bytesOf(data);
   for (let r = 0; r < rows; r++) b.set(offset + r * stride, bytes.subarray(r * rowBytes, (r + 1) * rowBytes));
 }
 export function get2d(b: Buffer, offset: number, rows: number, rowBytes: number, stride: number): Uint8Array {

@@ -5,7 +5,9 @@
  *     refuses (supportsOp) falls back to the last backend, the CPU.
  *  2. Split: consecutive nodes on one backend form a split, cloned into its own graph.
  *  3. Copies: a split reading a tensor that lives on another backend gets a private copy
- *     in its own compute buffer, filled by copyTensorAsync before it runs.
+ *     in its own compute buffer: a CPY node at the split's start when both sides are host
+ *     memory, else copyTensorAsync before it runs. Inputs are written to every backend
+ *     that reads them; a split reads an earlier split of its own backend in place.
  * A scheduled graph is built once and run many times. Runs only enqueue work: splits on
  * different backends overlap (pipeline parallelism) and events keep every buffer safe:
  * a copy waits for its producer, a producer waits until the last copy of its previous
@@ -55,9 +57,6 @@ export class ScheduledGraph {
     if (!w) throw weftError("BAD_ARGUMENT", `${t.describe()} is not an input or output of this scheduled graph`);
     return w;
   }
-  /** the backend whose queue writes an input leaf */
-  backendOf(t: Tensor): Backend { return this.#locate(t)[1]; }
-
   readonly #replicas = new Map<Tensor, Array<[Tensor, Backend]>>();
   /** @internal */
   addReplica(orig: Tensor, rep: Tensor, be: Backend): void { this.#replicas.set(orig, [...(this.#replicas.get(orig) ?? []), [rep, be]]); }
@@ -212,14 +211,20 @@ export class Scheduler {
     }
 
     const sg = new ScheduledGraph();
-    const clones = new Map<Tensor, { t: Tensor; be: Backend; split: number }>();
+    const clones = new Map<Tensor, { t: Tensor; be: Backend }>();
     const copiesFrom = new Map<Tensor, InputCopy[]>();
     const replicas = new Map<Tensor, Map<Backend, Tensor>>();
     const pending: Array<{ be: Backend; clonesInSplit: Tensor[]; copies: InputCopy[]; aliases: Array<[Tensor, Tensor]> }> = [];
-    groups.forEach((g, k) => {
+    for (const g of groups) {
       const local = new Map<Tensor, Tensor>();
       const copies: InputCopy[] = [];
       const aliases: Array<[Tensor, Tensor]> = [];
+      /** a leaf over another tensor's memory, placed once that memory is allocated */
+      const aliasOf = (of: Tensor): Tensor => {
+        const alias = new Tensor({ type: of.type, ne: [...of.ne], nb: [...of.nb], name: of.name });
+        aliases.push([alias, of]);
+        return alias;
+      };
       const copyOf = (orig: Tensor, from: Tensor, fromBackend: Backend): Tensor => {
         const to = new Tensor({ type: from.type, ne: [...from.ne], name: `${from.name || "t"}#${g.be.name}` }).setInput();
         const host = fromBackend.device.bufferType().isHost && g.be.device.bufferType().isHost;
@@ -230,12 +235,7 @@ export class Scheduler {
         let value = to;
         if (host) {
           // the split copies the source itself, first thing (a CPY node): no host round trip
-          let src = from;
-          if (!from.buffer) {
-            src = new Tensor({ type: from.type, ne: [...from.ne], nb: [...from.nb], name: from.name });
-            aliases.push([src, from]);
-          }
-          value = G.cpy(src, to);
+          value = G.cpy(from.buffer ? from : aliasOf(from), to);
         }
         local.set(orig, value);
         return value;
@@ -273,8 +273,7 @@ export class Scheduler {
         // computed by an earlier split on this backend: read its memory through a leaf alias
         // (placed when that split's memory is known), never by recomputing it here
         c.t.flags |= TensorFlag.OUTPUT;
-        const alias = new Tensor({ type: c.t.type, ne: [...c.t.ne], nb: [...c.t.nb], name: c.t.name });
-        aliases.push([alias, c.t]);
+        const alias = aliasOf(c.t);
         local.set(t, alias);
         return alias;
       };
@@ -285,12 +284,12 @@ export class Scheduler {
         const c = cloneNode(n, viewSrc, src);
         if (n.flags & TensorFlag.OUTPUT) c.flags |= TensorFlag.OUTPUT;
         local.set(n, c);
-        clones.set(n, { t: c, be: g.be, split: k });
+        clones.set(n, { t: c, be: g.be });
         sg.place(n, c, g.be);
         inSplit.push(c);
       }
       pending.push({ be: g.be, clonesInSplit: inSplit, copies, aliases });
-    });
+    }
     // graphs and memory once every cross-split use has marked its outputs
     for (const p of pending) {
       const outs = p.clonesInSplit.filter((t) => t.flags & TensorFlag.OUTPUT);

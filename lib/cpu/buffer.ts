@@ -3,6 +3,11 @@ import { Tensor } from "../core/tensor.js";
 import type { Buffer, BufferType, BufferUsage } from "../backend/interface.js";
 import { native } from "./native.js";
 
+/** The bytes of any typed array or view (no copy). */
+export function bytesOf(v: ArrayBufferView): Uint8Array {
+  return new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
+}
+
 let hostBufferType: BufferType | null = null;
 /** Set once by lib/backend/cpu.ts: the buffer type of plain host buffers. */
 export function setHostBufferType(t: BufferType): void { hostBufferType ??= t; }
@@ -50,8 +55,7 @@ export class CpuBuffer implements Buffer {
   get disposed(): boolean { return this.#id < 0; }
 
   set(offset: number, data: ArrayBufferView): void {
-    const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
-    try { native().bufferSet(this.id, offset, bytes); } catch (e) { throw fromNative(e); }
+    try { native().bufferSet(this.id, offset, bytesOf(data)); } catch (e) { throw fromNative(e); }
   }
   get(offset: number, length: number): Uint8Array {
     try { return native().bufferGet(this.id, offset, length); } catch (e) { throw fromNative(e); }
@@ -90,11 +94,12 @@ export function tensorLocation(t: Tensor): { buffer: CpuBuffer; offset: number }
 }
 
 /**
- * Places every unplaced root tensor of `tensors` in one new buffer, laid out linearly.
- * (Static layout: the graph allocator that reuses memory comes with the scheduler.)
- * `guard` bytes of padding go around each tensor so tests can detect stray writes.
+ * Places every unplaced root tensor of `tensors` in one new buffer, laid out linearly
+ * (static tensors: weights, KV cache; compute graphs use lib/backend/alloc.ts).
+ * `guard` bytes of padding go around each tensor so tests can detect stray writes;
+ * `alloc` makes the buffer (a device's buffer type; default plain host memory).
  */
-export function allocateTensors(tensors: Iterable<Tensor>, guard = 0): CpuBuffer {
+export function allocateTensors(tensors: Iterable<Tensor>, guard = 0, alloc: (size: number) => CpuBuffer = CpuBuffer.alloc): CpuBuffer {
   const roots: Tensor[] = [];
   const seen = new Set<Tensor>();
   for (const t of tensors) {
@@ -111,7 +116,7 @@ export function allocateTensors(tensors: Iterable<Tensor>, guard = 0): CpuBuffer
     size += r.nbytes;
   }
   size = alignUp(size + guard);
-  const buf = CpuBuffer.alloc(size);
+  const buf = alloc(size);
   roots.forEach((r, i) => { r.buffer = buf; r.offset = offs[i]!; });
   return buf;
 }

@@ -70,9 +70,6 @@ export function kvCacheTensors(hp: HParams, nCtx: number, type: GgmlType): KvCac
 
 export interface ForwardGraph {
   graph: Graph;
-  nTokens: number;
-  kvLen: number;
-  allLogits: boolean;
   /** I32 [n] token ids */
   tokens: Tensor;
   /** I32 [n] positions */
@@ -121,5 +118,5 @@ export function buildForward(hp: HParams, w: LlamaWeights, kv: KvCacheLayout, nT
   });
   if (!allLogits && n > 1) x = G.view(x, [nEmbd, 1], (n - 1) * x.nb[1]);
   const logits = G.mulMat(w.output, G.mul(G.rmsNorm(x, rmsEps), w.outputNorm)).setName("logits").setOutput();
-  return { graph: G.buildGraph(logits), nTokens: n, kvLen, allLogits, tokens, positions, mask, slots, logits };
+  return { graph: G.buildGraph(logits), tokens, positions, mask, slots, logits };
 }

@@ -9,7 +9,7 @@ import { weftError } from "../core/errors.js";
 import { GgmlType } from "../core/types.js";
 import { readGguf } from "../gguf/reader.js";
 import { GgufFile } from "../gguf/types.js";
-import { CpuBuffer } from "../cpu/buffer.js";
+import { CpuBuffer, allocateTensors } from "../cpu/buffer.js";
 import { CpuDevice, CpuQueue, cpuDevice } from "../backend/cpu.js";
 import { Backend, BufferUsage } from "../backend/interface.js";
 import { ScheduledGraph, Scheduler } from "../backend/sched.js";
@@ -161,13 +161,8 @@ export class Model {
       this.#kv = kvCacheTensors(hp, this.contextSize, this.kvType);
       devices.forEach((d, i) => {
         const [a, b] = this.layerRanges[i]!;
-        const mine = [...this.#kv.k.slice(a, b), ...this.#kv.v.slice(a, b)];
-        const size = mine.reduce((s, t) => s + Math.ceil(t.nbytes / 64) * 64, 0);
-        const buf = d.bufferType().alloc(size);
-        // zeroed: masked positions then hold finite values (0 · -inf never happens)
-        buf.clear(0);
-        let off = 0;
-        for (const t of mine) { t.buffer = buf; t.offset = off; off += Math.ceil(t.nbytes / 64) * 64; }
+        const buf = allocateTensors([...this.#kv.k.slice(a, b), ...this.#kv.v.slice(a, b)], 0, (n) => d.bufferType().alloc(n));
+        buf.clear(0);  // masked positions then hold finite values (0 · -inf never happens)
         this.#kvBuffers.push(buf);
       });
       this.#sched = new Scheduler(this.#backends);
@@ -252,7 +247,6 @@ export class Model {
         for (let i = 0; i < n; i++) pos[i] = p0 + i;
         const mask = new Float32Array(kvLen * n).fill(-Infinity);
         for (let i = 0; i < n; i++) mask.fill(0, i * kvLen, i * kvLen + p0 + i + 1);
-        // fresh arrays: the writes are queued and read them later
         await sg.setInput(fg.tokens, Int32Array.from(chunk));
         await sg.setInput(fg.positions, pos);
         await sg.setInput(fg.mask, mask);
