@@ -258,6 +258,7 @@ static void op_mul_mat(Ctx& c, Tensor& t, int ith, int nth) {
   int64_t lo, hi;
   split(units, ith, nth, lo, hi);
   const tile_fn tile = M > 1 ? kernels().tile[a.type] : nullptr;
+  const dot4_fn dot4 = kernels().dot4[a.type];
   const int64_t wrow = row_bytes(a.type, K);
   const bool strided = a.nb[1] != wrow && wrow <= 4096;
   for (int64_t u = lo; u < hi; ++u) {
@@ -298,7 +299,9 @@ static void op_mul_mat(Ctx& c, Tensor& t, int ith, int nth) {
           out[n] = dot(K, wbase + n * a.nb[1], act);
         }
       } else {
-        for (int64_t n = n0; n < n1; ++n) out[n] = dot(K, wbase + n * a.nb[1], act);
+        int64_t n = n0;
+        if (dot4) for (; n + 4 <= n1; n += 4) dot4(K, wbase + n * a.nb[1], a.nb[1], act, out + n);
+        for (; n < n1; ++n) out[n] = dot(K, wbase + n * a.nb[1], act);
       }
     }
   }

@@ -15,6 +15,8 @@ typedef void (*from_float_fn)(const float* x, void* y, int64_t n);
 // RM×RN block of a batched product: rm (≤ TILE_RM) weight rows at w (stride ws bytes)
 // against rn (≤ TILE_RN) activation rows at a (stride as bytes, vec_dot_type), writing
 // out[j*os + i]. Optional: types without one use dot per element.
+// four weight rows (ws bytes apart) against one activation row: out[0..3]
+typedef void (*dot4_fn)(int64_t n, const void* w, int64_t ws, const void* a, float* out);
 typedef void (*tile_fn)(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn);
 constexpr int TILE_RM = 4, TILE_RN = 3;
 
@@ -24,6 +26,7 @@ struct KernelTable {
   // weight rows -> the tile's input form (Q4_0 -> Q8_0 rows; K-quants -> KDec), see decoded_row_bytes (types whose tile runs on the decoded form)
   void (*decode[32])(const void* w, void* out, int64_t n);
   vec_dot_fn dot[32];       // indexed by weight type
+  dot4_fn dot4[32];         // optional, by weight type: one-token products four rows at a time
   // w[i] = exp(w[i] - mx) for a row; returns the sum (softmax)
   double (*exp_sum)(float* w, int64_t n, float mx);
   // o = silu(g) * u (SwiGLU)

@@ -45,7 +45,7 @@ for (const wt of WEIGHT_TYPES) {
   const tol = TYPES[wt].quantized ? NMSE_QMATMUL : NMSE_EXACT;
   const Ks = bs === 1 ? [67, 256] : bs === 32 ? [96, 512] : [256, 512];
   for (const K of Ks)
-    for (const [N, M] of [[1, 1], [7, 1], [33, 3], [16, 17]] as const)
+    for (const [N, M] of [[1, 1], [7, 1], [37, 1], [33, 3], [16, 17]] as const)
       add("MUL_MAT", `type=${TYPES[wt].name},K=${K},N=${N},M=${M}`, tol, () => ({ out: G.mulMat(t(wt, K, N), t(F32, K, M)) }));
   const K = Ks[0]!;
   add("MUL_MAT", `type=${TYPES[wt].name},broadcast a[K,5,2,1] b[K,3,4,3]`, tol, () => ({ out: G.mulMat(t(wt, K, 5, 2, 1), t(F32, K, 3, 4, 3)) }));
