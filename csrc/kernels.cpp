@@ -443,9 +443,11 @@ WEFT_AVX2 static void dot4_q8_0_avx2(int64_t n, const void* w, int64_t ws, const
   out[0] = hsum256(acc0); out[1] = hsum256(acc1); out[2] = hsum256(acc2); out[3] = hsum256(acc3);
 }
 
-// Q4_0: a block's 16 bytes are broadcast to both halves and shifted by 0 (low half) or 4
-// (high half) in one variable shift, giving the 32 nibbles in order; the −8·Σy terms of the
-// four rows add up in one vector.
+// Q4_0: two rows share each vector: row r's 16 bytes in the low half and row r+1's in the
+// high half give, masked, elements 0-15 of both rows, and shifted, elements 16-31; they
+// meet the activation's first and second 16 bytes broadcast to both halves. The two int16
+// products add without overflow (4·15·127 < 2^15), so one madd, one conversion and one FMA
+// serve two rows. The −8·Σy terms of the four rows add up in one vector.
 WEFT_AVX2 static void dot4_q4_0_avx2(int64_t n, const void* w, int64_t ws, const void* a, float* out) {
   const block_q8_0s* y = (const block_q8_0s*)a;
   const block_q4_0* x0 = (const block_q4_0*)w;
@@ -453,25 +455,28 @@ WEFT_AVX2 static void dot4_q4_0_avx2(int64_t n, const void* w, int64_t ws, const
   const block_q4_0* x2 = (const block_q4_0*)((const char*)w + 2 * ws);
   const block_q4_0* x3 = (const block_q4_0*)((const char*)w + 3 * ws);
   const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
-  const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  const __m256i pick01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), pick23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+  __m256 acc01 = _mm256_setzero_ps(), acc23 = acc01;
   __m128 off = _mm_setzero_ps();
-  alignas(16) float sc[4];
   for (int64_t b = 0; b < n / QK4_0; ++b) {
     prefetch_next_group<block_q4_0>(w, ws, b);
-    const __m256i yv = _mm256_loadu_si256((const __m256i*)y[b].qs);
+    const __m256i ylo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)y[b].qs));
+    const __m256i yhi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(y[b].qs + 16)));
     const __m128 dx = scales4(x0[b].d, x1[b].d, x2[b].d, x3[b].d);
     off = _mm_fmadd_ps(dx, _mm_set1_ps(y[b].s), off);
-    _mm_store_ps(sc, _mm_mul_ps(dx, _mm_set1_ps(y[b].d)));
-#define ROW(r) acc##r = _mm256_fmadd_ps(_mm256_set1_ps(sc[r]), _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16( \
-    _mm256_and_si256(_mm256_srlv_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)x##r[b].qs)), shift), m4), yv), ones)), acc##r)
-    ROW(0); ROW(1); ROW(2); ROW(3);
-#undef ROW
+    const __m256 sc = _mm256_castps128_ps256(_mm_mul_ps(dx, _mm_set1_ps(y[b].d)));
+#define PAIR(r, s, acc, pick) do { \
+    const __m256i v = _mm256_loadu2_m128i((const __m128i*)x##s[b].qs, (const __m128i*)x##r[b].qs); \
+    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, m4), ylo), \
+                                       _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), yhi)); \
+    acc = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc, pick), _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), acc); } while (0)
+    PAIR(0, 1, acc01, pick01);
+    PAIR(2, 3, acc23, pick23);
+#undef PAIR
   }
-  alignas(16) float o[4];
-  _mm_store_ps(o, off);
-  out[0] = hsum256(acc0) - 8 * o[0]; out[1] = hsum256(acc1) - 8 * o[1];
-  out[2] = hsum256(acc2) - 8 * o[2]; out[3] = hsum256(acc3) - 8 * o[3];
+  const __m128 r01 = _mm_hadd_ps(_mm256_castps256_ps128(acc01), _mm256_extractf128_ps(acc01, 1));
+  const __m128 r23 = _mm_hadd_ps(_mm256_castps256_ps128(acc23), _mm256_extractf128_ps(acc23, 1));
+  _mm_storeu_ps(out, _mm_sub_ps(_mm_hadd_ps(r01, r23), _mm_mul_ps(_mm_set1_ps(8), off)));
 }
 
 WEFT_AVX2 static void act_q8_0s_avx2(const float* x, void* y, int64_t n) { act_q8_0s_body(x, y, n); }
