@@ -174,11 +174,13 @@ static void act_f32(const float* x, void* y, int64_t n) { std::memcpy(y, x, n * 
 
 // ---------------------------------------------------------------- AVX2 / FMA
 
-WEFT_AVX2 static inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+WEFT_AVX2 static inline float hsum128(__m128 s) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+WEFT_AVX2 static inline float hsum256(__m256 v) {
+  return hsum128(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
 }
 
 // The weight stream is read exactly once per token; hinting 2 KiB ahead keeps a single
@@ -320,18 +322,20 @@ WEFT_AVX2 static float dot_q4_K_avx2(int64_t n, const void* w, const void* a) {
   const __m256i pick0 = _mm256_set1_epi16(0x0100);  // bytes (0,1): int16 scale 0 in every lane
   const __m256i two = _mm256_set1_epi8(2);
   __m256 acc = _mm256_setzero_ps();
-  float acc_m = 0;
+  __m128 acc_m = _mm_setzero_ps();
   for (int64_t i = 0; i < n / QK_K; ++i) {
     prefetch_ahead(x + i, 3);
     uint32_t sc[2], mn[2];
     unpack_q4_K_words(x[i].scales, sc, mn);
     const __m128i mn16 = _mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)mn[1], (int)mn[0]));
     const __m128i bs_lo = _mm_loadu_si128((const __m128i*)y[i].bsums), bs_hi = _mm_loadu_si128((const __m128i*)(y[i].bsums + 8));
-    const __m128i prod = _mm_madd_epi16(mn16, _mm_hadd_epi16(bs_lo, bs_hi));  // Σ min·(sum of its 32 values)
-    __m128i t = _mm_add_epi32(prod, _mm_unpackhi_epi64(prod, prod));
-    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 1));
-    const float dy = y[i].d;
-    acc_m -= fp16_to_fp32(x[i].dmin) * dy * (float)_mm_cvtsi128_si32(t);
+    const __m128i prod = _mm_madd_epi16(mn16, _mm_hadd_epi16(bs_lo, bs_hi));  // min·(sum of its 32 values), 4 lanes
+    // d and dmin sit side by side: both scaled by dy in one conversion; the mins' products
+    // stay a vector until the end instead of a horizontal sum per super-block
+    uint32_t dd;
+    std::memcpy(&dd, &x[i].d, 4);
+    const __m128 dm = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128((int)dd)), _mm_set1_ps(y[i].d));
+    acc_m = _mm_fmadd_ps(_mm_shuffle_ps(dm, dm, 0x55), _mm_cvtepi32_ps(prod), acc_m);
     const __m256i scv = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_set_epi32(0, 0, (int)sc[1], (int)sc[0])));
     __m256i pick = pick0;
     __m256i sumi = _mm256_setzero_si256();
@@ -348,9 +352,9 @@ WEFT_AVX2 static float dot_q4_K_avx2(int64_t n, const void* w, const void* a) {
       sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(phi, _mm256_shuffle_epi8(scv, pick)));
       pick = _mm256_add_epi8(pick, two);
     }
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_fp32(x[i].d) * dy), _mm256_cvtepi32_ps(sumi), acc);
+    acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(dm), _mm256_cvtepi32_ps(sumi), acc);
   }
-  return hsum256(acc) + acc_m;
+  return hsum256(acc) - hsum128(acc_m);
 }
 
 // Q6_K: 6-bit values 0..63 are unsigned for maddubs; the −32 offset is folded in with
@@ -392,7 +396,7 @@ WEFT_AVX2 static float dot_q6_K_avx2(int64_t n, const void* w, const void* a) {
         pick = _mm256_add_epi8(pick, two);
       }
     }
-    const float d = fp16_to_fp32(x[i].d) * y[i].d;
+    const float d = _cvtsh_ss(x[i].d) * y[i].d;
     acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
   }
   return hsum256(acc);
