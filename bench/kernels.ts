@@ -2,10 +2,12 @@
  * Kernel benchmarks: memory read bandwidth, and MUL_MAT per weight type at the 1b
  * preset's shapes with 1 token (memory-bound: GB/s and % of measured bandwidth) and 128
  * tokens (compute-bound: GFLOP/s), at 1 and 2 threads. Weights rotate among copies
- * totalling ≥ 256 MiB so the 32 MiB L3 never holds them; medians over many runs.
+ * totalling ≥ 256 MiB so the 32 MiB L3 never holds them; medians over many runs. At one
+ * token a timed graph holds many products (as a model's graph does), so the number is the
+ * kernel's and not the JS-to-native round trip.
  *
  *   node dist/bench/kernels.js [--threads 1,2] [--tokens 1,128] [--types q8_0,q4_0,...]
- *                              [--shapes 2048x2048,...] [--time MS] [--json]
+ *                              [--shapes 2048x2048,...] [--time MS] [--rotate MIB] [--json]
  */
 import { Bench } from "tinybench";
 import * as G from "../lib/core/graph.js";
