@@ -5,6 +5,7 @@
 import { OpName, opName, GluOp, RopeMode, UnaryOp } from "../../lib/core/ops.js";
 import { Tensor } from "../../lib/core/tensor.js";
 import { GgmlType, TYPES } from "../../lib/core/types.js";
+import { quantizeActivationsRef } from "./quant.js";
 
 export interface RefVal { data: Float64Array<ArrayBufferLike>; off: number; st: [number, number, number, number]; ne: readonly number[] }
 
@@ -78,9 +79,16 @@ export const REF = {
   MUL_MAT: (t, [a, b]) => {
     const o = contiguousVal(t.ne);
     const K = a!.ne[0]!, r2 = b!.ne[2]! / a!.ne[2]!, r3 = b!.ne[3]! / a!.ne[3]!;
+    // activation rows as the kernels see them (8-bit for quantized weights)
+    const x = contiguousVal(b!.ne);
+    forEach([1, b!.ne[1]!, b!.ne[2]!, b!.ne[3]!], (_, m, i2, i3) => {
+      const row = new Float64Array(K);
+      for (let k = 0; k < K; k++) row[k] = b!.data[at(b!, k, m, i2, i3)]!;
+      x.data.set(quantizeActivationsRef(t.src[0]!.type, row), at(x, 0, m, i2, i3));
+    });
     forEach(t.ne, (n, m, i2, i3) => {
       let s = 0;
-      for (let k = 0; k < K; k++) s += a!.data[at(a!, k, n, Math.floor(i2 / r2), Math.floor(i3 / r3))]! * b!.data[at(b!, k, m, i2, i3)]!;
+      for (let k = 0; k < K; k++) s += a!.data[at(a!, k, n, Math.floor(i2 / r2), Math.floor(i3 / r3))]! * x.data[at(x, k, m, i2, i3)]!;
       o.data[at(o, n, m, i2, i3)] = s;
     });
     return o;

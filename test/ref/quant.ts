@@ -68,3 +68,44 @@ export function dequantizeRef(type: GgmlType, bytes: Uint8Array, n: number): Flo
   }
   return out;
 }
+
+const f32Bits = (x: number) => { const b = new DataView(new ArrayBuffer(4)); b.setFloat32(0, x, true); return b.getUint32(0, true); };
+const roundHalfEven = (x: number) => { const f = Math.floor(x), r = x - f; return r > 0.5 || (r === 0.5 && f % 2 !== 0) ? f + 1 : f; };
+/** the value of fp32 x after conversion to fp16 (round to nearest even), as ggml stores scales */
+export function f16Round(x: number): number {
+  const a = Math.abs(x);
+  if (a === 0 || !Number.isFinite(a)) return x;
+  if (a >= 65520) return Math.sign(x) * Infinity;
+  const e = Math.max(((f32Bits(a) >>> 23) & 0xff) - 127, -14);  // fp16 subnormals share 2^-14's quantum
+  const quantum = 2 ** (e - 10);
+  return Math.sign(x) * roundHalfEven(a / quantum) * quantum;
+}
+
+/**
+ * What a quantized MUL_MAT does to its activations, in float64: each row is quantized to
+ * 8 bits like ggml's quantize_row_q8_0_ref (Q4_0/Q8_0 weights: per 32 values, scale
+ * amax/127 stored as fp16, roundf) or quantize_row_q8_K_ref (K-quant weights: per 256
+ * values, scale −127/max in fp32, round to nearest even) and dequantized. With it the
+ * reference matches the kernels up to float summation order, so the tolerance checks the
+ * kernels and not the luck of the random data (a single output near zero).
+ */
+export function quantizeActivationsRef(weightType: GgmlType, x: Float64Array): Float64Array {
+  const f = Math.fround, out = new Float64Array(x.length);
+  if (weightType === GgmlType.Q8_0 || weightType === GgmlType.Q4_0) {
+    for (let b = 0; b < x.length; b += 32) {
+      let amax = 0;
+      for (let j = 0; j < 32; j++) amax = Math.max(amax, Math.abs(x[b + j]!));
+      const d = f(amax / 127), id = d ? f(1 / d) : 0, dh = f16Round(d);
+      for (let j = 0; j < 32; j++) { const v = f(x[b + j]! * id); out[b + j] = Math.sign(v) * Math.round(Math.abs(v)) * dh; }
+    }
+  } else if (weightType === GgmlType.Q4_K || weightType === GgmlType.Q6_K) {
+    for (let b = 0; b < x.length; b += 256) {
+      let amax = 0, max = 0;
+      for (let j = 0; j < 256; j++) { const ax = Math.abs(x[b + j]!); if (ax > amax) { amax = ax; max = x[b + j]!; } }
+      if (!amax) continue;
+      const iscale = f(-127 / max), d = f(1 / iscale);
+      for (let j = 0; j < 256; j++) out[b + j] = Math.min(127, roundHalfEven(f(iscale * x[b + j]!))) * d;
+    }
+  } else return x;
+  return out;
+}
