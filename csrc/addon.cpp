@@ -135,12 +135,17 @@ static Napi::Value BufferSet(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// (buffer, offset, length) arguments, checked: the shared head of get, fill and touch
+struct BufRange { BufEntry b; double off, len; };
+static BufRange buf_range(Napi::Env env, const Napi::CallbackInfo& info) {
+  BufRange r{get_buf(env, info[0]), info[1].As<Napi::Number>().DoubleValue(), info[2].As<Napi::Number>().DoubleValue()};
+  check_range(env, r.b, r.off, r.len);
+  return r;
+}
+
 static Napi::Value BufferGet(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  BufEntry b = get_buf(env, info[0]);
-  double off = info[1].As<Napi::Number>().DoubleValue();
-  double len = info[2].As<Napi::Number>().DoubleValue();
-  check_range(env, b, off, len);
+  const auto [b, off, len] = buf_range(env, info);
   Napi::Uint8Array out = Napi::Uint8Array::New(env, (size_t)len);
   if (len > 0) std::memcpy(out.Data(), b.base + (size_t)off, (size_t)len);
   return out;
@@ -148,12 +153,9 @@ static Napi::Value BufferGet(const Napi::CallbackInfo& info) {
 
 static Napi::Value BufferFill(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  BufEntry b = get_buf(env, info[0]);
+  const auto [b, off, len] = buf_range(env, info);
   if (b.mapped) throw weft_error(env, "READ_ONLY", "a mapped file buffer is read-only");
-  double off = info[1].As<Napi::Number>().DoubleValue();
-  double len = info[2].As<Napi::Number>().DoubleValue();
   int value = info[3].As<Napi::Number>().Int32Value();
-  check_range(env, b, off, len);
   if (len > 0) std::memset(b.base + (size_t)off, value, (size_t)len);
   return env.Undefined();
 }
@@ -162,10 +164,7 @@ static Napi::Value BufferFill(const Napi::CallbackInfo& info) {
 // token (and load progress can be reported); returns a checksum so the reads stay.
 static Napi::Value BufferTouch(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  BufEntry b = get_buf(env, info[0]);
-  double off = info[1].As<Napi::Number>().DoubleValue();
-  double len = info[2].As<Napi::Number>().DoubleValue();
-  check_range(env, b, off, len);
+  const auto [b, off, len] = buf_range(env, info);
   unsigned sum = 0;
   const volatile unsigned char* p = (const unsigned char*)b.base + (size_t)off;
   for (size_t i = 0; i < (size_t)len; i += 4096) sum += p[i];

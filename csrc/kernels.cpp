@@ -418,19 +418,21 @@ static inline void prefetch_next_group(const void* w, int64_t ws, int64_t b) {
   for (size_t o = 0; o < 4 * sizeof(B); o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
 }
 
-// the fp16 scales of four blocks, one per row, as floats in one conversion
-WEFT_AVX2 static inline __m128 scales4(uint16_t d0, uint16_t d1, uint16_t d2, uint16_t d3) {
-  const uint64_t h = (uint64_t)d0 | (uint64_t)d1 << 16 | (uint64_t)d2 << 32 | (uint64_t)d3 << 48;
-  return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)h));
-}
+// Four weight rows ws bytes apart, as arrays of blocks B.
+template <class B> struct RowGroup {
+  const B* row[4];
+  RowGroup(const void* w, int64_t ws) { for (int r = 0; r < 4; ++r) row[r] = (const B*)((const char*)w + r * ws); }
+  // the fp16 scales of block b of the four rows, as floats in one conversion
+  WEFT_AVX2 __m128 scales(int64_t b) const {
+    const uint64_t h = (uint64_t)row[0][b].d | (uint64_t)row[1][b].d << 16 | (uint64_t)row[2][b].d << 32 | (uint64_t)row[3][b].d << 48;
+    return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)h));
+  }
+};
 
 // Q8_0: x·y = maddubs(|y|, sign(x, y)), so |y| is computed once for the four rows.
 WEFT_AVX2 static void dot4_q8_0_avx2(int64_t n, const void* w, int64_t ws, const void* a, float* out) {
   const block_q8_0s* y = (const block_q8_0s*)a;
-  const block_q8_0* x0 = (const block_q8_0*)w;
-  const block_q8_0* x1 = (const block_q8_0*)((const char*)w + ws);
-  const block_q8_0* x2 = (const block_q8_0*)((const char*)w + 2 * ws);
-  const block_q8_0* x3 = (const block_q8_0*)((const char*)w + 3 * ws);
+  const RowGroup<block_q8_0> x(w, ws);
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
   alignas(16) float sc[4];
@@ -438,9 +440,9 @@ WEFT_AVX2 static void dot4_q8_0_avx2(int64_t n, const void* w, int64_t ws, const
     prefetch_next_group<block_q8_0>(w, ws, b);
     const __m256i yv = _mm256_loadu_si256((const __m256i*)y[b].qs);
     const __m256i ay = _mm256_sign_epi8(yv, yv);
-    _mm_store_ps(sc, _mm_mul_ps(scales4(x0[b].d, x1[b].d, x2[b].d, x3[b].d), _mm_set1_ps(y[b].d)));
+    _mm_store_ps(sc, _mm_mul_ps(x.scales(b), _mm_set1_ps(y[b].d)));
 #define ROW(r) acc##r = _mm256_fmadd_ps(_mm256_set1_ps(sc[r]), _mm256_cvtepi32_ps(_mm256_madd_epi16( \
-    _mm256_maddubs_epi16(ay, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)x##r[b].qs), yv)), ones)), acc##r)
+    _mm256_maddubs_epi16(ay, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)x.row[r][b].qs), yv)), ones)), acc##r)
     ROW(0); ROW(1); ROW(2); ROW(3);
 #undef ROW
   }
@@ -454,10 +456,7 @@ WEFT_AVX2 static void dot4_q8_0_avx2(int64_t n, const void* w, int64_t ws, const
 // serve two rows. The −8·Σy terms of the four rows add up in one vector.
 WEFT_AVX2 static void dot4_q4_0_avx2(int64_t n, const void* w, int64_t ws, const void* a, float* out) {
   const block_q8_0s* y = (const block_q8_0s*)a;
-  const block_q4_0* x0 = (const block_q4_0*)w;
-  const block_q4_0* x1 = (const block_q4_0*)((const char*)w + ws);
-  const block_q4_0* x2 = (const block_q4_0*)((const char*)w + 2 * ws);
-  const block_q4_0* x3 = (const block_q4_0*)((const char*)w + 3 * ws);
+  const RowGroup<block_q4_0> x(w, ws);
   const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
   const __m256i pick01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), pick23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
   __m256 acc01 = _mm256_setzero_ps(), acc23 = acc01;
@@ -466,11 +465,11 @@ WEFT_AVX2 static void dot4_q4_0_avx2(int64_t n, const void* w, int64_t ws, const
     prefetch_next_group<block_q4_0>(w, ws, b);
     const __m256i ylo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)y[b].qs));
     const __m256i yhi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(y[b].qs + 16)));
-    const __m128 dx = scales4(x0[b].d, x1[b].d, x2[b].d, x3[b].d);
+    const __m128 dx = x.scales(b);
     off = _mm_fmadd_ps(dx, _mm_set1_ps(y[b].s), off);
     const __m256 sc = _mm256_castps128_ps256(_mm_mul_ps(dx, _mm_set1_ps(y[b].d)));
 #define PAIR(r, s, acc, pick) do { \
-    const __m256i v = _mm256_loadu2_m128i((const __m128i*)x##s[b].qs, (const __m128i*)x##r[b].qs); \
+    const __m256i v = _mm256_loadu2_m128i((const __m128i*)x.row[s][b].qs, (const __m128i*)x.row[r][b].qs); \
     const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, m4), ylo), \
                                        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), yhi)); \
     acc = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc, pick), _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), acc); } while (0)
