@@ -7,7 +7,10 @@
  * kernel's and not the JS-to-native round trip.
  *
  *   node dist/bench/kernels.js [--threads 1,2] [--tokens 1,128] [--types q8_0,q4_0,...]
- *                              [--shapes 2048x2048,...] [--time MS] [--rotate MIB] [--json]
+ *                              [--shapes 2048x2048,...] [--time MS] [--rotate MIB] [--no-repack] [--json]
+ *
+ * Q4_0 weights are repacked as a model load repacks them (lib/cpu/repack.ts) unless
+ * --no-repack asks for the row layout.
  */
 import { Bench } from "tinybench";
 import * as G from "../lib/core/graph.js";
@@ -16,6 +19,7 @@ import { GgmlType, TYPES, rowSize, typeByName } from "../lib/core/types.js";
 import { CpuBackend } from "../lib/cpu/backend.js";
 import { CpuBuffer, allocateTensors } from "../lib/cpu/buffer.js";
 import { KERNEL_LEVELS, native } from "../lib/cpu/native.js";
+import { repackWeights } from "../lib/cpu/repack.js";
 
 const args = process.argv.slice(2);
 const opt = (name: string, def: string) => { const i = args.indexOf(name); return i >= 0 ? args[i + 1]! : def; };
@@ -28,6 +32,8 @@ if (args.includes("--help")) {
   --time MS        time budget per row (default 1000)
   --rotate MIB     weight bytes to rotate among (default 256; a small value such as 1 keeps
                    the weights in cache and so measures the kernel's compute speed alone)
+  --no-repack      keep Q4_0 weights in rows (default: repacked in eight-row groups, as
+                   loadModel does)
   --json           one JSON object per row instead of a table`);
   process.exit(0);
 }
@@ -42,6 +48,7 @@ const shapes = opt("--shapes", "2048x2048,2048x8192,8192x2048,2048x128256").spli
 const timeMs = Number(opt("--time", "1000"));
 const json = args.includes("--json");
 const ROTATE_BYTES = Number(opt("--rotate", "256")) * (1 << 20);
+const repack = !args.includes("--no-repack");
 
 const lvl = native().kernelLevel();
 const bandwidth = new Map(threads.map((t) => [t, native().readBandwidth(1 << 30, t, 5)]));
@@ -67,8 +74,11 @@ for (const type of types) {
     const wbytes = rowSize(type, K) * N;
     const copies = Math.max(1, Math.ceil(ROTATE_BYTES / wbytes));
     const weights = Array.from({ length: copies }, () => G.newTensor(type, [K, N]));
-    const wbuf = allocateTensors(weights);
+    let wbuf = allocateTensors(weights);
     for (const w of weights) fillWeight(wbuf, w.offset, type, K, N);
+    const packed = repack ? await repackWeights(weights, (n) => CpuBuffer.alloc(n, { repacked: true })) : null;
+    if (packed) { wbuf.dispose(); wbuf = packed; }
+    const name = `${TYPES[type].name}${packed ? " (repacked)" : ""}`;
     for (const M of tokens) {
       const x = G.newTensor(GgmlType.F32, [K, M]);
       // One token: one graph holds many products (every copy of the weight, repeated up to
@@ -94,7 +104,7 @@ for (const type of types) {
         const gbs = wbytes / (ms / 1000) / 1e9;
         const gflops = (2 * K * N * M) / (ms / 1000) / 1e9;
         const pct = (100 * gbs) / bandwidth.get(t)!;
-        const row = { type: TYPES[type].name, K, N, threads: t, tokens: M, medianMs: ms, GBs: gbs, pctBandwidth: pct, GFLOPs: gflops, samples: res.latency.samplesCount };
+        const row = { type: name, K, N, threads: t, tokens: M, medianMs: ms, GBs: gbs, pctBandwidth: pct, GFLOPs: gflops, samples: res.latency.samplesCount };
         if (json) console.log(JSON.stringify(row));
         else console.log(`| ${row.type} | ${K}×${N} | ${t} | ${M} | ${ms.toFixed(3)} | ${M === 1 ? gbs.toFixed(1) : "–"} | ${M === 1 ? pct.toFixed(0) + " %" : "–"} | ${gflops.toFixed(1)} |`);
         await be.dispose();

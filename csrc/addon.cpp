@@ -207,6 +207,32 @@ static Napi::Value BufferCopy(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// repackRows(type, src, srcOffset, srcStride, dst, dstOffset, n, rows): rows (a multiple
+// of 8) weight rows of n elements, srcStride bytes apart, into repacked groups at dst.
+static Napi::Value RepackRows(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int32_t type = info[0].As<Napi::Number>().Int32Value();
+  BufEntry s = get_buf(env, info[1]);
+  const double so = info[2].As<Napi::Number>().DoubleValue(), stride = info[3].As<Napi::Number>().DoubleValue();
+  BufEntry d = get_buf(env, info[4]);
+  const double dof = info[5].As<Napi::Number>().DoubleValue();
+  const double n = info[6].As<Napi::Number>().DoubleValue(), rows = info[7].As<Napi::Number>().DoubleValue();
+  const TypeInfo ti = type_info(type);
+  if (!type_is_repackable(type)) throw weft_error(env, "UNSUPPORTED_TYPE", "type " + std::to_string(type) + " cannot be repacked");
+  if (!(n > 0 && n <= 1e12 && n == (double)(int64_t)n && (int64_t)n % ti.blck == 0))
+    throw weft_error(env, "BAD_ARGUMENT", "row length must be a positive multiple of the block size");
+  if (!(rows >= 0 && rows <= 1e12 && rows == (double)(int64_t)rows && (int64_t)rows % 8 == 0))
+    throw weft_error(env, "BAD_ARGUMENT", "row count must be a multiple of 8");
+  const double rb = (double)row_bytes(type, (int64_t)n);
+  if (!(stride >= rb && stride == (double)(int64_t)stride)) throw weft_error(env, "BAD_ARGUMENT", "row stride is shorter than a row");
+  if (d.mapped) throw weft_error(env, "READ_ONLY", "a mapped file buffer is read-only");
+  if (rows == 0) return env.Undefined();
+  check_range(env, s, so, (rows - 1) * stride + rb);
+  check_range(env, d, dof, rows * rb);
+  repack_rows8(type, s.base + (size_t)so, (int64_t)stride, d.base + (size_t)dof, (int64_t)n, (int64_t)rows);
+  return env.Undefined();
+}
+
 // ---------------------------------------------------------------- contexts (one per CPU device)
 
 struct Context {
@@ -475,6 +501,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   { const char* e = getenv("WEFT_PROFILE"); g_profile = e && *e && *e != '0'; }
   exports.Set("bufferTouch", Napi::Function::New(env, BufferTouch));
   exports.Set("bufferCopy", Napi::Function::New(env, BufferCopy));
+  exports.Set("repackRows", Napi::Function::New(env, RepackRows));
   exports.Set("mapFile", Napi::Function::New(env, MapFile));
   exports.Set("createContext", Napi::Function::New(env, CreateContext));
   exports.Set("compute", Napi::Function::New(env, Compute));

@@ -25,6 +25,13 @@ struct block_q8_K { float d; int8_t qs[QK_K]; int16_t bsums[QK_K / 16]; };
 // Q8_0 with its scale as float and the block sum d·Σqs precomputed: a Q4_0 dot then needs
 // no "−8·Σy" product per weight block (the activation row is reused by every weight row).
 struct block_q8_0s { float d; float s; int8_t qs[QK8_0]; };
+// Q4_0 repacked for one-token products (lib/cpu/repack.ts): block b of eight consecutive
+// rows. d[r] is row r's scale; qs holds four 32-byte chunks, chunk c being bytes 4c..4c+3
+// of each row in turn (row r at 32c + 4r). A 256-bit load then gives one 32-bit lane per
+// row, so the int8 sums end as one lane per row, and one conversion and one FMA serve
+// eight rows. A group of eight rows takes as many bytes as the eight rows did.
+struct block_q4_0x8 { uint16_t d[8]; uint8_t qs[128]; };
+static_assert(sizeof(block_q4_0x8) == 8 * 18, "q4_0x8 layout");
 static_assert(sizeof(block_q8_0) == 34, "q8_0 layout");
 static_assert(sizeof(block_q4_0) == 18, "q4_0 layout");
 static_assert(sizeof(block_q4_K) == 144, "q4_K layout");
@@ -115,5 +122,9 @@ inline void unpack_q4_K_scales(const uint8_t* s, uint8_t sc[8], uint8_t mn[8]) {
 void quantize_row(int32_t type, const float* x, void* y, int64_t n);
 void dequantize_row(int32_t type, const void* x, float* y, int64_t n);
 bool type_is_quantizable(int32_t type);
+// Weight types MUL_MAT can read in eight-row repacked groups (repack_rows8 accepts them).
+inline bool type_is_repackable(int32_t type) { return type == T_Q4_0; }
+// nrows (a multiple of 8) rows of n elements, src_stride bytes apart -> repacked groups
+void repack_rows8(int32_t type, const void* src, int64_t src_stride, void* dst, int64_t n, int64_t nrows);
 
 }  // namespace weft

@@ -20,7 +20,7 @@ static const char* op_name(int32_t op) {
   return op >= 0 && op < OP_COUNT ? names[op] : "?";
 }
 
-constexpr int64_t MM_BN = 16;  // weight rows per MUL_MAT work unit
+constexpr int64_t MM_BN = 16;  // weight rows per MUL_MAT work unit (a multiple of 8: repacked groups)
 
 static inline bool is_float_type(int32_t t) { return t == T_F32 || t == T_F16 || t == T_BF16; }
 static inline int64_t nrows(const Tensor& t) { return t.ne[1] * t.ne[2] * t.ne[3]; }
@@ -70,6 +70,12 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
     if (np < 0 || np > MAX_PARAMS) return fail("bad param count");
     for (int k = 0; k < MAX_PARAMS; ++k) t.params[k] = k < np ? r[R_PARAMS + k] : 0.0;
     t.is_node = t.op != OP_NONE;
+    const double flags = r[R_FLAGS];
+    if (flags != 0 && flags != F_REPACKED) return fail("unknown flags");
+    t.packed = flags == F_REPACKED;
+    if (t.packed && (t.op != OP_NONE || !type_is_repackable(t.type) || t.ne[1] % 8 != 0 || t.ne[2] != 1 || t.ne[3] != 1 ||
+                     t.nb[1] != row_bytes(t.type, t.ne[0])))
+      return fail("a repacked weight must be a whole 2-D matrix of Q4_0 rows, a multiple of 8 of them");
     // placement: every tensor must lie wholly inside a live buffer
     BufferInfo bi;
     if (!lookup_buffer((int64_t)r[R_BUF], &bi)) return fail("tensor has no live buffer");
@@ -85,6 +91,8 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
     // per-op checks: the TS builder checks these too, but this code trusts nothing
     auto S = [&](int k) -> Tensor* { return t.src[k] >= 0 ? &plan->t[t.src[k]] : nullptr; };
     Tensor *a = S(0), *b = S(1);
+    for (int k = 0; k < MAX_SRC; ++k)
+      if (S(k) && S(k)->packed && !(t.op == OP_MUL_MAT && k == 0)) return fail("reads repacked weights, which only MUL_MAT can (as its first operand)");
     switch (t.op) {
       case OP_NONE: case OP_VIEW: case OP_RESHAPE: case OP_PERMUTE: case OP_TRANSPOSE:
         break;
@@ -268,7 +276,12 @@ static void op_mul_mat(Ctx& c, Tensor& t, int ith, int nth) {
     if (tile) {
       const char* wrows = wbase + n0 * a.nb[1];
       int64_t ws = a.nb[1];
-      if (auto dec = kernels().decode[a.type]) {
+      if (a.packed) {  // units start at multiples of 16 rows, so at group boundaries
+        char* buf = c.tile_tmp(ith, nth);
+        ws = decoded_row_bytes(a.type, K);
+        for (int64_t n = n0; n < n1; n += 8) kernels().unpack8[a.type](wbase + n * a.nb[1], buf + (n - n0) * ws, K);
+        wrows = buf;
+      } else if (auto dec = kernels().decode[a.type]) {
         char* buf = c.tile_tmp(ith, nth);
         ws = decoded_row_bytes(a.type, K);
         for (int64_t n = n0; n < n1; ++n) dec(wbase + n * a.nb[1], buf + (n - n0) * ws, K);
@@ -291,7 +304,9 @@ static void op_mul_mat(Ctx& c, Tensor& t, int ith, int nth) {
     for (int64_t m = 0; m < M; ++m) {
       const char* act = direct ? row_ptr(b, m, i2, i3) : c.scratch + ((i3 * b.ne[2] + i2) * M + m) * rb;
       float* out = (float*)row_ptr(t, m, i2, i3);
-      if (strided) {
+      if (a.packed) {
+        kernels().gemv8[a.type](K, wbase + n0 * a.nb[1], (n1 - n0) / 8, act, out + n0);
+      } else if (strided) {
         // rows of a view (the transposed V cache) are far apart: fetch the row after next
         // while this one is multiplied, or every row start waits on memory
         for (int64_t n = n0; n < n1; ++n) {

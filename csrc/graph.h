@@ -22,6 +22,7 @@ enum Glu : int32_t { GLU_SWIGLU = 0, GLU_GEGLU = 1 };
 constexpr int REC = 36;
 constexpr int R_OP = 0, R_TYPE = 1, R_NE = 2, R_NB = 6, R_BUF = 10, R_OFFS = 11, R_SRC = 12, R_FLAGS = 15,
               R_NPARAMS = 16, R_PARAMS = 17, MAX_PARAMS = 16, MAX_SRC = 3;
+constexpr int F_REPACKED = 1;  // R_FLAGS bit: the tensor lies in a repacked weight buffer
 
 struct Tensor {
   int32_t op, type;
@@ -31,6 +32,7 @@ struct Tensor {
   int32_t src[MAX_SRC];
   double params[MAX_PARAMS];
   bool is_node;
+  bool packed;  // weight rows repacked in groups of eight (R_FLAGS & F_REPACKED)
 };
 
 struct Plan {

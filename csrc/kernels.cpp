@@ -86,6 +86,29 @@ static float dot_q4_0_scalar(int64_t n, const void* w, const void* a) {
   return sum;
 }
 
+// Repacked Q4_0 (block_q4_0x8): `groups` consecutive groups of eight rows against one
+// activation row; the same sums as dot_q4_0_scalar, row by row.
+static void gemv8_q4_0_scalar(int64_t n, const void* w, int64_t groups, const void* a, float* out) {
+  const block_q4_0x8* x = (const block_q4_0x8*)w;
+  const block_q8_0s* y = (const block_q8_0s*)a;
+  const int64_t nb = n / QK4_0;
+  for (int64_t g = 0; g < groups; ++g, x += nb)
+    for (int r = 0; r < 8; ++r) {
+      float sum = 0;
+      for (int64_t i = 0; i < nb; ++i) {
+        int s = 0;
+        for (int c = 0; c < 4; ++c)
+          for (int j = 0; j < 4; ++j) {
+            const uint8_t q = x[i].qs[32 * c + 4 * r + j];
+            s += (q & 0x0F) * y[i].qs[4 * c + j] + (q >> 4) * y[i].qs[16 + 4 * c + j];
+          }
+        const float dx = fp16_to_fp32(x[i].d[r]);
+        sum += s * dx * y[i].d - 8 * dx * y[i].s;
+      }
+      out[8 * g + r] = sum;
+    }
+}
+
 // Q4_K: 8 sub-blocks of 32 with 6-bit scale and min. Integer sums per sub-block, then
 // d * Σ sc·Σqa − dmin * Σ m·Σa (the activation sums come precomputed in bsums).
 static WEFT_INLINE float dot_q4_K_body(int64_t n, const void* w, const void* a) {
@@ -482,6 +505,86 @@ WEFT_AVX2 static void dot4_q4_0_avx2(int64_t n, const void* w, int64_t ws, const
   _mm_storeu_ps(out, _mm_sub_ps(_mm_hadd_ps(r01, r23), _mm_mul_ps(_mm_set1_ps(8), off)));
 }
 
+// Repacked Q4_0 (block_q4_0x8), G groups at once. Per 32-byte chunk: masked and shifted
+// nibbles are elements 4c..4c+3 and 16+4c..16+4c+3 of each row (one row per 32-bit lane)
+// and meet those four activation bytes broadcast to every lane; eight int16 products add
+// without overflow (8·2·15·127 < 2^15), one madd leaves one int32 per row. Two groups
+// share the broadcasts (5-10 % faster in cache, A/B runs). Each group is fetched 1 KiB
+// ahead (256 B and 4 KiB were slower; T1/NTA hints no different within this VM's noise).
+template <int G>
+WEFT_AVX2 static inline void gemv8_q4_0_groups(int64_t nb, const block_q4_0x8* x, const block_q8_0s* y, float* out) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[G];
+  for (int k = 0; k < G; ++k) acc[k] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int k = 0; k < G; ++k)
+      for (int o = 0; o < (int)sizeof(block_q4_0x8); o += 64) _mm_prefetch((const char*)(x + k * nb + b) + 1024 + o, _MM_HINT_T0);
+    const int8_t* yq = y[b].qs;  // broadcast straight from memory (a copy to the stack cost ~10 %)
+    __m256i p[G];
+    for (int k = 0; k < G; ++k) p[k] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const __m256i ylo = _mm256_broadcastd_epi32(_mm_loadu_si32(yq + 4 * c)), yhi = _mm256_broadcastd_epi32(_mm_loadu_si32(yq + 16 + 4 * c));
+      for (int k = 0; k < G; ++k) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(x[k * nb + b].qs + 32 * c));
+        p[k] = _mm256_add_epi16(p[k], _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, m4), ylo),
+                                                       _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), yhi)));
+      }
+    }
+    const __m256 yd = _mm256_set1_ps(y[b].d), ys = _mm256_set1_ps(8 * y[b].s);
+    for (int k = 0; k < G; ++k) {
+      const __m256 dx = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)x[k * nb + b].d));
+      acc[k] = _mm256_fmadd_ps(dx, _mm256_fmsub_ps(yd, _mm256_cvtepi32_ps(_mm256_madd_epi16(p[k], ones)), ys), acc[k]);
+    }
+  }
+  for (int k = 0; k < G; ++k) _mm256_storeu_ps(out + 8 * k, acc[k]);
+}
+
+WEFT_AVX2 static void gemv8_q4_0_avx2(int64_t n, const void* w, int64_t groups, const void* a, float* out) {
+  const block_q4_0x8* x = (const block_q4_0x8*)w;
+  const block_q8_0s* y = (const block_q8_0s*)a;
+  const int64_t nb = n / QK4_0;
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) gemv8_q4_0_groups<2>(nb, x + g * nb, y, out + 8 * g);
+  for (; g < groups; ++g) gemv8_q4_0_groups<1>(nb, x + g * nb, y, out + 8 * g);
+}
+
+// One repacked group -> eight Q8_0 rows: the nibbles of each chunk become (q − 8) bytes
+// with one 32-bit lane per row; a 4×8 transpose of those lanes (unpack 32, then 64 bit)
+// gathers each row's sixteen low-nibble and sixteen high-nibble elements.
+WEFT_AVX2 static void unpack8_q4_0_avx2(const void* w, void* out, int64_t n) {
+  const block_q4_0x8* x = (const block_q4_0x8*)w;
+  const int64_t nb = n / QK4_0;
+  const __m256i m4 = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
+  block_q8_0* y = (block_q8_0*)out;
+  for (int64_t i = 0; i < nb; ++i) {
+    __m256i lo[4], hi[4];
+    for (int c = 0; c < 4; ++c) {
+      const __m256i v = _mm256_loadu_si256((const __m256i*)(x[i].qs + 32 * c));
+      lo[c] = _mm256_sub_epi8(_mm256_and_si256(v, m4), eight);
+      hi[c] = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), eight);
+    }
+    // rows[k]: rows k (low 128 bits) and k + 4 (high), each with its 4 chunks in order
+    auto transpose = [](const __m256i* v, __m256i* rows) WEFT_AVX2 {
+      const __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]), t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+      const __m256i t2 = _mm256_unpacklo_epi32(v[2], v[3]), t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+      rows[0] = _mm256_unpacklo_epi64(t0, t2); rows[1] = _mm256_unpackhi_epi64(t0, t2);
+      rows[2] = _mm256_unpacklo_epi64(t1, t3); rows[3] = _mm256_unpackhi_epi64(t1, t3);
+    };
+    __m256i rl[4], rh[4];
+    transpose(lo, rl);
+    transpose(hi, rh);
+    for (int k = 0; k < 4; ++k) {
+      block_q8_0* a = y + k * nb + i;
+      block_q8_0* b = y + (k + 4) * nb + i;
+      a->d = x[i].d[k];
+      b->d = x[i].d[k + 4];
+      _mm256_storeu_si256((__m256i*)a->qs, _mm256_permute2x128_si256(rl[k], rh[k], 0x20));
+      _mm256_storeu_si256((__m256i*)b->qs, _mm256_permute2x128_si256(rl[k], rh[k], 0x31));
+    }
+  }
+}
+
 WEFT_AVX2 static void act_q8_0s_avx2(const float* x, void* y, int64_t n) { act_q8_0s_body(x, y, n); }
 
 // ---------------------------------------------------------------- AVX2 tiles (batched MUL_MAT)
@@ -764,6 +867,7 @@ static KernelTable make_table(int level) {
     t.tile[T_Q6_K] = tile_kdec_avx2; t.decode[T_Q6_K] = decode_q6_K_kdec;
     t.tile[T_F32] = tile_f32_avx2; t.tile[T_F16] = tile_f16_avx2; t.tile[T_BF16] = tile_bf16_avx2;
     t.dot4[T_Q8_0] = dot4_q8_0_avx2; t.dot4[T_Q4_0] = dot4_q4_0_avx2;
+    t.gemv8[T_Q4_0] = gemv8_q4_0_avx2; t.unpack8[T_Q4_0] = unpack8_q4_0_avx2;
     t.dot4[T_F32] = dot4_float_avx2<LoadF32>; t.dot4[T_F16] = dot4_float_avx2<LoadF16>; t.dot4[T_BF16] = dot4_float_avx2<LoadBF16>;
     t.exp_sum = exp_sum_avx2; t.swiglu = swiglu_avx2;
   } else {
@@ -771,6 +875,7 @@ static KernelTable make_table(int level) {
     t.dot[T_Q8_0] = dot_q8_0_scalar; t.dot[T_Q4_0] = dot_q4_0_scalar;
     t.dot[T_Q4_K] = dot_q4_K_scalar; t.dot[T_Q6_K] = dot_q6_K_scalar;
     t.act[T_Q8_0S] = act_q8_0s_scalar;
+    t.gemv8[T_Q4_0] = gemv8_q4_0_scalar;  // no tiles at this level, so no unpack8
     t.exp_sum = exp_sum_scalar; t.swiglu = swiglu_scalar;
   }
   return t;

@@ -17,6 +17,9 @@ typedef void (*from_float_fn)(const float* x, void* y, int64_t n);
 // out[j*os + i]. Optional: types without one use dot per element.
 // four weight rows (ws bytes apart) against one activation row: out[0..3]
 typedef void (*dot4_fn)(int64_t n, const void* w, int64_t ws, const void* a, float* out);
+// weights repacked in groups of eight rows (block_q4_0x8): `groups` consecutive groups
+// against one activation row -> out[0 .. 8·groups)
+typedef void (*gemv8_fn)(int64_t n, const void* w, int64_t groups, const void* a, float* out);
 typedef void (*tile_fn)(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn);
 constexpr int TILE_RM = 4, TILE_RN = 3;
 
@@ -27,6 +30,9 @@ struct KernelTable {
   void (*decode[32])(const void* w, void* out, int64_t n);
   vec_dot_fn dot[32];       // indexed by weight type
   dot4_fn dot4[32];         // optional, by weight type: one-token products four rows at a time
+  gemv8_fn gemv8[32];       // by weight type, for every type_is_repackable type
+  // one repacked group -> eight rows of the tile's input form (decoded_row_bytes apart); with tile
+  void (*unpack8[32])(const void* w, void* out, int64_t n);
   // w[i] = exp(w[i] - mx) for a row; returns the sum (softmax)
   double (*exp_sum)(float* w, int64_t n, float mx);
   // o = silu(g) * u (SwiGLU)

@@ -386,4 +386,21 @@ void dequantize_row(int32_t type, const void* vx, float* y, int64_t n) {
   }
 }
 
+// ---------------------------------------------------------------- repacking (block_q4_0x8)
+
+void repack_rows8(int32_t type, const void* src, int64_t src_stride, void* dst, int64_t n, int64_t nrows) {
+  if (type != T_Q4_0) return;
+  const int64_t nb = n / QK4_0;
+  block_q4_0x8* out = (block_q4_0x8*)dst;
+  for (int64_t g = 0; g < nrows / 8; ++g) {
+    const block_q4_0* rows[8];
+    for (int r = 0; r < 8; ++r) rows[r] = (const block_q4_0*)((const char*)src + (g * 8 + r) * src_stride);
+    for (int64_t b = 0; b < nb; ++b, ++out)
+      for (int r = 0; r < 8; ++r) {
+        out->d[r] = rows[r][b].d;
+        for (int c = 0; c < 4; ++c) std::memcpy(out->qs + 32 * c + 4 * r, rows[r][b].qs + 4 * c, 4);
+      }
+  }
+}
+
 }  // namespace weft

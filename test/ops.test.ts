@@ -13,6 +13,7 @@ import { GgmlType, TYPES } from "../lib/core/types.js";
 import { CpuBackend } from "../lib/cpu/backend.js";
 import { CpuBuffer, allocateTensors, getTensorData, setTensorData, tensorLocation } from "../lib/cpu/buffer.js";
 import { KERNEL_LEVELS, native } from "../lib/cpu/native.js";
+import { repackWeights } from "../lib/cpu/repack.js";
 import { dequantizeRef } from "./ref/quant.js";
 import { nmse, runReference } from "./ref/ops.js";
 import { randomF32, rejectsWith, rng } from "./helpers.js";
@@ -22,7 +23,8 @@ interface OpCase {
   op: string;
   vars: string;
   maxNmse: number;
-  build(): { out: Tensor; gens?: Map<Tensor, Gen>; inPlace?: boolean };
+  /** repack: weights moved into a repacked buffer (lib/cpu/repack.ts) once their data is set */
+  build(): { out: Tensor; gens?: Map<Tensor, Gen>; inPlace?: boolean; repack?: Tensor[] };
 }
 
 const F32 = GgmlType.F32, F16 = GgmlType.F16, BF16 = GgmlType.BF16, I32 = GgmlType.I32, I64 = GgmlType.I64;
@@ -57,6 +59,15 @@ for (const wt of WEIGHT_TYPES) {
   if (bs === 1)
     add("MUL_MAT", `type=${TYPES[wt].name},activations transposed (nb0 != 4)`, tol, () => ({ out: G.mulMat(t(wt, 8, 5), G.transpose(t(F32, 3, 8))) }));
 }
+
+// ---- MUL_MAT on repacked weights (eight-row groups): one group, an odd number of groups
+// (the two-group kernel's remainder, a work unit of 8 rows), batched (unpacked for tiles)
+for (const K of [96, 512])
+  for (const [N, M] of [[8, 1], [40, 1], [128, 1], [24, 3], [40, 17]] as const)
+    add("MUL_MAT", `type=q4_0 repacked,K=${K},N=${N},M=${M}`, NMSE_QMATMUL, () => {
+      const w = t(GgmlType.Q4_0, K, N);
+      return { out: G.mulMat(w, t(F32, K, M)), repack: [w] };
+    });
 
 // ---- GET_ROWS from every weight type
 for (const wt of WEIGHT_TYPES) {
@@ -174,7 +185,7 @@ async function runCase(c: OpCase, seed: number): Promise<string[]> {
   for (const level of levels) {
     native().kernelLevel(level);
     for (const be of backends) {
-      const { out, gens, inPlace } = c.build();
+      const { out, gens, inPlace, repack } = c.build();
       const graph = G.buildGraph(out);
       const buf = allocateTensors(graph.order, GUARD);
       if (inPlace) {
@@ -189,7 +200,18 @@ async function runCase(c: OpCase, seed: number): Promise<string[]> {
         setTensorData(leaf, bytes);
         leafVals.set(leaf, valuesOf(leaf.type, bytes, leaf.nelements));
       }
+      // where every tensor was placed in buf (repacked weights move out, their bytes stay)
+      const inside = new Uint8Array(buf.size);
+      for (const tt of graph.order) {
+        if (VIEW_OPS.has(tt.op)) continue;
+        const { tensor: rt } = tt.root();
+        const { offset } = tensorLocation(rt);
+        if ((rt.buffer as CpuBuffer) === buf) inside.fill(1, offset, offset + rt.nbytes);
+      }
+      const packed = repack ? await repackWeights(repack, (n) => CpuBuffer.alloc(n, { repacked: true })) : null;
+      if (repack && !repack.every((w) => (w.buffer as CpuBuffer | null)?.repacked)) problems.push("weights were not repacked");
       await be.compute(graph);
+      packed?.dispose();
       const ref = runReference(graph.order, (l) => leafVals.get(l)!);
       const root = out.root().tensor;
       const got = valuesOf(root.type, getTensorData(root), root.nelements);
@@ -200,13 +222,6 @@ async function runCase(c: OpCase, seed: number): Promise<string[]> {
       if (!(e <= c.maxNmse)) problems.push(`${KERNEL_LEVELS[level]}, ${be.threads} thread(s): NMSE ${e.toExponential(2)} > ${c.maxNmse}`);
       // guard bytes: everything outside the placed tensors must still be the sentinel
       const all = buf.get(0, buf.size);
-      const inside = new Uint8Array(buf.size);
-      for (const tt of graph.order) {
-        if (VIEW_OPS.has(tt.op)) continue;
-        const { tensor: rt } = tt.root();
-        const { offset } = tensorLocation(rt);
-        if ((rt.buffer as CpuBuffer) === buf) inside.fill(1, offset, offset + rt.nbytes);
-      }
       for (let i = 0; i < all.length; i++) if (!inside[i] && all[i] !== SENTINEL) { problems.push(`byte ${i} outside every tensor was overwritten`); break; }
       buf.dispose();
     }
@@ -258,6 +273,23 @@ test("out-of-range GET_ROWS index is reported, not read", async () => {
   setTensorData(idx, new Int32Array([1, 99]));
   await rejectsWith(backends[0]!.compute(g), /out of range/);
   buf.dispose();
+});
+
+test("repacked weights are read by MUL_MAT only: other readers are refused, rows cannot be fetched", async () => {
+  const w = t(GgmlType.Q4_0, 64, 8), idx = t(I32, 2);
+  const g = G.buildGraph(G.getRows(w, idx));
+  const buf = allocateTensors(g.order);
+  setTensorData(w, native().quantize(GgmlType.Q4_0, randomF32(512, rng(5)), 64));
+  setTensorData(idx, new Int32Array([1, 2]));
+  const packed = (await repackWeights([w], (n) => CpuBuffer.alloc(n, { repacked: true })))!;
+  assert.ok(packed, "an 8-row Q4_0 matrix is repackable");
+  await rejectsWith(backends[0]!.compute(g), /repacked weights, which only MUL_MAT can/);
+  assert.throws(() => getTensorData(w), /repacked/);
+  // not repackable: a row count that is not a multiple of 8, another type
+  const odd = t(GgmlType.Q4_0, 64, 7), q8 = t(GgmlType.Q8_0, 64, 8);
+  const other = allocateTensors([odd, q8]);
+  assert.is(await repackWeights([odd, q8], (n) => CpuBuffer.alloc(n, { repacked: true })), null);
+  other.dispose(); packed.dispose(); buf.dispose();
 });
 
 test.after(async () => { for (const b of backends) await b.dispose(); });

@@ -24,7 +24,8 @@ export class CpuBufferType implements BufferType {
   readonly isHost = true;
   constructor(readonly device: CpuDevice) {}
   get name(): string { return `${this.device.name}/host`; }
-  alloc(size: number): CpuBuffer { return CpuBuffer.alloc(size).withType(this); }
+  /** `repacked`: a buffer for lib/cpu/repack.ts (weights in eight-row groups) */
+  alloc(size: number, opts?: { repacked?: boolean }): CpuBuffer { return CpuBuffer.alloc(size, opts).withType(this); }
   /** maps a file read-only as a buffer of this type (weights) */
   mapFile(path: string): CpuBuffer { return CpuBuffer.mapFile(path).withType(this); }
 }

@@ -15,7 +15,7 @@ const fmt = (a: number[]) => (a.length ? `${mean(a).toFixed(2)} ± ${sd(a).toFix
 export const BENCH_COMMAND: Command = {
   summary: "measure prompt processing (pp) and generation (tg) tokens/s, like llama-bench",
   usage: `weft bench [-m MODEL[,MODEL…]] [-p 128] [-n 64] [-r 3] [-t 1,2] [-o md|json] [--peer node-llama-cpp]
-           [--split-mode none,layer] [--device cpu:0,cpu:1 [--device …]] [--tensor-split 1,1] [-b 512,64]
+           [--split-mode none,layer] [--device cpu:0,cpu:1 [--device …]] [--tensor-split 1,1] [-b 512,64] [--no-repack]
 
   -m, --model LIST     GGUF model(s), comma-separated (default: the embedded small Q8_0 model)
   -p, --n-prompt N     prompt length for the pp test; 0 skips it (default 128)
@@ -28,6 +28,7 @@ export const BENCH_COMMAND: Command = {
   --device SET         a device set, comma-separated; repeat the flag for several sets
                        (default cpu:0); with split mode none only the first device is used
   --tensor-split LIST  share of layers per device (default: equal)
+  --no-repack          keep Q4_0 matrices in rows (default: repacked at load, as weft run)
   -o, --output md|json table (default) or JSON lines
   --peer node-llama-cpp  also run the same model through node-llama-cpp ${"(installed on first use into"}
                        WEFT_PEER_DIR or <cache>/peer, CPU binary only), alternating with weft, and
@@ -41,6 +42,7 @@ device is weights + KV cache + compute buffers, in MiB.`,
       repetitions: { type: "string", short: "r" }, threads: { type: "string", short: "t" }, ubatch: { type: "string", short: "b" },
       output: { type: "string", short: "o" }, peer: { type: "string" },
       "split-mode": { type: "string" }, device: { type: "string", multiple: true }, "tensor-split": { type: "string" },
+      "no-repack": { type: "boolean" },
     });
     const nP = int(v["n-prompt"], "--n-prompt", 128), nG = int(v["n-gen"], "--n-gen", 64);
     const reps = int(v.repetitions, "--repetitions", 3, 1);
@@ -66,7 +68,7 @@ device is weights + KV cache + compute buffers, in MiB.`,
     for (const { path, th, sm, devs, ub } of combos) {
       {
         const ctx = Math.max(256, Math.ceil((nP + nG + 1) / 256) * 256);
-        const m = await loadModel(path, { threads: th, batchSize: ub, contextSize: ctx, devices: devs, splitMode: sm as "none" | "layer", tensorSplit });
+        const m = await loadModel(path, { threads: th, batchSize: ub, contextSize: ctx, devices: devs, splitMode: sm as "none" | "layer", tensorSplit, repack: !v["no-repack"] });
         const mib = (b: number) => (b / 2 ** 20).toFixed(1);
         const peer = peerDir ? new Peer(peerDir, th) : null;
         try {

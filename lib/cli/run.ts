@@ -26,7 +26,10 @@ export const MODEL_FLAGS_HELP = `  -m, --model FILE     GGUF model (default: the
                        longer prompt is pipelined across the devices in micro-batches of N
   --device LIST        devices, comma-separated (default cpu:0; see "weft devices")
   --split-mode MODE    none: all on the first device; layer: contiguous layer ranges per device
-  --tensor-split LIST  share of layers per device, e.g. 3,1 (default: equal)`;
+  --tensor-split LIST  share of layers per device, e.g. 3,1 (default: equal)
+  --no-repack          keep Q4_0 matrices in the file's row layout (default: copied at load
+                       into the CPU's eight-row layout, faster per token, as llama.cpp's
+                       CPU_REPACK buffers; the copy takes memory the size of those matrices)`;
 
 export const modelFlags = {
   model: { type: "string", short: "m" },
@@ -37,6 +40,7 @@ export const modelFlags = {
   device: { type: "string" },
   "split-mode": { type: "string" },
   "tensor-split": { type: "string" },
+  "no-repack": { type: "boolean" },
 } as const;
 
 export function loadOptions(v: Record<string, string | boolean | undefined>): LoadModelOptions {
@@ -53,6 +57,7 @@ export function loadOptions(v: Record<string, string | boolean | undefined>): Lo
     contextSize: v["ctx-size"] === undefined ? undefined : int(v["ctx-size"] as string, "--ctx-size", 0, 1),
     batchSize: int(v.ubatch as string | undefined, "--ubatch", 512, 1),
     kvType: kv as "f16" | "f32" | undefined,
+    repack: !v["no-repack"],
   };
 }
 

@@ -12,10 +12,15 @@ let hostBufferType: BufferType | null = null;
 /** Set once by lib/backend/cpu.ts: the buffer type of plain host buffers. */
 export function setHostBufferType(t: BufferType): void { hostBufferType ??= t; }
 
-/** Host memory owned by the native addon: 64-byte aligned, or a read-only file mapping. */
+/**
+ * Host memory owned by the native addon: 64-byte aligned, or a read-only file mapping.
+ * A `repacked` buffer holds weight matrices in eight-row groups (lib/cpu/repack.ts):
+ * MUL_MAT reads them, nothing reads or writes their elements as rows.
+ */
 export class CpuBuffer implements Buffer {
   readonly size: number;
   readonly readOnly: boolean;
+  readonly repacked: boolean;
   usage: BufferUsage = 0;
   #id: number;
   #type: BufferType | null = null;
@@ -29,14 +34,15 @@ export class CpuBuffer implements Buffer {
   /** @internal set by the buffer type that allocated this buffer */
   withType(t: BufferType): this { this.#type = t; return this; }
 
-  private constructor(id: number, size: number, readOnly: boolean) {
+  private constructor(id: number, size: number, readOnly: boolean, repacked = false) {
     this.#id = id;
     this.size = size;
     this.readOnly = readOnly;
+    this.repacked = repacked;
   }
 
-  static alloc(size: number): CpuBuffer {
-    try { return new CpuBuffer(native().bufferAlloc(size), size, false); }
+  static alloc(size: number, opts: { repacked?: boolean } = {}): CpuBuffer {
+    try { return new CpuBuffer(native().bufferAlloc(size), size, false, opts.repacked ?? false); }
     catch (e) { throw fromNative(e); }
   }
 
@@ -121,16 +127,23 @@ export function allocateTensors(tensors: Iterable<Tensor>, guard = 0, alloc: (si
   return buf;
 }
 
+/** Where a tensor's elements are, as rows (not in a repacked buffer). */
+function rowLocation(t: Tensor): { buffer: CpuBuffer; offset: number } {
+  const loc = tensorLocation(t);
+  if (loc.buffer.repacked) throw weftError("BAD_ARGUMENT", `tensor ${t.describe()} is repacked for MUL_MAT; its rows cannot be read or written`);
+  return loc;
+}
+
 /** Writes raw bytes into a contiguous tensor. */
 export function setTensorData(t: Tensor, data: ArrayBufferView): void {
   if (!t.isContiguous) throw weftError("BAD_ARGUMENT", `setTensorData needs a contiguous tensor: ${t.describe()}`);
   if (data.byteLength !== t.nbytes) throw weftError("BAD_ARGUMENT", `tensor ${t.describe()} holds ${t.nbytes} bytes, got ${data.byteLength}`);
-  const { buffer, offset } = tensorLocation(t);
+  const { buffer, offset } = rowLocation(t);
   buffer.set(offset, data);
 }
 
 /** Reads the bytes a tensor spans (strided tensors: the whole span). */
 export function getTensorData(t: Tensor): Uint8Array {
-  const { buffer, offset } = tensorLocation(t);
+  const { buffer, offset } = rowLocation(t);
   return buffer.get(offset, t.nbytes);
 }

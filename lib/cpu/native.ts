@@ -17,6 +17,8 @@ export interface NativeAddon {
   /** with WEFT_PROFILE=1: time per op ("MUL_MAT/<weight type id>" → [ms, calls]); true resets */
   profileReport(reset?: boolean): Record<string, [number, number]>;
   bufferCopy(srcId: number, srcOffset: number, dstId: number, dstOffset: number, length: number): void;
+  /** `rows` (a multiple of 8) weight rows of n elements, srcStride bytes apart, into eight-row repacked groups */
+  repackRows(type: number, srcId: number, srcOffset: number, srcStride: number, dstId: number, dstOffset: number, n: number, rows: number): void;
   /** read-only private mapping of a whole file */
   mapFile(path: string): { id: number; size: number };
   createContext(threads: number): NativeContext;

@@ -10,6 +10,8 @@ import { GgmlType } from "../core/types.js";
 import { readGguf } from "../gguf/reader.js";
 import { GgufFile } from "../gguf/types.js";
 import { CpuBuffer, allocateTensors } from "../cpu/buffer.js";
+import { canRepack, repackWeights } from "../cpu/repack.js";
+import { Tensor } from "../core/tensor.js";
 import { CpuDevice, CpuQueue, cpuDevice } from "../backend/cpu.js";
 import { Backend, BufferUsage } from "../backend/interface.js";
 import { ScheduledGraph, Scheduler } from "../backend/sched.js";
@@ -18,7 +20,7 @@ import { HParams, WeightTable, readHParams, readWeightTable } from "./hparams.js
 import { ForwardGraph, KvCacheLayout, LlamaWeights, buildForward, kvCacheTensors, weightTensors } from "./llama.js";
 import { Sampler, SamplingOptions } from "./sampling.js";
 
-export interface LoadProgress { phase: "map" | "load" | "ready"; loaded: number; total: number }
+export interface LoadProgress { phase: "map" | "load" | "repack" | "ready"; loaded: number; total: number }
 
 export type SplitMode = "none" | "layer";
 
@@ -40,6 +42,10 @@ export interface LoadModelOptions {
   batchSize?: number;
   /** fault the whole file in at load (default true): the first token then pays no page faults */
   prefault?: boolean;
+  /** copy Q4_0 matrices into the CPU's eight-row layout at load (default true): one-token
+   * products run faster; the copy takes memory the size of those matrices, and the
+   * mapped file pages they came from are left to the page cache */
+  repack?: boolean;
   onProgress?: (p: LoadProgress) => void;
   signal?: AbortSignal;
 }
@@ -109,6 +115,8 @@ export class Model {
   #sched: Scheduler;
   #weights: CpuBuffer[];
   #weightBytes: number[];
+  /** per device: the MUL_MAT weight matrices placed on it (candidates for repacking) */
+  #matrices: Tensor[][];
   #w: LlamaWeights;
   #kv: KvCacheLayout;
   #kvBuffers: CpuBuffer[];
@@ -151,8 +159,10 @@ export class Model {
         this.#weights.push(m);
       }
       const counted = devices.map(() => new Set<string>());
+      this.#matrices = devices.map(() => []);
       this.#w = weightTensors(table, (t, info, where) => {
         const d = where === "embd" ? 0 : where === "head" ? head : deviceOfLayer(where);
+        if (where !== "embd") this.#matrices[d]!.push(t);  // the embedding is read by GET_ROWS
         t.buffer = this.#weights[d]!;
         t.offset = file.dataOffset + info.offset;
         // a tied embedding used by the head on the same device counts once
@@ -170,6 +180,23 @@ export class Model {
       for (const b of [...this.#weights, ...this.#kvBuffers]) b.dispose();
       for (const b of this.#backends) void b.dispose();
       throw e;
+    }
+  }
+
+  /**
+   * @internal loadModel's last step: each device's Q4_0 matrices move into its repacked
+   * buffer (lib/cpu/repack.ts). The event loop gets a turn every tensor; `signal` stops it.
+   */
+  async repackWeights(report: (p: LoadProgress) => void, signal?: AbortSignal): Promise<void> {
+    const total = this.#matrices.flat().filter(canRepack).reduce((n, t) => n + t.nbytes, 0);
+    let before = 0;
+    for (const [i, be] of this.#backends.entries()) {
+      const buf = await repackWeights(this.#matrices[i]!, (n) => be.device.bufferType().alloc(n, { repacked: true }), async (p) => {
+        report({ phase: "repack", loaded: before + p.loaded, total });
+        await new Promise((r) => setImmediate(r));
+        signal?.throwIfAborted();
+      });
+      if (buf) { buf.usage = BufferUsage.WEIGHTS; this.#weights.push(buf); before += buf.size; }
     }
   }
 
@@ -337,6 +364,10 @@ export async function loadModel(path: string, opts: LoadModelOptions = {}): Prom
     }
   }
   const model = new Model(path, file, hp, tokenizer, table, opts);
+  if (opts.repack ?? true) {
+    try { await model.repackWeights(report, opts.signal); }
+    catch (e) { await model.dispose(); throw e; }
+  }
   report({ phase: "ready", loaded: file.fileSize, total: file.fileSize });
   return model;
 }
