@@ -228,7 +228,7 @@ static Napi::Value RepackRows(const Napi::CallbackInfo& info) {
   if (d.mapped) throw weft_error(env, "READ_ONLY", "a mapped file buffer is read-only");
   if (rows == 0) return env.Undefined();
   check_range(env, s, so, (rows - 1) * stride + rb);
-  check_range(env, d, dof, rows * rb);
+  check_range(env, d, dof, rows * (double)repacked_row_bytes(type, (int64_t)n));
   repack_rows8(type, s.base + (size_t)so, (int64_t)stride, d.base + (size_t)dof, (int64_t)n, (int64_t)rows);
   return env.Undefined();
 }

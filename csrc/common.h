@@ -32,6 +32,13 @@ struct block_q8_0s { float d; float s; int8_t qs[QK8_0]; };
 // eight rows. A group of eight rows takes as many bytes as the eight rows did.
 struct block_q4_0x8 { uint16_t d[8]; uint8_t qs[128]; };
 static_assert(sizeof(block_q4_0x8) == 8 * 18, "q4_0x8 layout");
+// Q4_K repacked: super-block b of eight rows. The six-bit scales and mins are unpacked to
+// bytes (scales[8j + r]: sub-block j of row r; mins[16p + 2r + e]: sub-block 2p + e of
+// row r), so a group needs no per-row unpacking; qs[256i + 32k + 4r + t] is row r's
+// qs[32i + 4k + t] (one 32-bit lane per row, as block_q4_0x8). 148 bytes per row and
+// super-block instead of 144: 3 % more to read for a third less work.
+struct block_q4_Kx8 { uint16_t d[8]; uint16_t dmin[8]; uint8_t scales[64]; uint8_t mins[64]; uint8_t qs[1024]; };
+static_assert(sizeof(block_q4_Kx8) == 8 * 148, "q4_Kx8 layout");
 static_assert(sizeof(block_q8_0) == 34, "q8_0 layout");
 static_assert(sizeof(block_q4_0) == 18, "q4_0 layout");
 static_assert(sizeof(block_q4_K) == 144, "q4_K layout");
@@ -122,8 +129,12 @@ inline void unpack_q4_K_scales(const uint8_t* s, uint8_t sc[8], uint8_t mn[8]) {
 void quantize_row(int32_t type, const float* x, void* y, int64_t n);
 void dequantize_row(int32_t type, const void* x, float* y, int64_t n);
 bool type_is_quantizable(int32_t type);
-// Weight types MUL_MAT can read in eight-row repacked groups (repack_rows8 accepts them).
-inline bool type_is_repackable(int32_t type) { return type == T_Q4_0; }
+// Weight types MUL_MAT can read in eight-row repacked groups (repack_rows8 accepts them),
+// and the bytes one row takes in that form (lib/cpu/repack.ts mirrors both).
+inline bool type_is_repackable(int32_t type) { return type == T_Q4_0 || type == T_Q4_K; }
+inline int64_t repacked_row_bytes(int32_t type, int64_t n) {
+  return type == T_Q4_K ? n / QK_K * (int64_t)(sizeof(block_q4_Kx8) / 8) : row_bytes(type, n);
+}
 // nrows (a multiple of 8) rows of n elements, src_stride bytes apart -> repacked groups
 void repack_rows8(int32_t type, const void* src, int64_t src_stride, void* dst, int64_t n, int64_t nrows);
 

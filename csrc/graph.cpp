@@ -75,16 +75,18 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
     t.packed = flags == F_REPACKED;
     if (t.packed && (t.op != OP_NONE || !type_is_repackable(t.type) || t.ne[1] % 8 != 0 || t.ne[2] != 1 || t.ne[3] != 1 ||
                      t.nb[1] != row_bytes(t.type, t.ne[0])))
-      return fail("a repacked weight must be a whole 2-D matrix of Q4_0 rows, a multiple of 8 of them");
+      return fail("a repacked weight must be a whole 2-D matrix of Q4_0 or Q4_K rows, a multiple of 8 of them");
     // placement: every tensor must lie wholly inside a live buffer
     BufferInfo bi;
     if (!lookup_buffer((int64_t)r[R_BUF], &bi)) return fail("tensor has no live buffer");
     double offs = r[R_OFFS];
     if (!(offs >= 0) || offs > (double)bi.size) return fail("offset beyond its buffer");
     if (nelements(t) > 0) {
-      // extent in bytes, computed in double so a hostile shape cannot overflow
+      // extent in bytes, computed in double so a hostile shape cannot overflow; a repacked
+      // matrix (checked below to be whole and 2-D) takes repacked_row_bytes per row
       double extent = offs + (double)(t.ne[0] / ti.blck - 1) * t.nb[0] + ti.size;
       for (int k = 1; k < 4; ++k) extent += (double)(t.ne[k] - 1) * t.nb[k];
+      if (r[R_FLAGS] == F_REPACKED) extent = std::max(extent, offs + (double)t.ne[1] * (double)repacked_row_bytes(t.type, t.ne[0]));
       if (extent > (double)bi.size) return fail("tensor extends beyond its buffer");
     }
     t.data = bi.base + (int64_t)offs;
@@ -269,6 +271,7 @@ static void op_mul_mat(Ctx& c, Tensor& t, int ith, int nth) {
   const dot4_fn dot4 = kernels().dot4[a.type];
   const int64_t wrow = row_bytes(a.type, K);
   const bool strided = a.nb[1] != wrow && wrow <= 4096;
+  const int64_t packed_rb = a.packed ? repacked_row_bytes(a.type, K) : 0;  // a 2-D matrix: no batch offset
   for (int64_t u = lo; u < hi; ++u) {
     const int64_t blk = u % nblk, i2 = (u / nblk) % b.ne[2], i3 = u / (nblk * b.ne[2]);
     const int64_t n0 = blk * BN, n1 = std::min(N, n0 + BN);
@@ -279,7 +282,7 @@ static void op_mul_mat(Ctx& c, Tensor& t, int ith, int nth) {
       if (a.packed) {  // units start at multiples of 16 rows, so at group boundaries
         char* buf = c.tile_tmp(ith, nth);
         ws = decoded_row_bytes(a.type, K);
-        for (int64_t n = n0; n < n1; n += 8) kernels().unpack8[a.type](wbase + n * a.nb[1], buf + (n - n0) * ws, K);
+        for (int64_t n = n0; n < n1; n += 8) kernels().unpack8[a.type](a.data + n * packed_rb, buf + (n - n0) * ws, K);
         wrows = buf;
       } else if (auto dec = kernels().decode[a.type]) {
         char* buf = c.tile_tmp(ith, nth);
@@ -305,7 +308,7 @@ static void op_mul_mat(Ctx& c, Tensor& t, int ith, int nth) {
       const char* act = direct ? row_ptr(b, m, i2, i3) : c.scratch + ((i3 * b.ne[2] + i2) * M + m) * rb;
       float* out = (float*)row_ptr(t, m, i2, i3);
       if (a.packed) {
-        kernels().gemv8[a.type](K, wbase + n0 * a.nb[1], (n1 - n0) / 8, act, out + n0);
+        kernels().gemv8[a.type](K, a.data + n0 * packed_rb, (n1 - n0) / 8, act, out + n0);
       } else if (strided) {
         // rows of a view (the transposed V cache) are far apart: fetch the row after next
         // while this one is multiplied, or every row start waits on memory

@@ -388,7 +388,28 @@ void dequantize_row(int32_t type, const void* vx, float* y, int64_t n) {
 
 // ---------------------------------------------------------------- repacking (block_q4_0x8)
 
+static void repack_q4_K_rows8(const void* src, int64_t src_stride, void* dst, int64_t n, int64_t nrows) {
+  const int64_t nb = n / QK_K;
+  block_q4_Kx8* out = (block_q4_Kx8*)dst;
+  for (int64_t g = 0; g < nrows / 8; ++g) {
+    const block_q4_K* rows[8];
+    for (int r = 0; r < 8; ++r) rows[r] = (const block_q4_K*)((const char*)src + (g * 8 + r) * src_stride);
+    for (int64_t b = 0; b < nb; ++b, ++out)
+      for (int r = 0; r < 8; ++r) {
+        const block_q4_K& x = rows[r][b];
+        out->d[r] = x.d;
+        out->dmin[r] = x.dmin;
+        uint8_t sc[8], mn[8];
+        unpack_q4_K_scales(x.scales, sc, mn);
+        for (int j = 0; j < 8; ++j) { out->scales[8 * j + r] = sc[j]; out->mins[16 * (j / 2) + 2 * r + j % 2] = mn[j]; }
+        for (int i = 0; i < 4; ++i)
+          for (int k = 0; k < 8; ++k) std::memcpy(out->qs + 256 * i + 32 * k + 4 * r, x.qs + 32 * i + 4 * k, 4);
+      }
+  }
+}
+
 void repack_rows8(int32_t type, const void* src, int64_t src_stride, void* dst, int64_t n, int64_t nrows) {
+  if (type == T_Q4_K) return repack_q4_K_rows8(src, src_stride, dst, n, nrows);
   if (type != T_Q4_0) return;
   const int64_t nb = n / QK4_0;
   block_q4_0x8* out = (block_q4_0x8*)dst;

@@ -62,12 +62,13 @@ for (const wt of WEIGHT_TYPES) {
 
 // ---- MUL_MAT on repacked weights (eight-row groups): one group, an odd number of groups
 // (the two-group kernel's remainder, a work unit of 8 rows), batched (unpacked for tiles)
-for (const K of [96, 512])
-  for (const [N, M] of [[8, 1], [40, 1], [128, 1], [24, 3], [40, 17]] as const)
-    add("MUL_MAT", `type=q4_0 repacked,K=${K},N=${N},M=${M}`, NMSE_QMATMUL, () => {
-      const w = t(GgmlType.Q4_0, K, N);
-      return { out: G.mulMat(w, t(F32, K, M)), repack: [w] };
-    });
+for (const wt of [GgmlType.Q4_0, GgmlType.Q4_K])
+  for (const K of wt === GgmlType.Q4_0 ? [96, 512] : [256, 768])
+    for (const [N, M] of [[8, 1], [40, 1], [128, 1], [24, 3], [40, 17]] as const)
+      add("MUL_MAT", `type=${TYPES[wt].name} repacked,K=${K},N=${N},M=${M}`, NMSE_QMATMUL, () => {
+        const w = t(wt, K, N);
+        return { out: G.mulMat(w, t(F32, K, M)), repack: [w] };
+      });
 
 // ---- GET_ROWS from every weight type
 for (const wt of WEIGHT_TYPES) {
@@ -285,7 +286,7 @@ test("repacked weights are read by MUL_MAT only: other readers are refused, rows
   assert.ok(packed, "an 8-row Q4_0 matrix is repackable");
   await rejectsWith(backends[0]!.compute(g), /repacked weights, which only MUL_MAT can/);
   assert.throws(() => getTensorData(w), /repacked/);
-  // not repackable: a row count that is not a multiple of 8, another type
+  // not repackable: a row count that is not a multiple of 8, a type without a repacked form
   const odd = t(GgmlType.Q4_0, 64, 7), q8 = t(GgmlType.Q8_0, 64, 8);
   const other = allocateTensors([odd, q8]);
   assert.is(await repackWeights([odd, q8], (n) => CpuBuffer.alloc(n, { repacked: true })), null);

@@ -1,7 +1,8 @@
 /**
- * Weight repacking for the CPU backend, as llama.cpp's CPU_REPACK buffers: Q4_0 matrices
- * are copied once, at load, into eight-row groups (csrc/common.h block_q4_0x8), which
- * one-token MUL_MAT reads with a quarter of the per-block work of row-by-row products.
+ * Weight repacking for the CPU backend, as llama.cpp's CPU_REPACK buffers: Q4_0 and Q4_K
+ * matrices are copied once, at load, into eight-row groups (csrc/common.h block_q4_0x8,
+ * block_q4_Kx8), which one-token MUL_MAT reads with about half the work per byte of
+ * row-by-row products (one scale conversion and FMA serve eight rows).
  * A repacked tensor lives in a buffer flagged `repacked`; the native plan decoder lets
  * only MUL_MAT read it, and setTensorData/getTensorData refuse it.
  */
@@ -12,7 +13,13 @@ import { fromNative } from "../core/errors.js";
 import { native } from "./native.js";
 
 /** Types MUL_MAT can read repacked (csrc/common.h type_is_repackable). */
-const REPACKABLE: ReadonlySet<GgmlType> = new Set([GgmlType.Q4_0]);
+const REPACKABLE: ReadonlySet<GgmlType> = new Set([GgmlType.Q4_0, GgmlType.Q4_K]);
+
+/** Bytes a repacked matrix takes (csrc/common.h repacked_row_bytes): Q4_K stores its
+ * six-bit scales and mins as bytes, 148 bytes per row and super-block instead of 144. */
+export function repackedBytes(t: Tensor): number {
+  return t.type === GgmlType.Q4_K ? t.ne[1] * (t.ne[0] / 256) * 148 : t.nbytes;
+}
 
 /** A whole 2-D matrix of a repackable type, a multiple of 8 rows, placed in a CPU buffer. */
 export function canRepack(t: Tensor): boolean {
@@ -35,7 +42,7 @@ export async function repackWeights(tensors: Iterable<Tensor>, alloc: (size: num
   const ALIGN = 64;
   const offsets: number[] = [];
   let size = 0;
-  for (const t of todo) { offsets.push(size); size = Math.ceil((size + t.nbytes) / ALIGN) * ALIGN; }
+  for (const t of todo) { offsets.push(size); size = Math.ceil((size + repackedBytes(t)) / ALIGN) * ALIGN; }
   const buf = alloc(size);
   try {
     let done = 0;
@@ -43,7 +50,7 @@ export async function repackWeights(tensors: Iterable<Tensor>, alloc: (size: num
       const src = tensorLocation(t);
       try { native().repackRows(t.type, src.buffer.id, src.offset, t.nb[1], buf.id, offsets[i]!, t.ne[0], t.ne[1]); }
       catch (e) { throw fromNative(e); }
-      done += t.nbytes;
+      done += repackedBytes(t);
       await step?.({ loaded: done, total: size });
     }
   } catch (e) {

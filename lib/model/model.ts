@@ -10,7 +10,7 @@ import { GgmlType } from "../core/types.js";
 import { readGguf } from "../gguf/reader.js";
 import { GgufFile } from "../gguf/types.js";
 import { CpuBuffer, allocateTensors } from "../cpu/buffer.js";
-import { canRepack, repackWeights } from "../cpu/repack.js";
+import { canRepack, repackedBytes, repackWeights } from "../cpu/repack.js";
 import { Tensor } from "../core/tensor.js";
 import { CpuDevice, CpuQueue, cpuDevice } from "../backend/cpu.js";
 import { Backend, BufferUsage } from "../backend/interface.js";
@@ -42,7 +42,7 @@ export interface LoadModelOptions {
   batchSize?: number;
   /** fault the whole file in at load (default true): the first token then pays no page faults */
   prefault?: boolean;
-  /** copy Q4_0 matrices into the CPU's eight-row layout at load (default true): one-token
+  /** copy Q4_0 and Q4_K matrices into the CPU's eight-row layout at load (default true): one-token
    * products run faster; the copy takes memory the size of those matrices, and the
    * mapped file pages they came from are left to the page cache */
   repack?: boolean;
@@ -184,11 +184,11 @@ export class Model {
   }
 
   /**
-   * @internal loadModel's last step: each device's Q4_0 matrices move into its repacked
+   * @internal loadModel's last step: each device's Q4_0 and Q4_K matrices move into its repacked
    * buffer (lib/cpu/repack.ts). The event loop gets a turn every tensor; `signal` stops it.
    */
   async repackWeights(report: (p: LoadProgress) => void, signal?: AbortSignal): Promise<void> {
-    const total = this.#matrices.flat().filter(canRepack).reduce((n, t) => n + t.nbytes, 0);
+    const total = this.#matrices.flat().filter(canRepack).reduce((n, t) => n + repackedBytes(t), 0);
     let before = 0;
     for (const [i, be] of this.#backends.entries()) {
       const buf = await repackWeights(this.#matrices[i]!, (n) => be.device.bufferType().alloc(n, { repacked: true }), async (p) => {
