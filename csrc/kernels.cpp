@@ -537,15 +537,20 @@ WEFT_AVX2 static void dot4_q4_0_avx2(int64_t n, const void* w, int64_t ws, const
 // and meet those four activation bytes broadcast to every lane; eight int16 products add
 // without overflow (8·2·15·127 < 2^15), one madd leaves one int32 per row. Two groups
 // share the broadcasts (5-10 % faster in cache, A/B runs). Each group is fetched 1 KiB
-// ahead (256 B and 4 KiB were slower; T1/NTA hints no different within this VM's noise).
+// ahead (256 B and 4 KiB were slower; T1/NTA hints no different within this VM's noise),
+// and near its end the head of the matching group of the caller's next pair, which would
+// otherwise start cold: 0.62 vs 0.77 ms on 2048×8192 (A/B runs; one group at a time: 0.70).
 template <int G>
 WEFT_AVX2 static inline void gemv8_q4_0_groups(int64_t nb, const block_q4_0x8* x, const block_q8_0s* y, float* out) {
   const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 acc[G];
   for (int k = 0; k < G; ++k) acc[k] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
+    // near a group's end, fetch the head of the same group of the next G (the caller's next
+    // rows): each of the G streams then runs on without a cold start
+    const int64_t ahead = 1024 + ((b * (int64_t)sizeof(block_q4_0x8) + 1024 >= nb * (int64_t)sizeof(block_q4_0x8)) ? (G - 1) * nb * (int64_t)sizeof(block_q4_0x8) : 0);
     for (int k = 0; k < G; ++k)
-      for (int o = 0; o < (int)sizeof(block_q4_0x8); o += 64) _mm_prefetch((const char*)(x + k * nb + b) + 1024 + o, _MM_HINT_T0);
+      for (int o = 0; o < (int)sizeof(block_q4_0x8); o += 64) _mm_prefetch((const char*)(x + k * nb + b) + ahead + o, _MM_HINT_T0);
     const int8_t* yq = y[b].qs;  // broadcast straight from memory (a copy to the stack cost ~10 %)
     __m256i p[G];
     for (int k = 0; k < G; ++k) p[k] = _mm256_setzero_si256();
@@ -632,8 +637,8 @@ WEFT_AVX2 static void gemv8_q4_K_avx2(int64_t n, const void* w, int64_t groups, 
   const block_q8_K* y = (const block_q8_K*)a;
   const int64_t nb = n / QK_K;
   // one group at a time: the groups then form one stream, while two streams (shared
-  // broadcasts, as Q4_0 does) were 25 % slower at K = 2048 (A/B runs: 0.84 vs 0.67 ms on
-  // 2048×8192; equal on 8192×2048), each group's head starting cold
+  // broadcasts, as Q4_0 does) were 25-35 % slower at K = 2048 (A/B runs: 0.97 vs 0.72 ms
+  // on 2048×8192, even with Q4_0's next-head prefetch; equal on 8192×2048)
   for (int64_t g = 0; g < groups; ++g) gemv8_q4_K_groups<1>(nb, x + g * nb, y, out + 8 * g);
 }
 
