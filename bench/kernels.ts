@@ -9,7 +9,7 @@
  *   node dist/bench/kernels.js [--threads 1,2] [--tokens 1,128] [--types q8_0,q4_0,...]
  *                              [--shapes 2048x2048,...] [--time MS] [--rotate MIB] [--no-repack] [--json]
  *
- * Q4_0 and Q4_K weights are repacked as a model load repacks them (lib/cpu/repack.ts) unless
+ * Q4_0, Q8_0 and Q4_K weights are repacked as a model load repacks them (lib/cpu/repack.ts) unless
  * --no-repack asks for the row layout.
  */
 import { Bench } from "tinybench";
@@ -32,7 +32,7 @@ if (args.includes("--help")) {
   --time MS        time budget per row (default 1000)
   --rotate MIB     weight bytes to rotate among (default 256; a small value such as 1 keeps
                    the weights in cache and so measures the kernel's compute speed alone)
-  --no-repack      keep Q4_0/Q4_K weights in rows (default: repacked in eight-row groups, as
+  --no-repack      keep Q4_0/Q8_0/Q4_K weights in rows (default: repacked in eight-row groups, as
                    loadModel does)
   --json           one JSON object per row instead of a table`);
   process.exit(0);

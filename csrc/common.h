@@ -32,6 +32,9 @@ struct block_q8_0s { float d; float s; int8_t qs[QK8_0]; };
 // eight rows. A group of eight rows takes as many bytes as the eight rows did.
 struct block_q4_0x8 { uint16_t d[8]; uint8_t qs[128]; };
 static_assert(sizeof(block_q4_0x8) == 8 * 18, "q4_0x8 layout");
+// Q8_0 repacked the same way: qs[32c + 4r + t] is row r's qs[4c + t], eight chunks.
+struct block_q8_0x8 { uint16_t d[8]; int8_t qs[256]; };
+static_assert(sizeof(block_q8_0x8) == 8 * 34, "q8_0x8 layout");
 // Q4_K repacked: super-block b of eight rows. The six-bit scales and mins are unpacked to
 // bytes (scales[8j + r]: sub-block j of row r; mins[16p + 2r + e]: sub-block 2p + e of
 // row r), so a group needs no per-row unpacking; qs[256i + 32k + 4r + t] is row r's
@@ -131,7 +134,7 @@ void dequantize_row(int32_t type, const void* x, float* y, int64_t n);
 bool type_is_quantizable(int32_t type);
 // Weight types MUL_MAT can read in eight-row repacked groups (repack_rows8 accepts them),
 // and the bytes one row takes in that form (lib/cpu/repack.ts mirrors both).
-inline bool type_is_repackable(int32_t type) { return type == T_Q4_0 || type == T_Q4_K; }
+inline bool type_is_repackable(int32_t type) { return type == T_Q4_0 || type == T_Q8_0 || type == T_Q4_K; }
 inline int64_t repacked_row_bytes(int32_t type, int64_t n) {
   return type == T_Q4_K ? n / QK_K * (int64_t)(sizeof(block_q4_Kx8) / 8) : row_bytes(type, n);
 }

@@ -75,7 +75,7 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
     t.packed = flags == F_REPACKED;
     if (t.packed && (t.op != OP_NONE || !type_is_repackable(t.type) || t.ne[1] % 8 != 0 || t.ne[2] != 1 || t.ne[3] != 1 ||
                      t.nb[1] != row_bytes(t.type, t.ne[0])))
-      return fail("a repacked weight must be a whole 2-D matrix of Q4_0 or Q4_K rows, a multiple of 8 of them");
+      return fail("a repacked weight must be a whole 2-D matrix of Q4_0, Q8_0 or Q4_K rows, a multiple of 8 of them");
     // placement: every tensor must lie wholly inside a live buffer
     BufferInfo bi;
     if (!lookup_buffer((int64_t)r[R_BUF], &bi)) return fail("tensor has no live buffer");
@@ -114,7 +114,7 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
         int32_t vt = vec_dot_type(a->type);
         bool direct = vt == T_F32 && rows_contiguous(*b);
         if (!direct) plan->wsize = std::max(plan->wsize, (size_t)(row_bytes(vt, b->ne[0]) * nrows(*b) + 64));
-        plan->tile_scratch = std::max(plan->tile_scratch, (size_t)(MM_BN * decoded_row_bytes(a->type, a->ne[0]) + 64));
+        plan->tile_scratch = std::max(plan->tile_scratch, (size_t)(MM_BN * tile_row_bytes(a->type, a->ne[0]) + 64));
         break;
       }
       case OP_ADD: case OP_MUL:
@@ -281,7 +281,7 @@ static void op_mul_mat(Ctx& c, Tensor& t, int ith, int nth) {
       int64_t ws = a.nb[1];
       if (a.packed) {  // units start at multiples of 16 rows, so at group boundaries
         char* buf = c.tile_tmp(ith, nth);
-        ws = decoded_row_bytes(a.type, K);
+        ws = tile_row_bytes(a.type, K);
         for (int64_t n = n0; n < n1; n += 8) kernels().unpack8[a.type](a.data + n * packed_rb, buf + (n - n0) * ws, K);
         wrows = buf;
       } else if (auto dec = kernels().decode[a.type]) {

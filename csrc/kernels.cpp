@@ -109,6 +109,23 @@ static void gemv8_q4_0_scalar(int64_t n, const void* w, int64_t groups, const vo
     }
 }
 
+// Repacked Q8_0 (block_q8_0x8): the same sums as dot_q8_0_scalar, row by row.
+static void gemv8_q8_0_scalar(int64_t n, const void* w, int64_t groups, const void* a, float* out) {
+  const block_q8_0x8* x = (const block_q8_0x8*)w;
+  const block_q8_0s* y = (const block_q8_0s*)a;
+  const int64_t nb = n / QK8_0;
+  for (int64_t g = 0; g < groups; ++g, x += nb)
+    for (int r = 0; r < 8; ++r) {
+      float sum = 0;
+      for (int64_t i = 0; i < nb; ++i) {
+        int s = 0;
+        for (int j = 0; j < QK8_0; ++j) s += x[i].qs[32 * (j / 4) + 4 * r + j % 4] * y[i].qs[j];
+        sum += s * fp16_to_fp32(x[i].d[r]) * y[i].d;
+      }
+      out[8 * g + r] = sum;
+    }
+}
+
 // Repacked Q4_K (block_q4_Kx8): the same sums as dot_q4_K_scalar, row by row. Element l
 // of sub-block j = 2i + h is nibble h of row byte 32i + l.
 static void gemv8_q4_K_scalar(int64_t n, const void* w, int64_t groups, const void* a, float* out) {
@@ -532,6 +549,24 @@ WEFT_AVX2 static void dot4_q4_0_avx2(int64_t n, const void* w, int64_t ws, const
   _mm_storeu_ps(out, _mm_sub_ps(_mm_hadd_ps(r01, r23), _mm_mul_ps(_mm_set1_ps(8), off)));
 }
 
+// Eight 32-byte chunks at p, chunk k holding four bytes of each of eight rows (32-bit lane
+// r = row r) -> rows[r]: row r's 32 bytes in order (an 8×8 transpose of 32-bit lanes).
+WEFT_AVX2 static inline void transpose8x32(const void* p, __m256i rows[8]) {
+  __m256i v[8];
+  for (int k = 0; k < 8; ++k) v[k] = _mm256_loadu_si256((const __m256i*)((const char*)p + 32 * k));
+  const __m256i a0 = _mm256_unpacklo_epi32(v[0], v[1]), a1 = _mm256_unpackhi_epi32(v[0], v[1]);
+  const __m256i a2 = _mm256_unpacklo_epi32(v[2], v[3]), a3 = _mm256_unpackhi_epi32(v[2], v[3]);
+  const __m256i a4 = _mm256_unpacklo_epi32(v[4], v[5]), a5 = _mm256_unpackhi_epi32(v[4], v[5]);
+  const __m256i a6 = _mm256_unpacklo_epi32(v[6], v[7]), a7 = _mm256_unpackhi_epi32(v[6], v[7]);
+  // c[r] / e[r]: rows r (low 128 bits) and r + 4 (high), chunks 0-3 / chunks 4-7
+  const __m256i c[4] = {_mm256_unpacklo_epi64(a0, a2), _mm256_unpackhi_epi64(a0, a2), _mm256_unpacklo_epi64(a1, a3), _mm256_unpackhi_epi64(a1, a3)};
+  const __m256i e[4] = {_mm256_unpacklo_epi64(a4, a6), _mm256_unpackhi_epi64(a4, a6), _mm256_unpacklo_epi64(a5, a7), _mm256_unpackhi_epi64(a5, a7)};
+  for (int r = 0; r < 4; ++r) {
+    rows[r] = _mm256_permute2x128_si256(c[r], e[r], 0x20);
+    rows[r + 4] = _mm256_permute2x128_si256(c[r], e[r], 0x31);
+  }
+}
+
 // Repacked Q4_0 (block_q4_0x8), G groups at once. Per 32-byte chunk: masked and shifted
 // nibbles are elements 4c..4c+3 and 16+4c..16+4c+3 of each row (one row per 32-bit lane)
 // and meet those four activation bytes broadcast to every lane; eight int16 products add
@@ -570,6 +605,65 @@ WEFT_AVX2 static inline void gemv8_q4_0_groups(int64_t nb, const block_q4_0x8* x
     }
   }
   for (int k = 0; k < G; ++k) _mm256_storeu_ps(out + 8 * k, acc[k]);
+}
+
+// Repacked Q8_0 (block_q8_0x8), G groups at once, as Q4_0: a 32-byte chunk holds four
+// values of each row; x·y = maddubs(|y|, sign(x, y)) with |y| of the broadcast bytes
+// computed once for all rows, widened by one madd per chunk (two chunks' int16 sums could
+// overflow). Same prefetching as Q4_0.
+template <int G>
+WEFT_AVX2 static inline void gemv8_q8_0_groups(int64_t nb, const block_q8_0x8* x, const block_q8_0s* y, float* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  constexpr int64_t S = sizeof(block_q8_0x8);
+  __m256 acc[G];
+  for (int k = 0; k < G; ++k) acc[k] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t ahead = 1024 + (b * S + 1024 >= nb * S ? (G - 1) * nb * S : 0);
+    for (int k = 0; k < G; ++k)
+      for (int o = 0; o < (int)S; o += 64) _mm_prefetch((const char*)(x + k * nb + b) + ahead + o, _MM_HINT_T0);
+    __m256i s[G];
+    for (int k = 0; k < G; ++k) s[k] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; ++c) {
+      const __m256i yb = _mm256_broadcastd_epi32(_mm_loadu_si32(y[b].qs + 4 * c));
+      const __m256i ya = _mm256_sign_epi8(yb, yb);
+      for (int k = 0; k < G; ++k) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(x[k * nb + b].qs + 32 * c));
+        s[k] = _mm256_add_epi32(s[k], _mm256_madd_epi16(_mm256_maddubs_epi16(ya, _mm256_sign_epi8(v, yb)), ones));
+      }
+    }
+    const __m256 yd = _mm256_set1_ps(y[b].d);
+    for (int k = 0; k < G; ++k) {
+      const __m256 dx = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)x[k * nb + b].d)), yd);
+      acc[k] = _mm256_fmadd_ps(dx, _mm256_cvtepi32_ps(s[k]), acc[k]);
+    }
+  }
+  for (int k = 0; k < G; ++k) _mm256_storeu_ps(out + 8 * k, acc[k]);
+}
+
+WEFT_AVX2 static void gemv8_q8_0_avx2(int64_t n, const void* w, int64_t groups, const void* a, float* out) {
+  const block_q8_0x8* x = (const block_q8_0x8*)w;
+  const block_q8_0s* y = (const block_q8_0s*)a;
+  const int64_t nb = n / QK8_0;
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) gemv8_q8_0_groups<2>(nb, x + g * nb, y, out + 8 * g);
+  for (; g < groups; ++g) gemv8_q8_0_groups<1>(nb, x + g * nb, y, out + 8 * g);
+}
+
+// One repacked Q8_0 group -> eight Q8_0 rows (the tile's input): an 8×8 transpose of the
+// 32-bit lanes of a block's eight chunks.
+WEFT_AVX2 static void unpack8_q8_0_avx2(const void* w, void* out, int64_t n) {
+  const block_q8_0x8* x = (const block_q8_0x8*)w;
+  const int64_t nb = n / QK8_0;
+  block_q8_0* y = (block_q8_0*)out;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i rows[8];
+    transpose8x32(x[b].qs, rows);
+    for (int r = 0; r < 8; ++r) {
+      y[r * nb + b].d = x[b].d[r];
+      _mm256_storeu_si256((__m256i*)y[r * nb + b].qs, rows[r]);
+    }
+  }
 }
 
 // Repacked Q4_K (block_q4_Kx8), G groups at once. As for Q4_0, a 32-byte chunk holds four
@@ -785,8 +879,8 @@ WEFT_AVX2 static void decode_q4_K_kdec(const void* w, void* out, int64_t n) {
 }
 
 // One repacked Q4_K group -> eight KDec rows. The eight 32-byte chunks of a 64-value
-// slice hold four bytes of every row per chunk; an 8×8 transpose of 32-bit lanes gives
-// each row its 32 bytes in order, whose nibbles are the slice's two sub-blocks.
+// slice hold four bytes of every row per chunk; the transpose gives each row its 32 bytes
+// in order, whose nibbles are the slice's two sub-blocks.
 WEFT_AVX2 static void unpack8_q4_K_kdec(const void* w, void* out, int64_t n) {
   const block_q4_Kx8* x = (const block_q4_Kx8*)w;
   const int64_t nb = n / QK_K;
@@ -796,22 +890,13 @@ WEFT_AVX2 static void unpack8_q4_K_kdec(const void* w, void* out, int64_t n) {
     KDec* o[8];
     for (int r = 0; r < 8; ++r) o[r] = (KDec*)out + r * nb + b;
     for (int i = 0; i < 4; ++i) {
-      __m256i v[8];
-      for (int k = 0; k < 8; ++k) v[k] = _mm256_loadu_si256((const __m256i*)(xb.qs + 256 * i + 32 * k));
-      const __m256i a0 = _mm256_unpacklo_epi32(v[0], v[1]), a1 = _mm256_unpackhi_epi32(v[0], v[1]);
-      const __m256i a2 = _mm256_unpacklo_epi32(v[2], v[3]), a3 = _mm256_unpackhi_epi32(v[2], v[3]);
-      const __m256i a4 = _mm256_unpacklo_epi32(v[4], v[5]), a5 = _mm256_unpackhi_epi32(v[4], v[5]);
-      const __m256i a6 = _mm256_unpacklo_epi32(v[6], v[7]), a7 = _mm256_unpackhi_epi32(v[6], v[7]);
-      // c[r % 4] (low/high 128 bits: rows r and r + 4): chunks 0-3, then c'[..]: chunks 4-7
-      const __m256i c[4] = {_mm256_unpacklo_epi64(a0, a2), _mm256_unpackhi_epi64(a0, a2), _mm256_unpacklo_epi64(a1, a3), _mm256_unpackhi_epi64(a1, a3)};
-      const __m256i e[4] = {_mm256_unpacklo_epi64(a4, a6), _mm256_unpackhi_epi64(a4, a6), _mm256_unpacklo_epi64(a5, a7), _mm256_unpackhi_epi64(a5, a7)};
-      for (int r = 0; r < 4; ++r)
-        for (int h = 0; h < 2; ++h) {
-          const __m256i row = _mm256_permute2x128_si256(c[r], e[r], h ? 0x31 : 0x20);  // row r + 4h
-          uint8_t* q = o[r + 4 * h]->q + 64 * i;
-          _mm256_storeu_si256((__m256i*)q, _mm256_and_si256(row, m4));
-          _mm256_storeu_si256((__m256i*)(q + 32), _mm256_and_si256(_mm256_srli_epi16(row, 4), m4));
-        }
+      __m256i rows[8];
+      transpose8x32(xb.qs + 256 * i, rows);
+      for (int r = 0; r < 8; ++r) {
+        uint8_t* q = o[r]->q + 64 * i;
+        _mm256_storeu_si256((__m256i*)q, _mm256_and_si256(rows[r], m4));
+        _mm256_storeu_si256((__m256i*)(q + 32), _mm256_and_si256(_mm256_srli_epi16(rows[r], 4), m4));
+      }
     }
     for (int r = 0; r < 8; ++r) {
       for (int j = 0; j < 8; ++j) o[r]->scv[j] = _mm256_set1_epi16(xb.scales[8 * j + r]);
@@ -982,6 +1067,11 @@ static void swiglu_scalar(const float* g, const float* u, float* o, int64_t n) {
   for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+int64_t tile_row_bytes(int32_t t, int64_t n) {
+  const int64_t d = decoded_row_bytes(t, n);
+  return d ? d : row_bytes(t, n);
+}
+
 int64_t decoded_row_bytes(int32_t t, int64_t n) {
   switch (t) {
     case T_Q4_0: return row_bytes(T_Q8_0, n);
@@ -1009,6 +1099,7 @@ static KernelTable make_table(int level) {
     t.dot4[T_Q8_0] = dot4_q8_0_avx2; t.dot4[T_Q4_0] = dot4_q4_0_avx2;
     t.gemv8[T_Q4_0] = gemv8_q4_0_avx2; t.unpack8[T_Q4_0] = unpack8_q4_0_avx2;
     t.gemv8[T_Q4_K] = gemv8_q4_K_avx2; t.unpack8[T_Q4_K] = unpack8_q4_K_kdec;
+    t.gemv8[T_Q8_0] = gemv8_q8_0_avx2; t.unpack8[T_Q8_0] = unpack8_q8_0_avx2;
     t.dot4[T_F32] = dot4_float_avx2<LoadF32>; t.dot4[T_F16] = dot4_float_avx2<LoadF16>; t.dot4[T_BF16] = dot4_float_avx2<LoadBF16>;
     t.exp_sum = exp_sum_avx2; t.swiglu = swiglu_avx2;
   } else {
@@ -1016,7 +1107,7 @@ static KernelTable make_table(int level) {
     t.dot[T_Q8_0] = dot_q8_0_scalar; t.dot[T_Q4_0] = dot_q4_0_scalar;
     t.dot[T_Q4_K] = dot_q4_K_scalar; t.dot[T_Q6_K] = dot_q6_K_scalar;
     t.act[T_Q8_0S] = act_q8_0s_scalar;
-    t.gemv8[T_Q4_0] = gemv8_q4_0_scalar; t.gemv8[T_Q4_K] = gemv8_q4_K_scalar;  // no tiles at this level, so no unpack8
+    t.gemv8[T_Q4_0] = gemv8_q4_0_scalar; t.gemv8[T_Q4_K] = gemv8_q4_K_scalar; t.gemv8[T_Q8_0] = gemv8_q8_0_scalar;  // no tiles at this level, so no unpack8
     t.exp_sum = exp_sum_scalar; t.swiglu = swiglu_scalar;
   }
   return t;

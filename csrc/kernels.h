@@ -31,7 +31,7 @@ struct KernelTable {
   vec_dot_fn dot[32];       // indexed by weight type
   dot4_fn dot4[32];         // optional, by weight type: one-token products four rows at a time
   gemv8_fn gemv8[32];       // by weight type, for every type_is_repackable type
-  // one repacked group -> eight rows of the tile's input form (decoded_row_bytes apart); with tile
+  // one repacked group -> eight rows of the tile's input form (tile_row_bytes apart); with tile
   void (*unpack8[32])(const void* w, void* out, int64_t n);
   // w[i] = exp(w[i] - mx) for a row; returns the sum (softmax)
   double (*exp_sum)(float* w, int64_t n, float mx);
@@ -43,6 +43,8 @@ struct KernelTable {
 int32_t vec_dot_type(int32_t weight_type);
 // bytes of one weight row in the form its tile runs on, when it is decoded first (else 0)
 int64_t decoded_row_bytes(int32_t weight_type, int64_t n);
+// bytes of one weight row in the form its tile reads: decoded_row_bytes, or the row itself
+int64_t tile_row_bytes(int32_t weight_type, int64_t n);
 const KernelTable& kernels();
 int detected_level();
 // Forces a level (<= detected) for tests; returns the level in effect.

@@ -408,8 +408,23 @@ static void repack_q4_K_rows8(const void* src, int64_t src_stride, void* dst, in
   }
 }
 
+static void repack_q8_0_rows8(const void* src, int64_t src_stride, void* dst, int64_t n, int64_t nrows) {
+  const int64_t nb = n / QK8_0;
+  block_q8_0x8* out = (block_q8_0x8*)dst;
+  for (int64_t g = 0; g < nrows / 8; ++g) {
+    const block_q8_0* rows[8];
+    for (int r = 0; r < 8; ++r) rows[r] = (const block_q8_0*)((const char*)src + (g * 8 + r) * src_stride);
+    for (int64_t b = 0; b < nb; ++b, ++out)
+      for (int r = 0; r < 8; ++r) {
+        out->d[r] = rows[r][b].d;
+        for (int c = 0; c < 8; ++c) std::memcpy(out->qs + 32 * c + 4 * r, rows[r][b].qs + 4 * c, 4);
+      }
+  }
+}
+
 void repack_rows8(int32_t type, const void* src, int64_t src_stride, void* dst, int64_t n, int64_t nrows) {
   if (type == T_Q4_K) return repack_q4_K_rows8(src, src_stride, dst, n, nrows);
+  if (type == T_Q8_0) return repack_q8_0_rows8(src, src_stride, dst, n, nrows);
   if (type != T_Q4_0) return;
   const int64_t nb = n / QK4_0;
   block_q4_0x8* out = (block_q4_0x8*)dst;

@@ -151,25 +151,26 @@ test("context full, bad token ids, concurrent use and use after dispose are clea
   await m[Symbol.asyncDispose]();  // twice is fine
 });
 
-test("Q4_0 matrices repacked at load give the row layout's logits and greedy tokens", async () => {
-  const q4 = join(dir, "tiny-q4_0.gguf");
-  await quantizeModel(tiny, q4, "q4_0", { pure: true });
-  const phases: string[] = [];
-  const packed = await loadModel(q4, { threads: 2, kvType: "f32", onProgress: (p) => phases.push(p.phase) });
-  const rows = await loadModel(q4, { threads: 2, kvType: "f32", repack: false });
-  try {
-    assert.ok(phases.includes("repack"), "the Q4_0 matrices were repacked");
-    const ids = [1, 270, 265, 273, 259, 266, 271];
-    const a = await packed.evaluate(ids, { allLogits: true }), b = await rows.evaluate(ids, { allLogits: true });
-    // the same integer sums; only float32 summation order differs
-    assert.ok(nmse(a, b) < 1e-10, `logits NMSE ${nmse(a, b).toExponential(2)}`);
-    packed.reset(); rows.reset();
-    const gen = async (m: Model) => { const out: number[] = []; for await (const p of m.generate([1, 270], { temperature: 0, maxTokens: 12 })) out.push(p.token); return out; };
-    assert.equal(await gen(packed), await gen(rows));
-  } finally {
-    await packed.dispose(); await rows.dispose();
-  }
-});
+for (const type of ["q4_0", "q8_0"] as const)
+  test(`${type} matrices repacked at load give the row layout's logits and greedy tokens`, async () => {
+    const q = join(dir, `tiny-${type}.gguf`);
+    await quantizeModel(tiny, q, type, { pure: true });
+    const phases: string[] = [];
+    const packed = await loadModel(q, { threads: 2, kvType: "f32", onProgress: (p) => phases.push(p.phase) });
+    const rows = await loadModel(q, { threads: 2, kvType: "f32", repack: false });
+    try {
+      assert.ok(phases.includes("repack"), "the matrices were repacked");
+      const ids = [1, 270, 265, 273, 259, 266, 271];
+      const a = await packed.evaluate(ids, { allLogits: true }), b = await rows.evaluate(ids, { allLogits: true });
+      // the same integer sums; only float32 summation order differs
+      assert.ok(nmse(a, b) < 1e-10, `logits NMSE ${nmse(a, b).toExponential(2)}`);
+      packed.reset(); rows.reset();
+      const gen = async (m: Model) => { const out: number[] = []; for await (const p of m.generate([1, 270], { temperature: 0, maxTokens: 12 })) out.push(p.token); return out; };
+      assert.equal(await gen(packed), await gen(rows));
+    } finally {
+      await packed.dispose(); await rows.dispose();
+    }
+  });
 
 test("load progress is reported and ends at 'ready'", async () => {
   const phases: string[] = [];

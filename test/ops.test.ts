@@ -62,8 +62,8 @@ for (const wt of WEIGHT_TYPES) {
 
 // ---- MUL_MAT on repacked weights (eight-row groups): one group, an odd number of groups
 // (the two-group kernel's remainder, a work unit of 8 rows), batched (unpacked for tiles)
-for (const wt of [GgmlType.Q4_0, GgmlType.Q4_K])
-  for (const K of wt === GgmlType.Q4_0 ? [96, 512] : [256, 768])
+for (const wt of [GgmlType.Q4_0, GgmlType.Q8_0, GgmlType.Q4_K])
+  for (const K of wt === GgmlType.Q4_K ? [256, 768] : [96, 512])
     for (const [N, M] of [[8, 1], [40, 1], [128, 1], [24, 3], [40, 17]] as const)
       add("MUL_MAT", `type=${TYPES[wt].name} repacked,K=${K},N=${N},M=${M}`, NMSE_QMATMUL, () => {
         const w = t(wt, K, N);
@@ -287,9 +287,9 @@ test("repacked weights are read by MUL_MAT only: other readers are refused, rows
   await rejectsWith(backends[0]!.compute(g), /repacked weights, which only MUL_MAT can/);
   assert.throws(() => getTensorData(w), /repacked/);
   // not repackable: a row count that is not a multiple of 8, a type without a repacked form
-  const odd = t(GgmlType.Q4_0, 64, 7), q8 = t(GgmlType.Q8_0, 64, 8);
-  const other = allocateTensors([odd, q8]);
-  assert.is(await repackWeights([odd, q8], (n) => CpuBuffer.alloc(n, { repacked: true })), null);
+  const odd = t(GgmlType.Q4_0, 64, 7), q6 = t(GgmlType.Q6_K, 256, 8);
+  const other = allocateTensors([odd, q6]);
+  assert.is(await repackWeights([odd, q6], (n) => CpuBuffer.alloc(n, { repacked: true })), null);
   other.dispose(); packed.dispose(); buf.dispose();
 });
 

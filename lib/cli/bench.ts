@@ -28,7 +28,7 @@ export const BENCH_COMMAND: Command = {
   --device SET         a device set, comma-separated; repeat the flag for several sets
                        (default cpu:0); with split mode none only the first device is used
   --tensor-split LIST  share of layers per device (default: equal)
-  --no-repack          keep Q4_0/Q4_K matrices in rows (default: repacked at load, as weft run)
+  --no-repack          keep Q4_0/Q8_0/Q4_K matrices in rows (default: repacked at load, as weft run)
   -o, --output md|json table (default) or JSON lines
   --peer node-llama-cpp  also run the same model through node-llama-cpp ${"(installed on first use into"}
                        WEFT_PEER_DIR or <cache>/peer, CPU binary only), alternating with weft, and

@@ -27,9 +27,10 @@ export const MODEL_FLAGS_HELP = `  -m, --model FILE     GGUF model (default: the
   --device LIST        devices, comma-separated (default cpu:0; see "weft devices")
   --split-mode MODE    none: all on the first device; layer: contiguous layer ranges per device
   --tensor-split LIST  share of layers per device, e.g. 3,1 (default: equal)
-  --no-repack          keep Q4_0/Q4_K matrices in the file's row layout (default: copied at load
-                       into the CPU's eight-row layout, faster per token, as llama.cpp's
-                       CPU_REPACK buffers; the copy takes memory the size of those matrices)`;
+  --no-repack          keep Q4_0/Q8_0/Q4_K matrices in the file's row layout (default: copied
+                       at load into the CPU's eight-row layout, faster per token, as
+                       llama.cpp's CPU_REPACK buffers; the copy takes memory the size of
+                       those matrices)`;
 
 export const modelFlags = {
   model: { type: "string", short: "m" },

@@ -1,7 +1,7 @@
 /**
- * Weight repacking for the CPU backend, as llama.cpp's CPU_REPACK buffers: Q4_0 and Q4_K
- * matrices are copied once, at load, into eight-row groups (csrc/common.h block_q4_0x8,
- * block_q4_Kx8), which one-token MUL_MAT reads with about half the work per byte of
+ * Weight repacking for the CPU backend, as llama.cpp's CPU_REPACK buffers: Q4_0, Q8_0 and
+ * Q4_K matrices are copied once, at load, into eight-row groups (csrc/common.h block_q4_0x8,
+ * block_q8_0x8, block_q4_Kx8), which one-token MUL_MAT reads with about half the work per byte of
  * row-by-row products (one scale conversion and FMA serve eight rows).
  * A repacked tensor lives in a buffer flagged `repacked`; the native plan decoder lets
  * only MUL_MAT read it, and setTensorData/getTensorData refuse it.
@@ -13,7 +13,7 @@ import { fromNative } from "../core/errors.js";
 import { native } from "./native.js";
 
 /** Types MUL_MAT can read repacked (csrc/common.h type_is_repackable). */
-const REPACKABLE: ReadonlySet<GgmlType> = new Set([GgmlType.Q4_0, GgmlType.Q4_K]);
+const REPACKABLE: ReadonlySet<GgmlType> = new Set([GgmlType.Q4_0, GgmlType.Q8_0, GgmlType.Q4_K]);
 
 /** Bytes a repacked matrix takes (csrc/common.h repacked_row_bytes): Q4_K stores its
  * six-bit scales and mins as bytes, 148 bytes per row and super-block instead of 144. */

@@ -42,7 +42,7 @@ export interface LoadModelOptions {
   batchSize?: number;
   /** fault the whole file in at load (default true): the first token then pays no page faults */
   prefault?: boolean;
-  /** copy Q4_0 and Q4_K matrices into the CPU's eight-row layout at load (default true): one-token
+  /** copy Q4_0, Q8_0 and Q4_K matrices into the CPU's eight-row layout at load (default true): one-token
    * products run faster; the copy takes memory the size of those matrices, and the
    * mapped file pages they came from are left to the page cache */
   repack?: boolean;
@@ -184,7 +184,7 @@ export class Model {
   }
 
   /**
-   * @internal loadModel's last step: each device's Q4_0 and Q4_K matrices move into its repacked
+   * @internal loadModel's last step: each device's Q4_0, Q8_0 and Q4_K matrices move into its repacked
    * buffer (lib/cpu/repack.ts). The event loop gets a turn every tensor; `signal` stops it.
    */
   async repackWeights(report: (p: LoadProgress) => void, signal?: AbortSignal): Promise<void> {
