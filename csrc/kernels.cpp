@@ -8,6 +8,16 @@
 #include <algorithm>
 
 #define WEFT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#ifdef WEFT_EMULATE_AVX512
+// Test build only (scripts/build-native.js --emulate-avx512, compiled with -mavx2): SIMDe
+// implements the AVX-512 intrinsics on AVX2, so the AVX-512 level's logic runs through
+// the op matrix on a machine without AVX-512.
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#define WEFT_AVX512 WEFT_AVX2
+#else
+#define WEFT_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#endif
 #define WEFT_INLINE inline __attribute__((always_inline))
 
 namespace weft {
@@ -567,89 +577,6 @@ WEFT_AVX2 static inline void transpose8x32(const void* p, __m256i rows[8]) {
   }
 }
 
-// Repacked Q4_0 (block_q4_0x8), G groups at once. Per 32-byte chunk: masked and shifted
-// nibbles are elements 4c..4c+3 and 16+4c..16+4c+3 of each row (one row per 32-bit lane)
-// and meet those four activation bytes broadcast to every lane; eight int16 products add
-// without overflow (8·2·15·127 < 2^15), one madd leaves one int32 per row. Two groups
-// share the broadcasts (5-10 % faster in cache, A/B runs). Each group is fetched 1 KiB
-// ahead (256 B and 4 KiB were slower; T1/NTA hints no different within this VM's noise),
-// and near its end the head of the matching group of the caller's next pair, which would
-// otherwise start cold: 0.62 vs 0.77 ms on 2048×8192 (A/B runs; one group at a time: 0.70).
-template <int G>
-WEFT_AVX2 static inline void gemv8_q4_0_groups(int64_t nb, const block_q4_0x8* x, const block_q8_0s* y, float* out) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 acc[G];
-  for (int k = 0; k < G; ++k) acc[k] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    // near a group's end, fetch the head of the same group of the next G (the caller's next
-    // rows): each of the G streams then runs on without a cold start
-    const int64_t ahead = 1024 + ((b * (int64_t)sizeof(block_q4_0x8) + 1024 >= nb * (int64_t)sizeof(block_q4_0x8)) ? (G - 1) * nb * (int64_t)sizeof(block_q4_0x8) : 0);
-    for (int k = 0; k < G; ++k)
-      for (int o = 0; o < (int)sizeof(block_q4_0x8); o += 64) _mm_prefetch((const char*)(x + k * nb + b) + ahead + o, _MM_HINT_T0);
-    const int8_t* yq = y[b].qs;  // broadcast straight from memory (a copy to the stack cost ~10 %)
-    __m256i p[G];
-    for (int k = 0; k < G; ++k) p[k] = _mm256_setzero_si256();
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) {
-      const __m256i ylo = _mm256_broadcastd_epi32(_mm_loadu_si32(yq + 4 * c)), yhi = _mm256_broadcastd_epi32(_mm_loadu_si32(yq + 16 + 4 * c));
-      for (int k = 0; k < G; ++k) {
-        const __m256i v = _mm256_loadu_si256((const __m256i*)(x[k * nb + b].qs + 32 * c));
-        p[k] = _mm256_add_epi16(p[k], _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(v, m4), ylo),
-                                                       _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), yhi)));
-      }
-    }
-    const __m256 yd = _mm256_set1_ps(y[b].d), ys = _mm256_set1_ps(8 * y[b].s);
-    for (int k = 0; k < G; ++k) {
-      const __m256 dx = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)x[k * nb + b].d));
-      acc[k] = _mm256_fmadd_ps(dx, _mm256_fmsub_ps(yd, _mm256_cvtepi32_ps(_mm256_madd_epi16(p[k], ones)), ys), acc[k]);
-    }
-  }
-  for (int k = 0; k < G; ++k) _mm256_storeu_ps(out + 8 * k, acc[k]);
-}
-
-// Repacked Q8_0 (block_q8_0x8), G groups at once, as Q4_0: a 32-byte chunk holds four
-// values of each row; x·y = maddubs(|y|, sign(x, y)) with |y| of the broadcast bytes
-// computed once for all rows, widened by one madd per chunk (two chunks' int16 sums could
-// overflow). Same prefetching as Q4_0.
-template <int G>
-WEFT_AVX2 static inline void gemv8_q8_0_groups(int64_t nb, const block_q8_0x8* x, const block_q8_0s* y, float* out) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  constexpr int64_t S = sizeof(block_q8_0x8);
-  __m256 acc[G];
-  for (int k = 0; k < G; ++k) acc[k] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const int64_t ahead = 1024 + (b * S + 1024 >= nb * S ? (G - 1) * nb * S : 0);
-    for (int k = 0; k < G; ++k)
-      for (int o = 0; o < (int)S; o += 64) _mm_prefetch((const char*)(x + k * nb + b) + ahead + o, _MM_HINT_T0);
-    __m256i s[G];
-    for (int k = 0; k < G; ++k) s[k] = _mm256_setzero_si256();
-#pragma GCC unroll 8
-    for (int c = 0; c < 8; ++c) {
-      const __m256i yb = _mm256_broadcastd_epi32(_mm_loadu_si32(y[b].qs + 4 * c));
-      const __m256i ya = _mm256_sign_epi8(yb, yb);
-      for (int k = 0; k < G; ++k) {
-        const __m256i v = _mm256_loadu_si256((const __m256i*)(x[k * nb + b].qs + 32 * c));
-        s[k] = _mm256_add_epi32(s[k], _mm256_madd_epi16(_mm256_maddubs_epi16(ya, _mm256_sign_epi8(v, yb)), ones));
-      }
-    }
-    const __m256 yd = _mm256_set1_ps(y[b].d);
-    for (int k = 0; k < G; ++k) {
-      const __m256 dx = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)x[k * nb + b].d)), yd);
-      acc[k] = _mm256_fmadd_ps(dx, _mm256_cvtepi32_ps(s[k]), acc[k]);
-    }
-  }
-  for (int k = 0; k < G; ++k) _mm256_storeu_ps(out + 8 * k, acc[k]);
-}
-
-WEFT_AVX2 static void gemv8_q8_0_avx2(int64_t n, const void* w, int64_t groups, const void* a, float* out) {
-  const block_q8_0x8* x = (const block_q8_0x8*)w;
-  const block_q8_0s* y = (const block_q8_0s*)a;
-  const int64_t nb = n / QK8_0;
-  int64_t g = 0;
-  for (; g + 2 <= groups; g += 2) gemv8_q8_0_groups<2>(nb, x + g * nb, y, out + 8 * g);
-  for (; g < groups; ++g) gemv8_q8_0_groups<1>(nb, x + g * nb, y, out + 8 * g);
-}
-
 // One repacked Q8_0 group -> eight Q8_0 rows (the tile's input): an 8×8 transpose of the
 // 32-bit lanes of a block's eight chunks.
 WEFT_AVX2 static void unpack8_q8_0_avx2(const void* w, void* out, int64_t n) {
@@ -736,15 +663,6 @@ WEFT_AVX2 static void gemv8_q4_K_avx2(int64_t n, const void* w, int64_t groups, 
   for (int64_t g = 0; g < groups; ++g) gemv8_q4_K_groups<1>(nb, x + g * nb, y, out + 8 * g);
 }
 
-WEFT_AVX2 static void gemv8_q4_0_avx2(int64_t n, const void* w, int64_t groups, const void* a, float* out) {
-  const block_q4_0x8* x = (const block_q4_0x8*)w;
-  const block_q8_0s* y = (const block_q8_0s*)a;
-  const int64_t nb = n / QK4_0;
-  int64_t g = 0;
-  for (; g + 2 <= groups; g += 2) gemv8_q4_0_groups<2>(nb, x + g * nb, y, out + 8 * g);
-  for (; g < groups; ++g) gemv8_q4_0_groups<1>(nb, x + g * nb, y, out + 8 * g);
-}
-
 // One repacked group -> eight Q8_0 rows: the nibbles of each chunk become (q − 8) bytes
 // with one 32-bit lane per row; a 4×8 transpose of those lanes (unpack 32, then 64 bit)
 // gathers each row's sixteen low-nibble and sixteen high-nibble elements.
@@ -800,40 +718,21 @@ static void tile_select(int64_t n, const void* w, int64_t ws, const void* a, int
 #undef T
 }
 
-// Q8_0 weight rows (Q4_0 rows are decoded to them first) against Q8_0S activations.
-struct TileI8 {
-template <int RM, int RN>
-WEFT_AVX2 static void run(int64_t n, const char* w, int64_t ws, const char* a, int64_t as, float* out, int64_t os) {
-  const int64_t nb = n / 32;
-  __m256 acc[RM][RN];
-  for (int i = 0; i < RM; ++i) for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t b = 0; b < nb; ++b) {
-    float ad[RN];
-    __m256i y[RN];
-    for (int j = 0; j < RN; ++j) {
-      const block_q8_0s* yb = (const block_q8_0s*)(a + j * as) + b;
-      ad[j] = yb->d;
-      y[j] = _mm256_loadu_si256((const __m256i*)yb->qs);
-    }
-    for (int i = 0; i < RM; ++i) {
-      const block_q8_0* wb = (const block_q8_0*)(w + i * ws) + b;
-      const __m256i x = _mm256_loadu_si256((const __m256i*)wb->qs);
-      const float wd = fp16_to_fp32(wb->d);
-      const __m256i ax = _mm256_sign_epi8(x, x);
-      for (int j = 0; j < RN; ++j) {
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(y[j], x)), ones);
-        acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(wd * ad[j]), _mm256_cvtepi32_ps(p), acc[i][j]);
-      }
-    }
-  }
-  for (int i = 0; i < RM; ++i) for (int j = 0; j < RN; ++j) out[j * os + i] = hsum256(acc[i][j]);
-}
-};
+#define I8_NS avx2
+#define I8_TARGET WEFT_AVX2
+#define I8_VNNI 0
+#include "kernels_i8.inc"
+#undef I8_NS
+#undef I8_TARGET
+#undef I8_VNNI
+#define I8_NS vnni
+#define I8_TARGET WEFT_AVX512
+#define I8_VNNI 1
+#include "kernels_i8.inc"
+#undef I8_NS
+#undef I8_TARGET
+#undef I8_VNNI
 
-static void tile_q8_0_avx2(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn) {
-  tile_select<TileI8>(n, w, ws, a, as, out, os, rm, rn);
-}
 // Q4_0 rows -> Q8_0 rows ((q - 8) as int8, same scale): batched products decode a block of
 // weight rows once per work unit and reuse it for every activation column.
 WEFT_AVX2 static void decode_q4_0_q8_avx2(const void* w, void* out, int64_t n) {
@@ -1092,17 +991,22 @@ static KernelTable make_table(int level) {
     t.dot[T_Q8_0] = dot_q8_0_avx2; t.dot[T_Q4_0] = dot_q4_0_avx2;
     t.dot[T_Q4_K] = dot_q4_K_avx2; t.dot[T_Q6_K] = dot_q6_K_avx2;
     t.act[T_Q8_0S] = act_q8_0s_avx2;
-    t.tile[T_Q8_0] = tile_q8_0_avx2; t.tile[T_Q4_0] = tile_q8_0_avx2; t.decode[T_Q4_0] = decode_q4_0_q8_avx2;
+    t.tile[T_Q8_0] = avx2::tile_q8_0; t.tile[T_Q4_0] = avx2::tile_q8_0; t.decode[T_Q4_0] = decode_q4_0_q8_avx2;
     t.tile[T_Q4_K] = tile_kdec_avx2; t.decode[T_Q4_K] = decode_q4_K_kdec;
     t.tile[T_Q6_K] = tile_kdec_avx2; t.decode[T_Q6_K] = decode_q6_K_kdec;
     t.tile[T_F32] = tile_f32_avx2; t.tile[T_F16] = tile_f16_avx2; t.tile[T_BF16] = tile_bf16_avx2;
     t.dot4[T_Q8_0] = dot4_q8_0_avx2; t.dot4[T_Q4_0] = dot4_q4_0_avx2;
-    t.gemv8[T_Q4_0] = gemv8_q4_0_avx2; t.unpack8[T_Q4_0] = unpack8_q4_0_avx2;
+    t.gemv8[T_Q4_0] = avx2::gemv8_q4_0; t.unpack8[T_Q4_0] = unpack8_q4_0_avx2;
     t.gemv8[T_Q4_K] = gemv8_q4_K_avx2; t.unpack8[T_Q4_K] = unpack8_q4_K_kdec;
-    t.gemv8[T_Q8_0] = gemv8_q8_0_avx2; t.unpack8[T_Q8_0] = unpack8_q8_0_avx2;
+    t.gemv8[T_Q8_0] = avx2::gemv8_q8_0; t.unpack8[T_Q8_0] = unpack8_q8_0_avx2;
     t.dot4[T_F32] = dot4_float_avx2<LoadF32>; t.dot4[T_F16] = dot4_float_avx2<LoadF16>; t.dot4[T_BF16] = dot4_float_avx2<LoadBF16>;
     t.exp_sum = exp_sum_avx2; t.swiglu = swiglu_avx2;
-  } else {
+  }
+  if (level >= LEVEL_AVX512) {  // the int8 products with VNNI; everything else as AVX2
+    t.tile[T_Q8_0] = vnni::tile_q8_0; t.tile[T_Q4_0] = vnni::tile_q8_0;
+    t.gemv8[T_Q4_0] = vnni::gemv8_q4_0; t.gemv8[T_Q8_0] = vnni::gemv8_q8_0;
+  }
+  if (level < LEVEL_AVX2) {
     t.dot[T_F32] = dot_f32_scalar; t.dot[T_F16] = dot_f16_scalar; t.dot[T_BF16] = dot_bf16_scalar;
     t.dot[T_Q8_0] = dot_q8_0_scalar; t.dot[T_Q4_0] = dot_q4_0_scalar;
     t.dot[T_Q4_K] = dot_q4_K_scalar; t.dot[T_Q6_K] = dot_q6_K_scalar;
@@ -1115,8 +1019,15 @@ static KernelTable make_table(int level) {
 
 int detected_level() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return LEVEL_AVX2;
-  return LEVEL_SCALAR;
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))) return LEVEL_SCALAR;
+#ifdef WEFT_EMULATE_AVX512
+  return LEVEL_AVX512;
+#else
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512vnni"))
+    return LEVEL_AVX512;
+  return LEVEL_AVX2;
+#endif
 }
 
 static KernelTable g_table = make_table(detected_level());

@@ -4,7 +4,9 @@
 
 namespace weft {
 
-enum KernelLevel : int { LEVEL_SCALAR = 0, LEVEL_AVX2 = 1 };
+// AVX512: AVX-512 F/BW/VL with VNNI (Ice Lake, Zen 4 and later): the int8 products use
+// vpdpbusd; the other kernels are AVX2's.
+enum KernelLevel : int { LEVEL_SCALAR = 0, LEVEL_AVX2 = 1, LEVEL_AVX512 = 2 };
 
 // dot of one weight row (type t) with one activation row already converted to
 // vec_dot_type(t); n = elements in the row.

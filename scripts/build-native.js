@@ -1,5 +1,9 @@
 #!/usr/bin/env node
 // Builds the native CPU backend with node-gyp, offline.
+// With --emulate-avx512: a test build (g++ directly, -mavx2, SIMDe's AVX-512 intrinsics
+// emulated on AVX2) into build/avx512-emulated/weft.node, whose path it prints; exits 2
+// when the SIMDe headers are missing (Debian: libsimde-dev). Tests load it through
+// WEFT_NATIVE_ADDON; it is never what `npm install` builds.
 // node-gyp downloads Node's headers unless told where they are; every Node install that
 // ships a `include/node/node_api.h` next to its binary (Debian, nvm, the official
 // tarballs) has them, so we find that folder and pass --nodedir. Only if none exists do we
@@ -25,6 +29,23 @@ function findNodeDir() {
 }
 
 const nodeDir = findNodeDir();
+
+if (process.argv.includes("--emulate-avx512")) {
+  const probe = spawnSync("g++", ["-x", "c++", "-std=c++17", "-mavx2", "-E", "-o", "/dev/null", "-"], { input: "#include <simde/x86/avx512.h>\n", encoding: "utf8" });
+  if (probe.status !== 0) { console.error("the SIMDe headers (simde/x86/avx512.h) are not installed; Debian: apt install libsimde-dev"); process.exit(2); }
+  if (!nodeDir) { console.error("Node headers not found"); process.exit(2); }
+  const out = join(root, "build", "avx512-emulated", "weft.node");
+  const srcs = ["addon", "graph", "kernels", "quants"].map((f) => join(root, "csrc", `${f}.cpp`));
+  const flags = ["-shared", "-fPIC", "-pthread", "-O2", "-std=c++17", "-fexceptions", "-ffp-contract=off", "-fno-math-errno", "-w",
+    "-mavx2", "-mfma", "-mf16c", "-DWEFT_EMULATE_AVX512", "-DNAPI_VERSION=8", "-DNAPI_CPP_EXCEPTIONS", "-DBUILDING_NODE_EXTENSION",
+    `-I${join(nodeDir, "include", "node")}`, `-I${require("node-addon-api").include_dir.replace(/^"|"$/g, "")}`];
+  spawnSync("mkdir", ["-p", dirname(out)]);
+  const r = spawnSync("g++", [...flags, ...srcs, "-o", out], { cwd: root, stdio: ["ignore", "inherit", "inherit"] });
+  if (r.status !== 0) process.exit(1);
+  console.log(out);
+  process.exit(0);
+}
+
 const gypBin = require.resolve("node-gyp/bin/node-gyp.js");
 const args = [gypBin, "rebuild", "--release"];
 if (nodeDir) args.push(`--nodedir=${nodeDir}`);

@@ -35,19 +35,20 @@ export interface NativeAddon {
   /** rows are split across `threads` (default: all cores); the bytes do not depend on it */
   quantize(type: number, src: Float32Array, nPerRow: number, threads?: number): Uint8Array;
   dequantize(type: number, src: Uint8Array, n: number): Float32Array;
-  /** get (and with an argument, force) the kernel level: 0 scalar, 1 AVX2 */
+  /** get (and with an argument, force) the kernel level: 0 scalar, 1 AVX2, 2 AVX-512 VNNI */
   kernelLevel(force?: number): { current: number; detected: number };
   readBandwidth(bytes: number, threads: number, reps: number): number;
 }
 
-export const KERNEL_LEVELS = ["scalar", "avx2"] as const;
+export const KERNEL_LEVELS = ["scalar", "avx2", "avx512"] as const;
 
 let addon: NativeAddon | null = null;
 
 export function native(): NativeAddon {
   if (addon) return addon;
   const here = dirname(fileURLToPath(import.meta.url));
-  const path = resolve(here, "../../../build/Release/weft.node");
+  // WEFT_NATIVE_ADDON: another build of the addon (the tests' AVX-512-emulated one)
+  const path = process.env.WEFT_NATIVE_ADDON ? resolve(process.env.WEFT_NATIVE_ADDON) : resolve(here, "../../../build/Release/weft.node");
   try {
     addon = createRequire(import.meta.url)(path) as NativeAddon;
   } catch (e) {
