@@ -593,75 +593,6 @@ WEFT_AVX2 static void unpack8_q8_0_avx2(const void* w, void* out, int64_t n) {
   }
 }
 
-// Repacked Q4_K (block_q4_Kx8), G groups at once. As for Q4_0, a 32-byte chunk holds four
-// bytes of each row; eight chunks make a 32-value sub-block pair (low and high nibbles),
-// whose int16 products add without overflow (8·2·15·128 < 2^15). The scales multiply in
-// the madd that widens them (each row's scale in both int16 halves of its lane); the
-// mins meet the activation's per-sub-block sums (adjacent bsums added) in one madd per
-// two sub-blocks. No shuffles: in cache, 1.5x the row kernel's speed.
-template <int G>
-WEFT_AVX2 static inline void gemv8_q4_K_groups(int64_t nb, const block_q4_Kx8* x, const block_q8_K* y, float* out) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  __m256 acc[G];
-  for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    for (int g = 0; g < G; ++g)
-      for (int o = 0; o < (int)sizeof(block_q4_Kx8); o += 64) _mm_prefetch((const char*)(x + g * nb + b) + 1024 + o, _MM_HINT_T0);
-    const int8_t* q8 = y[b].qs;
-    __m256i isum[G];
-    for (int g = 0; g < G; ++g) isum[g] = _mm256_setzero_si256();
-    for (int i = 0; i < 4; ++i) {
-      __m256i plo[G], phi[G];
-      for (int g = 0; g < G; ++g) plo[g] = phi[g] = _mm256_setzero_si256();
-#pragma GCC unroll 8
-      for (int k = 0; k < 8; ++k) {
-        const __m256i ylo = _mm256_broadcastd_epi32(_mm_loadu_si32(q8 + 64 * i + 4 * k));
-        const __m256i yhi = _mm256_broadcastd_epi32(_mm_loadu_si32(q8 + 64 * i + 32 + 4 * k));
-        for (int g = 0; g < G; ++g) {
-          const __m256i v = _mm256_loadu_si256((const __m256i*)(x[g * nb + b].qs + 256 * i + 32 * k));
-          plo[g] = _mm256_add_epi16(plo[g], _mm256_maddubs_epi16(_mm256_and_si256(v, m4), ylo));
-          phi[g] = _mm256_add_epi16(phi[g], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), yhi));
-        }
-      }
-      for (int g = 0; g < G; ++g) {
-        const uint8_t* sc = x[g * nb + b].scales + 16 * i;
-        __m256i slo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)sc));
-        __m256i shi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(sc + 8)));
-        slo = _mm256_or_si256(slo, _mm256_slli_epi32(slo, 16));
-        shi = _mm256_or_si256(shi, _mm256_slli_epi32(shi, 16));
-        isum[g] = _mm256_add_epi32(isum[g], _mm256_add_epi32(_mm256_madd_epi16(plo[g], slo), _mm256_madd_epi16(phi[g], shi)));
-      }
-    }
-    // per-sub-block activation sums as int16 pairs (sub-blocks 2p, 2p+1 in 32-bit lane p)
-    const __m128i ys = _mm_hadd_epi16(_mm_loadu_si128((const __m128i*)y[b].bsums), _mm_loadu_si128((const __m128i*)(y[b].bsums + 8)));
-    const __m256i yp[4] = {
-      _mm256_broadcastd_epi32(ys), _mm256_broadcastd_epi32(_mm_shuffle_epi32(ys, 0x55)),
-      _mm256_broadcastd_epi32(_mm_shuffle_epi32(ys, 0xAA)), _mm256_broadcastd_epi32(_mm_shuffle_epi32(ys, 0xFF)),
-    };
-    const __m256 yd = _mm256_set1_ps(y[b].d);
-    for (int g = 0; g < G; ++g) {
-      const block_q4_Kx8& xb = x[g * nb + b];
-      __m256i msum = _mm256_setzero_si256();
-      for (int p = 0; p < 4; ++p)
-        msum = _mm256_add_epi32(msum, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(xb.mins + 16 * p))), yp[p]));
-      const __m256 d = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)xb.d)), yd);
-      const __m256 dmin = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)xb.dmin)), yd);
-      acc[g] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum[g]), acc[g]);
-      acc[g] = _mm256_fnmadd_ps(dmin, _mm256_cvtepi32_ps(msum), acc[g]);
-    }
-  }
-  for (int g = 0; g < G; ++g) _mm256_storeu_ps(out + 8 * g, acc[g]);
-}
-
-WEFT_AVX2 static void gemv8_q4_K_avx2(int64_t n, const void* w, int64_t groups, const void* a, float* out) {
-  const block_q4_Kx8* x = (const block_q4_Kx8*)w;
-  const block_q8_K* y = (const block_q8_K*)a;
-  const int64_t nb = n / QK_K;
-  // one group at a time: the groups then form one stream, while two streams (shared
-  // broadcasts, as Q4_0 does) were 25-35 % slower at K = 2048 (A/B runs: 0.97 vs 0.72 ms
-  // on 2048×8192, even with Q4_0's next-head prefetch; equal on 8192×2048)
-  for (int64_t g = 0; g < groups; ++g) gemv8_q4_K_groups<1>(nb, x + g * nb, y, out + 8 * g);
-}
 
 // One repacked group -> eight Q8_0 rows: the nibbles of each chunk become (q − 8) bytes
 // with one 32-bit lane per row; a 4×8 transpose of those lanes (unpack 32, then 64 bit)
@@ -997,14 +928,14 @@ static KernelTable make_table(int level) {
     t.tile[T_F32] = tile_f32_avx2; t.tile[T_F16] = tile_f16_avx2; t.tile[T_BF16] = tile_bf16_avx2;
     t.dot4[T_Q8_0] = dot4_q8_0_avx2; t.dot4[T_Q4_0] = dot4_q4_0_avx2;
     t.gemv8[T_Q4_0] = avx2::gemv8_q4_0; t.unpack8[T_Q4_0] = unpack8_q4_0_avx2;
-    t.gemv8[T_Q4_K] = gemv8_q4_K_avx2; t.unpack8[T_Q4_K] = unpack8_q4_K_kdec;
+    t.gemv8[T_Q4_K] = avx2::gemv8_q4_K; t.unpack8[T_Q4_K] = unpack8_q4_K_kdec;
     t.gemv8[T_Q8_0] = avx2::gemv8_q8_0; t.unpack8[T_Q8_0] = unpack8_q8_0_avx2;
     t.dot4[T_F32] = dot4_float_avx2<LoadF32>; t.dot4[T_F16] = dot4_float_avx2<LoadF16>; t.dot4[T_BF16] = dot4_float_avx2<LoadBF16>;
     t.exp_sum = exp_sum_avx2; t.swiglu = swiglu_avx2;
   }
   if (level >= LEVEL_AVX512) {  // the int8 products with VNNI; everything else as AVX2
     t.tile[T_Q8_0] = vnni::tile_q8_0; t.tile[T_Q4_0] = vnni::tile_q8_0;
-    t.gemv8[T_Q4_0] = vnni::gemv8_q4_0; t.gemv8[T_Q8_0] = vnni::gemv8_q8_0;
+    t.gemv8[T_Q4_0] = vnni::gemv8_q4_0; t.gemv8[T_Q8_0] = vnni::gemv8_q8_0; t.gemv8[T_Q4_K] = vnni::gemv8_q4_K;
   }
   if (level < LEVEL_AVX2) {
     t.dot[T_F32] = dot_f32_scalar; t.dot[T_F16] = dot_f16_scalar; t.dot[T_BF16] = dot_bf16_scalar;
