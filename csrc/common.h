@@ -132,6 +132,39 @@ inline void unpack_q4_K_scales(const uint8_t* s, uint8_t sc[8], uint8_t mn[8]) {
 void quantize_row(int32_t type, const float* x, void* y, int64_t n);
 void dequantize_row(int32_t type, const void* x, float* y, int64_t n);
 bool type_is_quantizable(int32_t type);
+// Row r's block <-> its place in a repacked block. Every repacked type puts row r's qs
+// bytes 4c..4c+3 at 32c + 4r; Q4_K also unpacks its six-bit scales and mins to bytes.
+template <class BX, class BR> inline void pack_lanes(BX& o, const BR& x, int r) {
+  for (size_t c = 0; c < sizeof(x.qs) / 4; ++c) std::memcpy(o.qs + 32 * c + 4 * r, x.qs + 4 * c, 4);
+}
+template <class BX, class BR> inline void unpack_lanes(const BX& o, BR& x, int r) {
+  for (size_t c = 0; c < sizeof(x.qs) / 4; ++c) std::memcpy(x.qs + 4 * c, o.qs + 32 * c + 4 * r, 4);
+}
+inline void pack_block8(block_q4_0x8& o, const block_q4_0& x, int r) { o.d[r] = x.d; pack_lanes(o, x, r); }
+inline void pack_block8(block_q8_0x8& o, const block_q8_0& x, int r) { o.d[r] = x.d; pack_lanes(o, x, r); }
+inline void pack_block8(block_q4_Kx8& o, const block_q4_K& x, int r) {
+  o.d[r] = x.d;
+  o.dmin[r] = x.dmin;
+  uint8_t sc[8], mn[8];
+  unpack_q4_K_scales(x.scales, sc, mn);
+  for (int j = 0; j < 8; ++j) { o.scales[8 * j + r] = sc[j]; o.mins[16 * (j / 2) + 2 * r + j % 2] = mn[j]; }
+  pack_lanes(o, x, r);
+}
+inline void unpack_block8(const block_q4_0x8& o, int r, block_q4_0& x) { x.d = o.d[r]; unpack_lanes(o, x, r); }
+inline void unpack_block8(const block_q8_0x8& o, int r, block_q8_0& x) { x.d = o.d[r]; unpack_lanes(o, x, r); }
+inline void unpack_block8(const block_q4_Kx8& o, int r, block_q4_K& x) {
+  x.d = o.d[r];
+  x.dmin = o.dmin[r];
+  for (int j = 0; j < 4; ++j) {  // the six-bit packing unpack_q4_K_words reads
+    const uint8_t s0 = o.scales[8 * j + r], s1 = o.scales[8 * (j + 4) + r];
+    const uint8_t m0 = o.mins[16 * (j / 2) + 2 * r + j % 2], m1 = o.mins[16 * ((j + 4) / 2) + 2 * r + j % 2];
+    x.scales[j] = (uint8_t)(s0 | (s1 >> 4) << 6);
+    x.scales[j + 4] = (uint8_t)(m0 | (m1 >> 4) << 6);
+    x.scales[j + 8] = (uint8_t)((s1 & 0x0F) | (m1 & 0x0F) << 4);
+  }
+  unpack_lanes(o, x, r);
+}
+
 // Weight types MUL_MAT can read in eight-row repacked groups (repack_rows8 accepts them),
 // and the bytes one row takes in that form (lib/cpu/repack.ts mirrors both).
 inline bool type_is_repackable(int32_t type) { return type == T_Q4_0 || type == T_Q8_0 || type == T_Q4_K; }

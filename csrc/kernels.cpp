@@ -96,73 +96,6 @@ static float dot_q4_0_scalar(int64_t n, const void* w, const void* a) {
   return sum;
 }
 
-// Repacked Q4_0 (block_q4_0x8): `groups` consecutive groups of eight rows against one
-// activation row; the same sums as dot_q4_0_scalar, row by row.
-static void gemv8_q4_0_scalar(int64_t n, const void* w, int64_t groups, const void* a, float* out) {
-  const block_q4_0x8* x = (const block_q4_0x8*)w;
-  const block_q8_0s* y = (const block_q8_0s*)a;
-  const int64_t nb = n / QK4_0;
-  for (int64_t g = 0; g < groups; ++g, x += nb)
-    for (int r = 0; r < 8; ++r) {
-      float sum = 0;
-      for (int64_t i = 0; i < nb; ++i) {
-        int s = 0;
-        for (int c = 0; c < 4; ++c)
-          for (int j = 0; j < 4; ++j) {
-            const uint8_t q = x[i].qs[32 * c + 4 * r + j];
-            s += (q & 0x0F) * y[i].qs[4 * c + j] + (q >> 4) * y[i].qs[16 + 4 * c + j];
-          }
-        const float dx = fp16_to_fp32(x[i].d[r]);
-        sum += s * dx * y[i].d - 8 * dx * y[i].s;
-      }
-      out[8 * g + r] = sum;
-    }
-}
-
-// Repacked Q8_0 (block_q8_0x8): the same sums as dot_q8_0_scalar, row by row.
-static void gemv8_q8_0_scalar(int64_t n, const void* w, int64_t groups, const void* a, float* out) {
-  const block_q8_0x8* x = (const block_q8_0x8*)w;
-  const block_q8_0s* y = (const block_q8_0s*)a;
-  const int64_t nb = n / QK8_0;
-  for (int64_t g = 0; g < groups; ++g, x += nb)
-    for (int r = 0; r < 8; ++r) {
-      float sum = 0;
-      for (int64_t i = 0; i < nb; ++i) {
-        int s = 0;
-        for (int j = 0; j < QK8_0; ++j) s += x[i].qs[32 * (j / 4) + 4 * r + j % 4] * y[i].qs[j];
-        sum += s * fp16_to_fp32(x[i].d[r]) * y[i].d;
-      }
-      out[8 * g + r] = sum;
-    }
-}
-
-// Repacked Q4_K (block_q4_Kx8): the same sums as dot_q4_K_scalar, row by row. Element l
-// of sub-block j = 2i + h is nibble h of row byte 32i + l.
-static void gemv8_q4_K_scalar(int64_t n, const void* w, int64_t groups, const void* a, float* out) {
-  const block_q4_Kx8* x = (const block_q4_Kx8*)w;
-  const block_q8_K* y = (const block_q8_K*)a;
-  const int64_t nb = n / QK_K;
-  for (int64_t g = 0; g < groups; ++g, x += nb)
-    for (int r = 0; r < 8; ++r) {
-      float sum = 0;
-      for (int64_t b = 0; b < nb; ++b) {
-        int32_t isum = 0, msum = 0;
-        for (int j = 0; j < 8; ++j) {
-          const int i = j / 2, h = j % 2;
-          int32_t s = 0;
-          for (int l = 0; l < 32; ++l) {
-            const uint8_t q = x[b].qs[256 * i + 32 * (l / 4) + 4 * r + l % 4];
-            s += (h ? q >> 4 : q & 0x0F) * y[b].qs[32 * j + l];
-          }
-          isum += x[b].scales[8 * j + r] * s;
-          msum += x[b].mins[16 * i + 2 * r + h] * (y[b].bsums[2 * j] + y[b].bsums[2 * j + 1]);
-        }
-        sum += y[b].d * (fp16_to_fp32(x[b].d[r]) * (float)isum - fp16_to_fp32(x[b].dmin[r]) * (float)msum);
-      }
-      out[8 * g + r] = sum;
-    }
-}
-
 // Q4_K: 8 sub-blocks of 32 with 6-bit scale and min. Integer sums per sub-block, then
 // d * Σ sc·Σqa − dmin * Σ m·Σa (the activation sums come precomputed in bsums).
 static WEFT_INLINE float dot_q4_K_body(int64_t n, const void* w, const void* a) {
@@ -219,6 +152,25 @@ static WEFT_INLINE float dot_q6_K_body(int64_t n, const void* w, const void* a) 
 }
 
 static float dot_q4_K_scalar(int64_t n, const void* w, const void* a) { return dot_q4_K_body(n, w, a); }
+
+// Repacked weights at the portable level: each row's block is taken back out of its group
+// (unpack_block8) and multiplied by the row kernel, block by block.
+template <class BX, class BR, class BA, int QK, float (*Dot)(int64_t, const void*, const void*)>
+static void gemv8_scalar(int64_t n, const void* w, int64_t groups, const void* a, float* out) {
+  const BX* x = (const BX*)w;
+  const BA* y = (const BA*)a;
+  const int64_t nb = n / QK;
+  for (int64_t g = 0; g < groups; ++g, x += nb)
+    for (int r = 0; r < 8; ++r) {
+      float sum = 0;
+      for (int64_t b = 0; b < nb; ++b) {
+        BR row;
+        unpack_block8(x[b], r, row);
+        sum += Dot(QK, &row, y + b);
+      }
+      out[8 * g + r] = sum;
+    }
+}
 static float dot_q6_K_scalar(int64_t n, const void* w, const void* a) { return dot_q6_K_body(n, w, a); }
 
 // Activation conversion (fast Q8_0: same rounding as the reference).
@@ -942,7 +894,10 @@ static KernelTable make_table(int level) {
     t.dot[T_Q8_0] = dot_q8_0_scalar; t.dot[T_Q4_0] = dot_q4_0_scalar;
     t.dot[T_Q4_K] = dot_q4_K_scalar; t.dot[T_Q6_K] = dot_q6_K_scalar;
     t.act[T_Q8_0S] = act_q8_0s_scalar;
-    t.gemv8[T_Q4_0] = gemv8_q4_0_scalar; t.gemv8[T_Q4_K] = gemv8_q4_K_scalar; t.gemv8[T_Q8_0] = gemv8_q8_0_scalar;  // no tiles at this level, so no unpack8
+    // no tiles at this level, so no unpack8
+    t.gemv8[T_Q4_0] = gemv8_scalar<block_q4_0x8, block_q4_0, block_q8_0s, QK4_0, dot_q4_0_scalar>;
+    t.gemv8[T_Q8_0] = gemv8_scalar<block_q8_0x8, block_q8_0, block_q8_0s, QK8_0, dot_q8_0_scalar>;
+    t.gemv8[T_Q4_K] = gemv8_scalar<block_q4_Kx8, block_q4_K, block_q8_K, QK_K, dot_q4_K_scalar>;
     t.exp_sum = exp_sum_scalar; t.swiglu = swiglu_scalar;
   }
   return t;

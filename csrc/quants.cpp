@@ -388,54 +388,25 @@ void dequantize_row(int32_t type, const void* vx, float* y, int64_t n) {
 
 // ---------------------------------------------------------------- repacking (block_q4_0x8)
 
-static void repack_q4_K_rows8(const void* src, int64_t src_stride, void* dst, int64_t n, int64_t nrows) {
-  const int64_t nb = n / QK_K;
-  block_q4_Kx8* out = (block_q4_Kx8*)dst;
+// nrows rows (src_stride bytes apart) -> groups of eight, each block of a group holding
+// the same block of its eight rows (pack_block8)
+template <class BX, class BR>
+static void repack_groups(const void* src, int64_t src_stride, void* dst, int64_t nb, int64_t nrows) {
+  BX* out = (BX*)dst;
   for (int64_t g = 0; g < nrows / 8; ++g) {
-    const block_q4_K* rows[8];
-    for (int r = 0; r < 8; ++r) rows[r] = (const block_q4_K*)((const char*)src + (g * 8 + r) * src_stride);
+    const BR* rows[8];
+    for (int r = 0; r < 8; ++r) rows[r] = (const BR*)((const char*)src + (g * 8 + r) * src_stride);
     for (int64_t b = 0; b < nb; ++b, ++out)
-      for (int r = 0; r < 8; ++r) {
-        const block_q4_K& x = rows[r][b];
-        out->d[r] = x.d;
-        out->dmin[r] = x.dmin;
-        uint8_t sc[8], mn[8];
-        unpack_q4_K_scales(x.scales, sc, mn);
-        for (int j = 0; j < 8; ++j) { out->scales[8 * j + r] = sc[j]; out->mins[16 * (j / 2) + 2 * r + j % 2] = mn[j]; }
-        for (int i = 0; i < 4; ++i)
-          for (int k = 0; k < 8; ++k) std::memcpy(out->qs + 256 * i + 32 * k + 4 * r, x.qs + 32 * i + 4 * k, 4);
-      }
-  }
-}
-
-static void repack_q8_0_rows8(const void* src, int64_t src_stride, void* dst, int64_t n, int64_t nrows) {
-  const int64_t nb = n / QK8_0;
-  block_q8_0x8* out = (block_q8_0x8*)dst;
-  for (int64_t g = 0; g < nrows / 8; ++g) {
-    const block_q8_0* rows[8];
-    for (int r = 0; r < 8; ++r) rows[r] = (const block_q8_0*)((const char*)src + (g * 8 + r) * src_stride);
-    for (int64_t b = 0; b < nb; ++b, ++out)
-      for (int r = 0; r < 8; ++r) {
-        out->d[r] = rows[r][b].d;
-        for (int c = 0; c < 8; ++c) std::memcpy(out->qs + 32 * c + 4 * r, rows[r][b].qs + 4 * c, 4);
-      }
+      for (int r = 0; r < 8; ++r) pack_block8(*out, rows[r][b], r);
   }
 }
 
 void repack_rows8(int32_t type, const void* src, int64_t src_stride, void* dst, int64_t n, int64_t nrows) {
-  if (type == T_Q4_K) return repack_q4_K_rows8(src, src_stride, dst, n, nrows);
-  if (type == T_Q8_0) return repack_q8_0_rows8(src, src_stride, dst, n, nrows);
-  if (type != T_Q4_0) return;
-  const int64_t nb = n / QK4_0;
-  block_q4_0x8* out = (block_q4_0x8*)dst;
-  for (int64_t g = 0; g < nrows / 8; ++g) {
-    const block_q4_0* rows[8];
-    for (int r = 0; r < 8; ++r) rows[r] = (const block_q4_0*)((const char*)src + (g * 8 + r) * src_stride);
-    for (int64_t b = 0; b < nb; ++b, ++out)
-      for (int r = 0; r < 8; ++r) {
-        out->d[r] = rows[r][b].d;
-        for (int c = 0; c < 4; ++c) std::memcpy(out->qs + 32 * c + 4 * r, rows[r][b].qs + 4 * c, 4);
-      }
+  switch (type) {
+    case T_Q4_0: return repack_groups<block_q4_0x8, block_q4_0>(src, src_stride, dst, n / QK4_0, nrows);
+    case T_Q8_0: return repack_groups<block_q8_0x8, block_q8_0>(src, src_stride, dst, n / QK8_0, nrows);
+    case T_Q4_K: return repack_groups<block_q4_Kx8, block_q4_K>(src, src_stride, dst, n / QK_K, nrows);
+    default: return;
   }
 }
 
