@@ -83,10 +83,10 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
     if (!(offs >= 0) || offs > (double)bi.size) return fail("offset beyond its buffer");
     if (nelements(t) > 0) {
       // extent in bytes, computed in double so a hostile shape cannot overflow; a repacked
-      // matrix (checked below to be whole and 2-D) takes repacked_row_bytes per row
+      // matrix (checked above to be whole and 2-D) takes repacked_row_bytes per row
       double extent = offs + (double)(t.ne[0] / ti.blck - 1) * t.nb[0] + ti.size;
       for (int k = 1; k < 4; ++k) extent += (double)(t.ne[k] - 1) * t.nb[k];
-      if (r[R_FLAGS] == F_REPACKED) extent = std::max(extent, offs + (double)t.ne[1] * (double)repacked_row_bytes(t.type, t.ne[0]));
+      if (t.packed) extent = std::max(extent, offs + (double)t.ne[1] * (double)repacked_row_bytes(t.type, t.ne[0]));
       if (extent > (double)bi.size) return fail("tensor extends beyond its buffer");
     }
     t.data = bi.base + (int64_t)offs;

@@ -153,6 +153,8 @@ static WEFT_INLINE float dot_q6_K_body(int64_t n, const void* w, const void* a) 
 
 static float dot_q4_K_scalar(int64_t n, const void* w, const void* a) { return dot_q4_K_body(n, w, a); }
 
+static float dot_q6_K_scalar(int64_t n, const void* w, const void* a) { return dot_q6_K_body(n, w, a); }
+
 // Repacked weights at the portable level: each row's block is taken back out of its group
 // (unpack_block8) and multiplied by the row kernel, block by block.
 template <class BX, class BR, class BA, int QK, float (*Dot)(int64_t, const void*, const void*)>
@@ -171,7 +173,6 @@ static void gemv8_scalar(int64_t n, const void* w, int64_t groups, const void* a
       out[8 * g + r] = sum;
     }
 }
-static float dot_q6_K_scalar(int64_t n, const void* w, const void* a) { return dot_q6_K_body(n, w, a); }
 
 // Activation conversion (fast Q8_0: same rounding as the reference).
 static WEFT_INLINE void act_q8_0_body(const float* x, void* vy, int64_t n) {
@@ -511,11 +512,12 @@ WEFT_AVX2 static void dot4_q4_0_avx2(int64_t n, const void* w, int64_t ws, const
   _mm_storeu_ps(out, _mm_sub_ps(_mm_hadd_ps(r01, r23), _mm_mul_ps(_mm_set1_ps(8), off)));
 }
 
-// Eight 32-byte chunks at p, chunk k holding four bytes of each of eight rows (32-bit lane
-// r = row r) -> rows[r]: row r's 32 bytes in order (an 8×8 transpose of 32-bit lanes).
-WEFT_AVX2 static inline void transpose8x32(const void* p, __m256i rows[8]) {
-  __m256i v[8];
+WEFT_AVX2 static inline void load8x32(const void* p, __m256i v[8]) {
   for (int k = 0; k < 8; ++k) v[k] = _mm256_loadu_si256((const __m256i*)((const char*)p + 32 * k));
+}
+// Eight chunks v[k], each holding four bytes of each of eight rows (32-bit lane r = row r)
+// -> rows[r]: row r's chunks in order (an 8×8 transpose of 32-bit lanes).
+WEFT_AVX2 static inline void transpose8x32(const __m256i v[8], __m256i rows[8]) {
   const __m256i a0 = _mm256_unpacklo_epi32(v[0], v[1]), a1 = _mm256_unpackhi_epi32(v[0], v[1]);
   const __m256i a2 = _mm256_unpacklo_epi32(v[2], v[3]), a3 = _mm256_unpackhi_epi32(v[2], v[3]);
   const __m256i a4 = _mm256_unpacklo_epi32(v[4], v[5]), a5 = _mm256_unpackhi_epi32(v[4], v[5]);
@@ -536,8 +538,9 @@ WEFT_AVX2 static void unpack8_q8_0_avx2(const void* w, void* out, int64_t n) {
   const int64_t nb = n / QK8_0;
   block_q8_0* y = (block_q8_0*)out;
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i rows[8];
-    transpose8x32(x[b].qs, rows);
+    __m256i v[8], rows[8];
+    load8x32(x[b].qs, v);
+    transpose8x32(v, rows);
     for (int r = 0; r < 8; ++r) {
       y[r * nb + b].d = x[b].d[r];
       _mm256_storeu_si256((__m256i*)y[r * nb + b].qs, rows[r]);
@@ -545,39 +548,25 @@ WEFT_AVX2 static void unpack8_q8_0_avx2(const void* w, void* out, int64_t n) {
   }
 }
 
-
-// One repacked group -> eight Q8_0 rows: the nibbles of each chunk become (q − 8) bytes
-// with one 32-bit lane per row; a 4×8 transpose of those lanes (unpack 32, then 64 bit)
-// gathers each row's sixteen low-nibble and sixteen high-nibble elements.
+// One repacked Q4_0 group -> eight Q8_0 rows: each chunk's nibbles become (q − 8) bytes,
+// the low ones elements 4c..4c+3 and the high ones 16+4c..16+4c+3 of every row; as eight
+// chunks (low, then high) their transpose is each row's 32 values in order.
 WEFT_AVX2 static void unpack8_q4_0_avx2(const void* w, void* out, int64_t n) {
   const block_q4_0x8* x = (const block_q4_0x8*)w;
   const int64_t nb = n / QK4_0;
   const __m256i m4 = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
   block_q8_0* y = (block_q8_0*)out;
   for (int64_t i = 0; i < nb; ++i) {
-    __m256i lo[4], hi[4];
+    __m256i v[8], rows[8];
     for (int c = 0; c < 4; ++c) {
-      const __m256i v = _mm256_loadu_si256((const __m256i*)(x[i].qs + 32 * c));
-      lo[c] = _mm256_sub_epi8(_mm256_and_si256(v, m4), eight);
-      hi[c] = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), eight);
+      const __m256i q = _mm256_loadu_si256((const __m256i*)(x[i].qs + 32 * c));
+      v[c] = _mm256_sub_epi8(_mm256_and_si256(q, m4), eight);
+      v[c + 4] = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), eight);
     }
-    // rows[k]: rows k (low 128 bits) and k + 4 (high), each with its 4 chunks in order
-    auto transpose = [](const __m256i* v, __m256i* rows) WEFT_AVX2 {
-      const __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]), t1 = _mm256_unpackhi_epi32(v[0], v[1]);
-      const __m256i t2 = _mm256_unpacklo_epi32(v[2], v[3]), t3 = _mm256_unpackhi_epi32(v[2], v[3]);
-      rows[0] = _mm256_unpacklo_epi64(t0, t2); rows[1] = _mm256_unpackhi_epi64(t0, t2);
-      rows[2] = _mm256_unpacklo_epi64(t1, t3); rows[3] = _mm256_unpackhi_epi64(t1, t3);
-    };
-    __m256i rl[4], rh[4];
-    transpose(lo, rl);
-    transpose(hi, rh);
-    for (int k = 0; k < 4; ++k) {
-      block_q8_0* a = y + k * nb + i;
-      block_q8_0* b = y + (k + 4) * nb + i;
-      a->d = x[i].d[k];
-      b->d = x[i].d[k + 4];
-      _mm256_storeu_si256((__m256i*)a->qs, _mm256_permute2x128_si256(rl[k], rh[k], 0x20));
-      _mm256_storeu_si256((__m256i*)b->qs, _mm256_permute2x128_si256(rl[k], rh[k], 0x31));
+    transpose8x32(v, rows);
+    for (int r = 0; r < 8; ++r) {
+      y[r * nb + i].d = x[i].d[r];
+      _mm256_storeu_si256((__m256i*)y[r * nb + i].qs, rows[r]);
     }
   }
 }
@@ -627,9 +616,6 @@ WEFT_AVX2 static void decode_q4_0_q8_avx2(const void* w, void* out, int64_t n) {
   }
 }
 
-
-
-
 // K-quant tiles: each super-block of a weight row is decoded once per work unit into KDec
 // (values as bytes in order, per-32 scale vectors ready for madd, min/offset terms), then
 // an RM×RN tile runs maddubs/madd on it against Q8_K activations. The offset term
@@ -672,8 +658,9 @@ WEFT_AVX2 static void unpack8_q4_K_kdec(const void* w, void* out, int64_t n) {
     KDec* o[8];
     for (int r = 0; r < 8; ++r) o[r] = (KDec*)out + r * nb + b;
     for (int i = 0; i < 4; ++i) {
-      __m256i rows[8];
-      transpose8x32(xb.qs + 256 * i, rows);
+      __m256i v[8], rows[8];
+      load8x32(xb.qs + 256 * i, v);
+      transpose8x32(v, rows);
       for (int r = 0; r < 8; ++r) {
         uint8_t* q = o[r]->q + 64 * i;
         _mm256_storeu_si256((__m256i*)q, _mm256_and_si256(rows[r], m4));
@@ -746,7 +733,6 @@ WEFT_AVX2 static void run(int64_t n, const char* w, int64_t ws, const char* a, i
   for (int i = 0; i < RM; ++i) for (int j = 0; j < RN; ++j) out[j * os + i] = hsum256(accf[i][j]);
 }
 };
-
 
 // ---------------------------------------------------------------- AVX2 float tiles and vector math
 

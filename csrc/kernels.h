@@ -14,14 +14,14 @@ typedef float (*vec_dot_fn)(int64_t n, const void* w, const void* a);
 // activation row (f32) -> vec_dot_type row
 typedef void (*from_float_fn)(const float* x, void* y, int64_t n);
 
+// four weight rows (ws bytes apart) against one activation row: out[0..3]
+typedef void (*dot4_fn)(int64_t n, const void* w, int64_t ws, const void* a, float* out);
+// weights repacked in groups of eight rows (block_q4_0x8, block_q8_0x8, block_q4_Kx8):
+// `groups` consecutive groups against one activation row -> out[0 .. 8·groups)
+typedef void (*gemv8_fn)(int64_t n, const void* w, int64_t groups, const void* a, float* out);
 // RM×RN block of a batched product: rm (≤ TILE_RM) weight rows at w (stride ws bytes)
 // against rn (≤ TILE_RN) activation rows at a (stride as bytes, vec_dot_type), writing
 // out[j*os + i]. Optional: types without one use dot per element.
-// four weight rows (ws bytes apart) against one activation row: out[0..3]
-typedef void (*dot4_fn)(int64_t n, const void* w, int64_t ws, const void* a, float* out);
-// weights repacked in groups of eight rows (block_q4_0x8): `groups` consecutive groups
-// against one activation row -> out[0 .. 8·groups)
-typedef void (*gemv8_fn)(int64_t n, const void* w, int64_t groups, const void* a, float* out);
 typedef void (*tile_fn)(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* out, int64_t os, int rm, int rn);
 constexpr int TILE_RM = 4, TILE_RN = 3;
 
