@@ -42,6 +42,8 @@ static_assert(sizeof(block_q8_0x8) == 8 * 34, "q8_0x8 layout");
 // super-block instead of 144: 3 % more to read for a third less work.
 struct block_q4_Kx8 { uint16_t d[8]; uint16_t dmin[8]; uint8_t scales[64]; uint8_t mins[64]; uint8_t qs[1024]; };
 static_assert(sizeof(block_q4_Kx8) == 8 * 148, "q4_Kx8 layout");
+// where the min of sub-block j of row r lies in block_q4_Kx8::mins
+inline int q4_Kx8_min_at(int j, int r) { return 16 * (j / 2) + 2 * r + j % 2; }
 static_assert(sizeof(block_q8_0) == 34, "q8_0 layout");
 static_assert(sizeof(block_q4_0) == 18, "q4_0 layout");
 static_assert(sizeof(block_q4_K) == 144, "q4_K layout");
@@ -110,7 +112,6 @@ inline uint16_t fp32_to_bf16(float f) {
   return (uint16_t)((u + (0x7fffu + ((u >> 16) & 1))) >> 16);
 }
 
-// Q4_K packs eight 6-bit scales and eight 6-bit mins into 12 bytes.
 // Q4_K's 12 scale bytes as 32-bit words: 8 six-bit scales (sc, one byte each) and 8
 // six-bit mins (mn), unpacked with word masks (the AVX2 dot uses the words directly).
 inline void unpack_q4_K_words(const uint8_t* s, uint32_t sc[2], uint32_t mn[2]) {
@@ -147,7 +148,7 @@ inline void pack_block8(block_q4_Kx8& o, const block_q4_K& x, int r) {
   o.dmin[r] = x.dmin;
   uint8_t sc[8], mn[8];
   unpack_q4_K_scales(x.scales, sc, mn);
-  for (int j = 0; j < 8; ++j) { o.scales[8 * j + r] = sc[j]; o.mins[16 * (j / 2) + 2 * r + j % 2] = mn[j]; }
+  for (int j = 0; j < 8; ++j) { o.scales[8 * j + r] = sc[j]; o.mins[q4_Kx8_min_at(j, r)] = mn[j]; }
   pack_lanes(o, x, r);
 }
 inline void unpack_block8(const block_q4_0x8& o, int r, block_q4_0& x) { x.d = o.d[r]; unpack_lanes(o, x, r); }
@@ -157,7 +158,7 @@ inline void unpack_block8(const block_q4_Kx8& o, int r, block_q4_K& x) {
   x.dmin = o.dmin[r];
   for (int j = 0; j < 4; ++j) {  // the six-bit packing unpack_q4_K_words reads
     const uint8_t s0 = o.scales[8 * j + r], s1 = o.scales[8 * (j + 4) + r];
-    const uint8_t m0 = o.mins[16 * (j / 2) + 2 * r + j % 2], m1 = o.mins[16 * ((j + 4) / 2) + 2 * r + j % 2];
+    const uint8_t m0 = o.mins[q4_Kx8_min_at(j, r)], m1 = o.mins[q4_Kx8_min_at(j + 4, r)];
     x.scales[j] = (uint8_t)(s0 | (s1 >> 4) << 6);
     x.scales[j + 4] = (uint8_t)(m0 | (m1 >> 4) << 6);
     x.scales[j + 8] = (uint8_t)((s1 & 0x0F) | (m1 & 0x0F) << 4);

@@ -669,7 +669,7 @@ WEFT_AVX2 static void unpack8_q4_K_kdec(const void* w, void* out, int64_t n) {
     }
     for (int r = 0; r < 8; ++r) {
       for (int j = 0; j < 8; ++j) o[r]->scv[j] = _mm256_set1_epi16(xb.scales[8 * j + r]);
-      for (int g = 0; g < 16; ++g) o[r]->mins[g] = xb.mins[16 * (g / 4) + 2 * r + (g / 2) % 2];
+      for (int g = 0; g < 16; ++g) o[r]->mins[g] = xb.mins[q4_Kx8_min_at(g / 2, r)];
       o[r]->d = fp16_to_fp32(xb.d[r]);
       o[r]->dmin = fp16_to_fp32(xb.dmin[r]);
     }

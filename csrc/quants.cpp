@@ -386,7 +386,7 @@ void dequantize_row(int32_t type, const void* vx, float* y, int64_t n) {
   }
 }
 
-// ---------------------------------------------------------------- repacking (block_q4_0x8)
+// ---------------------------------------------------------------- repacking (eight-row groups)
 
 // nrows rows (src_stride bytes apart) -> groups of eight, each block of a group holding
 // the same block of its eight rows (pack_block8)
