@@ -1,7 +1,8 @@
 /**
  * Op matrix: every op × accepted types × awkward shapes (odd sizes, non-contiguous views,
  * broadcasts, in-place) on the CPU backend at every kernel level this machine has
- * (portable, AVX2) and 1 and 2 threads, against the float64 reference in test/ref.
+ * (portable, AVX2; AVX-512 in the emulated build scripts/run-tests.js adds) and 1 and 2
+ * threads, against the float64 reference in test/ref.
  * Outputs are surrounded by guard bytes that must survive.
  */
 import { test } from "uvu";

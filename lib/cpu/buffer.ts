@@ -90,7 +90,8 @@ export class CpuBuffer implements Buffer {
 }
 
 const ALIGN = 64;
-const alignUp = (n: number) => Math.ceil(n / ALIGN) * ALIGN;
+/** n rounded up to the 64 bytes every CPU tensor placement keeps */
+export const alignUp = (n: number) => Math.ceil(n / ALIGN) * ALIGN;
 
 /** Where a tensor's bytes are: its root's buffer plus the accumulated view offset. */
 export function tensorLocation(t: Tensor): { buffer: CpuBuffer; offset: number } {

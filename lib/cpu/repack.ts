@@ -8,7 +8,7 @@
  */
 import { Tensor } from "../core/tensor.js";
 import { GgmlType } from "../core/types.js";
-import { CpuBuffer, tensorLocation } from "./buffer.js";
+import { CpuBuffer, alignUp, tensorLocation } from "./buffer.js";
 import { fromNative } from "../core/errors.js";
 import { native } from "./native.js";
 
@@ -39,10 +39,10 @@ export async function repackWeights(tensors: Iterable<Tensor>, alloc: (size: num
   step?: (p: RepackProgress) => void | Promise<void>): Promise<CpuBuffer | null> {
   const todo = [...new Set(tensors)].filter(canRepack);
   if (!todo.length) return null;
-  const ALIGN = 64;
   const offsets: number[] = [];
   let size = 0;
-  for (const t of todo) { offsets.push(size); size = Math.ceil((size + repackedBytes(t)) / ALIGN) * ALIGN; }
+  for (const t of todo) { offsets.push(size); size = alignUp(size + repackedBytes(t)); }
+  const total = todo.reduce((n, t) => n + repackedBytes(t), 0);
   const buf = alloc(size);
   try {
     let done = 0;
@@ -51,7 +51,7 @@ export async function repackWeights(tensors: Iterable<Tensor>, alloc: (size: num
       try { native().repackRows(t.type, src.buffer.id, src.offset, t.nb[1], buf.id, offsets[i]!, t.ne[0], t.ne[1]); }
       catch (e) { throw fromNative(e); }
       done += repackedBytes(t);
-      await step?.({ loaded: done, total: size });
+      await step?.({ loaded: done, total });
     }
   } catch (e) {
     buf.dispose();

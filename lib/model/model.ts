@@ -191,12 +191,15 @@ export class Model {
     const total = this.#matrices.flat().filter(canRepack).reduce((n, t) => n + repackedBytes(t), 0);
     let before = 0;
     for (const [i, be] of this.#backends.entries()) {
+      let here = 0;
       const buf = await repackWeights(this.#matrices[i]!, (n) => be.device.bufferType().alloc(n, { repacked: true }), async (p) => {
-        report({ phase: "repack", loaded: before + p.loaded, total });
+        here = p.loaded;
+        report({ phase: "repack", loaded: before + here, total });
         await new Promise((r) => setImmediate(r));
         signal?.throwIfAborted();
       });
-      if (buf) { buf.usage = BufferUsage.WEIGHTS; this.#weights.push(buf); before += buf.size; }
+      if (buf) { buf.usage = BufferUsage.WEIGHTS; this.#weights.push(buf); }
+      before += here;
     }
   }
 
