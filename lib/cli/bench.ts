@@ -66,59 +66,57 @@ device is weights + KV cache + compute buffers, in MiB.`,
     for (const path of models) for (const th of threads) for (const sm of splitModes) for (const devs of deviceSets) for (const ub of ubatches)
       if (sm === "layer" || devs === deviceSets[0] || deviceSets.length === 1) combos.push({ path, th, sm, devs: sm === "none" ? devs.slice(0, 1) : devs, ub });
     for (const { path, th, sm, devs, ub } of combos) {
-      {
-        const ctx = Math.max(256, Math.ceil((nP + nG + 1) / 256) * 256);
-        const m = await loadModel(path, { threads: th, batchSize: ub, contextSize: ctx, devices: devs, splitMode: sm as "none" | "layer", tensorSplit, repack: !v["no-repack"] });
-        const mib = (b: number) => (b / 2 ** 20).toFixed(1);
-        const peer = peerDir ? new Peer(peerDir, th) : null;
-        try {
-          if (peer) await peer.call({ cmd: "load", path, threads: th, ctx, batch: Math.max(ub, nP) });
-          const V = m.hparams.nVocab;
-          const prompt = Array.from({ length: nP }, (_, i) => 1 + ((i * 7919) % (V - 1)));
-          const params = m.file.tensors.reduce((s, t) => s + t.ne.reduce((a, b) => a * b, 1), 0);
-          const tests: Array<{ name: string; weft: () => Promise<number>; peer: () => Promise<number> }> = [];
-          if (nP > 0) tests.push({
-            name: `pp${nP}`,
-            weft: async () => { m.reset(); const t0 = performance.now(); await m.evaluate(prompt); return nP / ((performance.now() - t0) / 1000); },
-            peer: async () => nP / ((await peer!.call<{ ms: number }>({ cmd: "pp", tokens: prompt })).ms / 1000),
-          });
-          if (nG > 0) tests.push({
-            name: `tg${nG}`,
-            weft: async () => {
-              m.reset();
-              const t0 = performance.now();
-              for (let i = 0; i < nG; i++) await m.evaluate([1 + ((i * 31) % (V - 1))]);
-              return nG / ((performance.now() - t0) / 1000);
-            },
-            peer: async () => nG / ((await peer!.call<{ ms: number }>({ cmd: "tg", first: 1, n: nG })).ms / 1000),
-          });
-          for (const t of tests) {
-            const row: Row = { model: basename(path), threads: th, test: t.name, weft: [], peer: [] };
-            await t.weft(); if (peer) await t.peer();  // warm-up
-            for (let r = 0; r < reps; r++) {
-              // alternate which engine goes first so drift in machine speed hits both
-              if (peer && r % 2 === 1) { row.peer.push(await t.peer()); row.weft.push(await t.weft()); }
-              else { row.weft.push(await t.weft()); if (peer) row.peer.push(await t.peer()); }
-            }
-            rows.push(row);
-            printProfile(`${row.model} ${row.test}, ${th} thread(s), warm-up and repetitions`);
-            const memory = m.memory();
-            if (out === "md") {
-              const size = `${(m.weightBytes / 2 ** 20).toFixed(1)} MiB`;
-              const ratio = withPeer ? ` ${fmt(row.peer)} | ${(mean(row.weft) / mean(row.peer)).toFixed(2)} |` : "";
-              const mem = memory.map((u) => `${u.device} ${mib(u.weightBytes)}+${mib(u.kvBytes)}+${mib(u.computeBytes)}`).join(", ");
-              const extra = multi ? ` ${sm} | ${devs.join(",")} | ${ub} | ${mem} |` : "";
-              console.log(`| ${row.model} | ${size} | ${(params / 1e6).toFixed(1)} M | ${th} |${extra} ${row.test} | ${fmt(row.weft)} |${ratio}`);
-            } else {
-              console.log(JSON.stringify({ model: row.model, path, size: m.weightBytes, params, threads: th, splitMode: sm, devices: devs, ubatch: ub, memory, test: row.test,
-                weft: { mean: mean(row.weft), sd: sd(row.weft), samples: row.weft },
-                ...(withPeer ? { peer: { name: "node-llama-cpp", mean: mean(row.peer), sd: sd(row.peer), samples: row.peer }, ratio: mean(row.weft) / mean(row.peer) } : {}) }));
-            }
+      const ctx = Math.max(256, Math.ceil((nP + nG + 1) / 256) * 256);
+      const m = await loadModel(path, { threads: th, batchSize: ub, contextSize: ctx, devices: devs, splitMode: sm as "none" | "layer", tensorSplit, repack: !v["no-repack"] });
+      const mib = (b: number) => (b / 2 ** 20).toFixed(1);
+      const peer = peerDir ? new Peer(peerDir, th) : null;
+      try {
+        if (peer) await peer.call({ cmd: "load", path, threads: th, ctx, batch: Math.max(ub, nP) });
+        const V = m.hparams.nVocab;
+        const prompt = Array.from({ length: nP }, (_, i) => 1 + ((i * 7919) % (V - 1)));
+        const params = m.file.tensors.reduce((s, t) => s + t.ne.reduce((a, b) => a * b, 1), 0);
+        const tests: Array<{ name: string; weft: () => Promise<number>; peer: () => Promise<number> }> = [];
+        if (nP > 0) tests.push({
+          name: `pp${nP}`,
+          weft: async () => { m.reset(); const t0 = performance.now(); await m.evaluate(prompt); return nP / ((performance.now() - t0) / 1000); },
+          peer: async () => nP / ((await peer!.call<{ ms: number }>({ cmd: "pp", tokens: prompt })).ms / 1000),
+        });
+        if (nG > 0) tests.push({
+          name: `tg${nG}`,
+          weft: async () => {
+            m.reset();
+            const t0 = performance.now();
+            for (let i = 0; i < nG; i++) await m.evaluate([1 + ((i * 31) % (V - 1))]);
+            return nG / ((performance.now() - t0) / 1000);
+          },
+          peer: async () => nG / ((await peer!.call<{ ms: number }>({ cmd: "tg", first: 1, n: nG })).ms / 1000),
+        });
+        for (const t of tests) {
+          const row: Row = { model: basename(path), threads: th, test: t.name, weft: [], peer: [] };
+          await t.weft(); if (peer) await t.peer();  // warm-up
+          for (let r = 0; r < reps; r++) {
+            // alternate which engine goes first so drift in machine speed hits both
+            if (peer && r % 2 === 1) { row.peer.push(await t.peer()); row.weft.push(await t.weft()); }
+            else { row.weft.push(await t.weft()); if (peer) row.peer.push(await t.peer()); }
           }
-        } finally {
-          await peer?.close();
-          await m.dispose();
+          rows.push(row);
+          printProfile(`${row.model} ${row.test}, ${th} thread(s), warm-up and repetitions`);
+          const memory = m.memory();
+          if (out === "md") {
+            const size = `${(m.weightBytes / 2 ** 20).toFixed(1)} MiB`;
+            const ratio = withPeer ? ` ${fmt(row.peer)} | ${(mean(row.weft) / mean(row.peer)).toFixed(2)} |` : "";
+            const mem = memory.map((u) => `${u.device} ${mib(u.weightBytes)}+${mib(u.kvBytes)}+${mib(u.computeBytes)}`).join(", ");
+            const extra = multi ? ` ${sm} | ${devs.join(",")} | ${ub} | ${mem} |` : "";
+            console.log(`| ${row.model} | ${size} | ${(params / 1e6).toFixed(1)} M | ${th} |${extra} ${row.test} | ${fmt(row.weft)} |${ratio}`);
+          } else {
+            console.log(JSON.stringify({ model: row.model, path, size: m.weightBytes, params, threads: th, splitMode: sm, devices: devs, ubatch: ub, memory, test: row.test,
+              weft: { mean: mean(row.weft), sd: sd(row.weft), samples: row.weft },
+              ...(withPeer ? { peer: { name: "node-llama-cpp", mean: mean(row.peer), sd: sd(row.peer), samples: row.peer }, ratio: mean(row.weft) / mean(row.peer) } : {}) }));
+          }
         }
+      } finally {
+        await peer?.close();
+        await m.dispose();
       }
     }
     return 0;

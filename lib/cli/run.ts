@@ -223,12 +223,10 @@ CPU devices cpu:0, cpu:1, … are separate queues with their own thread pools in
 (--device cpu:0,cpu:1 -t 1 gives each one thread), so multi-device runs work on one machine.`,
     async run(args) {
       parse(args, {});
-      for (const name of ["cpu:0"]) {
-        const d = cpuDevice(name);
-        const mem = d.memory();
-        console.log(`${d.name.padEnd(8)} ${d.type.padEnd(4)} ${d.description}; memory ${(mem.free / 2 ** 30).toFixed(1)} / ${(mem.total / 2 ** 30).toFixed(1)} GiB free; ` +
-          `async ${d.caps.async ? "yes" : "no"}, events ${d.caps.events ? "yes" : "no"}, collectives ${d.caps.collectives ? "yes" : "no"}`);
-      }
+      const d = cpuDevice("cpu:0");
+      const mem = d.memory();
+      console.log(`${d.name.padEnd(8)} ${d.type.padEnd(4)} ${d.description}; memory ${(mem.free / 2 ** 30).toFixed(1)} / ${(mem.total / 2 ** 30).toFixed(1)} GiB free; ` +
+        `async ${d.caps.async ? "yes" : "no"}, events ${d.caps.events ? "yes" : "no"}, collectives ${d.caps.collectives ? "yes" : "no"}`);
       console.log("cpu:N    more CPU devices on the same cores (cpu:1, cpu:2, …): each its own queue and threads");
       console.log("(no CUDA or RPC devices in this build yet)");
       return 0;

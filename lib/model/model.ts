@@ -78,7 +78,8 @@ const GRAPH_CACHE = 32;
 /** graph instances per shape when several devices pipeline micro-batches */
 const PIPELINE_SLOTS = 3;
 
-interface CachedGraph { fg: ForwardGraph; sg: ScheduledGraph }
+/** mask: the graph's mask input, refilled each step (setInput copies it before it resolves) */
+interface CachedGraph { fg: ForwardGraph; sg: ScheduledGraph; mask: Float32Array }
 
 export interface DeviceUsage { device: string; layers: [number, number]; weightBytes: number; kvBytes: number; computeBytes: number }
 
@@ -242,7 +243,7 @@ export class Model {
       old.sg.dispose();  // its last run has completed: evaluate awaits every run it enqueues
     }
     const fg = buildForward(this.hparams, this.#w, this.#kv, n, kvLen, allLogits);
-    const c = { fg, sg: this.#sched.schedule(fg.graph) };
+    const c = { fg, sg: this.#sched.schedule(fg.graph), mask: new Float32Array(kvLen * n) };
     this.#graphs.set(key, c);
     return c;
   }
@@ -272,10 +273,10 @@ export class Model {
         const p0 = this.#pos;
         const kvLen = Math.min(this.contextSize, Math.ceil((p0 + n) / KV_BUCKET) * KV_BUCKET);
         const last = start + n >= tokens.length;
-        const { fg, sg } = this.#graph(n, kvLen, all, mb % slots);
+        const { fg, sg, mask } = this.#graph(n, kvLen, all, mb % slots);
         const pos = new Int32Array(n);
         for (let i = 0; i < n; i++) pos[i] = p0 + i;
-        const mask = new Float32Array(kvLen * n).fill(-Infinity);
+        mask.fill(-Infinity);
         for (let i = 0; i < n; i++) mask.fill(0, i * kvLen, i * kvLen + p0 + i + 1);
         await sg.setInput(fg.tokens, Int32Array.from(chunk));
         await sg.setInput(fg.positions, pos);
