@@ -440,6 +440,7 @@ static Napi::Value KernelLevel(const Napi::CallbackInfo& info) {
   Napi::Object o = Napi::Object::New(info.Env());
   o.Set("current", kernels().level);
   o.Set("detected", detected_level());
+  o.Set("bf16", kernels().bf16);
   return o;
 }
 

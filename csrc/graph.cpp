@@ -111,8 +111,10 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
             a->ne[2] == 0 || a->ne[3] == 0 || b->ne[2] % a->ne[2] != 0 || b->ne[3] % a->ne[3] != 0)
           return fail("shape mismatch");
         if (!rows_contiguous(*a) || !rows_contiguous(t)) return fail("needs contiguous weight and result rows");
-        int32_t vt = vec_dot_type(a->type);
-        bool direct = vt == T_F32 && rows_contiguous(*b);
+        // BF16 is sized as converted whatever the level now: a cached plan may run after
+        // the level changes (tests force levels), and its activations are only 2 bytes each
+        const int32_t vt = a->type == T_BF16 ? T_BF16 : vec_dot_type(a->type);
+        const bool direct = vt == T_F32 && rows_contiguous(*b);
         if (!direct) plan->wsize = std::max(plan->wsize, (size_t)(row_bytes(vt, b->ne[0]) * nrows(*b) + 64));
         plan->tile_scratch = std::max(plan->tile_scratch, (size_t)(MM_BN * tile_row_bytes(a->type, a->ne[0]) + 64));
         break;

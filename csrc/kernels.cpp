@@ -15,8 +15,10 @@
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
 #define WEFT_AVX512 WEFT_AVX2
+#define WEFT_AVX512BF16 WEFT_AVX2
 #else
 #define WEFT_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define WEFT_AVX512BF16 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16")))
 #endif
 #define WEFT_INLINE inline __attribute__((always_inline))
 
@@ -26,6 +28,7 @@ int32_t vec_dot_type(int32_t t) {
   switch (t) {
     case T_Q8_0: case T_Q4_0: return T_Q8_0S;
     case T_Q4_K: case T_Q6_K: return T_Q8_K;
+    case T_BF16: return kernels().bf16 ? T_BF16 : T_F32;
     default: return T_F32;
   }
 }
@@ -777,6 +780,62 @@ template <class W> static void dot4_float_avx2(int64_t n, const void* w, int64_t
   TileF<W>::template run<4, 1>(n, (const char*)w, ws, (const char*)a, 0, out, 1);
 }
 
+// ---------------------------------------------------------------- AVX512-BF16
+
+// BF16 weights against activations rounded to BF16 (ggml's vec_dot_type for BF16): vdpbf16ps
+// multiplies 16 pairs and adds each pair into one of 8 float lanes, so one instruction does
+// the work of two FMAs and the bf16 -> f32 widening. The rounding is the portable one
+// (fp32_to_bf16, nearest even, denormals kept) rather than vcvtneps2bf16, which flushes
+// denormals, so real hardware and the emulated test build produce the same activations.
+static void act_bf16(const float* x, void* y, int64_t n) {
+  uint16_t* o = (uint16_t*)y;
+  for (int64_t i = 0; i < n; ++i) o[i] = fp32_to_bf16(x[i]);
+}
+
+WEFT_AVX512BF16 static inline __m256bh as_bf16x16(const void* p) {
+  const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+  __m256bh r;
+  std::memcpy(&r, &v, sizeof r);  // a register move: __m256bh's definition differs by compiler and in SIMDe
+  return r;
+}
+
+struct TileBF16 {
+template <int RM, int RN>
+WEFT_AVX512BF16 static void run(int64_t n, const char* w, int64_t ws, const char* a, int64_t as, float* out, int64_t os) {
+  __m256 acc[RM][RN];
+  for (int i = 0; i < RM; ++i) for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    __m256bh y[RN];
+    for (int j = 0; j < RN; ++j) y[j] = as_bf16x16((const uint16_t*)(a + j * as) + k);
+    for (int i = 0; i < RM; ++i) {
+      if (RN == 1 && (k & 31) == 0) prefetch_ahead((const uint16_t*)(w + i * ws) + k, 1);
+      const __m256bh x = as_bf16x16((const uint16_t*)(w + i * ws) + k);
+      for (int j = 0; j < RN; ++j) acc[i][j] = _mm256_dpbf16_ps(acc[i][j], x, y[j]);
+    }
+  }
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < RN; ++j) {
+      const uint16_t* wr = (const uint16_t*)(w + i * ws);
+      const uint16_t* ar = (const uint16_t*)(a + j * as);
+      float r = hsum256(acc[i][j]);
+      for (int64_t kk = k; kk < n; ++kk) r += bf16_to_fp32(wr[kk]) * bf16_to_fp32(ar[kk]);
+      out[j * os + i] = r;
+    }
+}
+};
+static void tile_bf16_dp(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* o, int64_t os, int rm, int rn) {
+  tile_select<TileBF16>(n, w, ws, a, as, o, os, rm, rn);
+}
+static void dot4_bf16_dp(int64_t n, const void* w, int64_t ws, const void* a, float* out) {
+  TileBF16::run<4, 1>(n, (const char*)w, ws, (const char*)a, 0, out, 1);
+}
+static float dot_bf16_dp(int64_t n, const void* w, const void* a) {
+  float r;
+  TileBF16::run<1, 1>(n, (const char*)w, 0, (const char*)a, 0, &r, 1);
+  return r;
+}
+
 // exp(x) for 8 lanes: x = k·ln2 + r with |r| ≤ ln2/2, e^r by its degree-6 Taylor polynomial
 // (relative error ≈ 1e-7, about one float ulp), 2^k through the exponent bits. Inputs below
 // -87.3 (including -inf from attention masks) give exactly 0.
@@ -853,6 +912,7 @@ int64_t decoded_row_bytes(int32_t t, int64_t n) {
 static KernelTable make_table(int level) {
   KernelTable t{};
   t.level = level;
+  t.bf16 = level >= LEVEL_AVX512 && detected_bf16();
   t.act[T_F32] = act_f32;
   t.act[T_Q8_K] = act_q8_K;
   if (level >= LEVEL_AVX2) {
@@ -874,6 +934,10 @@ static KernelTable make_table(int level) {
   if (level >= LEVEL_AVX512) {  // the int8 products with VNNI; everything else as AVX2
     t.tile[T_Q8_0] = vnni::tile_q8_0; t.tile[T_Q4_0] = vnni::tile_q8_0;
     t.gemv8[T_Q4_0] = vnni::gemv8_q4_0; t.gemv8[T_Q8_0] = vnni::gemv8_q8_0; t.gemv8[T_Q4_K] = vnni::gemv8_q4_K;
+  }
+  if (t.bf16) {  // BF16 weights take BF16 activations (vec_dot_type reads t.bf16)
+    t.act[T_BF16] = act_bf16;
+    t.dot[T_BF16] = dot_bf16_dp; t.dot4[T_BF16] = dot4_bf16_dp; t.tile[T_BF16] = tile_bf16_dp;
   }
   if (level < LEVEL_AVX2) {
     t.dot[T_F32] = dot_f32_scalar; t.dot[T_F16] = dot_f16_scalar; t.dot[T_BF16] = dot_bf16_scalar;
@@ -899,6 +963,14 @@ int detected_level() {
       __builtin_cpu_supports("avx512vnni"))
     return LEVEL_AVX512;
   return LEVEL_AVX2;
+#endif
+}
+
+bool detected_bf16() {
+#ifdef WEFT_EMULATE_AVX512
+  return detected_level() >= LEVEL_AVX512;
+#else
+  return detected_level() >= LEVEL_AVX512 && __builtin_cpu_supports("avx512bf16");
 #endif
 }
 

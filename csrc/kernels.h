@@ -5,7 +5,8 @@
 namespace weft {
 
 // AVX512: AVX-512 F/BW/VL with VNNI (Ice Lake, Zen 4 and later): the int8 products use
-// vpdpbusd; the other kernels are AVX2's.
+// vpdpbusd; with AVX512-BF16 as well (Cooper Lake, Sapphire Rapids, Zen 4) BF16 products
+// use vdpbf16ps (KernelTable::bf16); the other kernels are AVX2's.
 enum KernelLevel : int { LEVEL_SCALAR = 0, LEVEL_AVX2 = 1, LEVEL_AVX512 = 2 };
 
 // dot of one weight row (type t) with one activation row already converted to
@@ -27,6 +28,8 @@ constexpr int TILE_RM = 4, TILE_RN = 3;
 
 struct KernelTable {
   int level;
+  // AVX512-BF16 present (and level AVX512): BF16 weights take BF16 activations (vdpbf16ps)
+  bool bf16;
   tile_fn tile[32];         // indexed by weight type
   // weight rows -> the tile's input form (Q4_0 -> Q8_0 rows; K-quants -> KDec), see decoded_row_bytes (types whose tile runs on the decoded form)
   void (*decode[32])(const void* w, void* out, int64_t n);
@@ -49,6 +52,7 @@ int64_t decoded_row_bytes(int32_t weight_type, int64_t n);
 int64_t tile_row_bytes(int32_t weight_type, int64_t n);
 const KernelTable& kernels();
 int detected_level();
+bool detected_bf16();
 // Forces a level (<= detected) for tests; returns the level in effect.
 int set_kernel_level(int level);
 

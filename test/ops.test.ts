@@ -214,7 +214,7 @@ async function runCase(c: OpCase, seed: number): Promise<string[]> {
       if (repack && !repack.every((w) => (w.buffer as CpuBuffer | null)?.repacked)) problems.push("weights were not repacked");
       await be.compute(graph);
       packed?.dispose();
-      const ref = runReference(graph.order, (l) => leafVals.get(l)!);
+      const ref = runReference(graph.order, (l) => leafVals.get(l)!, { bf16Activations: native().kernelLevel().bf16 });
       const root = out.root().tensor;
       const got = valuesOf(root.type, getTensorData(root), root.nelements);
       const want = ref.get(root) ?? ref.get(out)!;

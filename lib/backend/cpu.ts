@@ -46,7 +46,7 @@ export class CpuDevice implements Device {
   }
   get description(): string {
     const lvl = native().kernelLevel();
-    return `CPU (${availableParallelism()} cores, ${["portable", "AVX2", "AVX-512 VNNI"][lvl.current]} kernels)`;
+    return `CPU (${availableParallelism()} cores, ${["portable", "AVX2", "AVX-512 VNNI"][lvl.current]}${lvl.bf16 ? " + BF16" : ""} kernels)`;
   }
   memory() { return { free: freemem(), total: totalmem() }; }
   bufferType(): CpuBufferType { return this.#bt; }

@@ -76,7 +76,7 @@ The kernel level can be forced lower with WEFT_CPU_KERNELS=${KERNEL_LEVELS.join(
     async run(args) {
       const bw = takeFlag(args, "--bandwidth");
       const lvl = native().kernelLevel();
-      console.log(`kernels: ${KERNEL_LEVELS[lvl.current]} (detected: ${KERNEL_LEVELS[lvl.detected]})`);
+      console.log(`kernels: ${KERNEL_LEVELS[lvl.current]}${lvl.bf16 ? " with AVX512-BF16" : ""} (detected: ${KERNEL_LEVELS[lvl.detected]})`);
       if (bw) for (const t of [1, 2]) console.log(`read bandwidth, ${t} thread(s): ${native().readBandwidth(1 << 30, t, 5).toFixed(1)} GB/s`);
       return 0;
     },

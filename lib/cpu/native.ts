@@ -35,8 +35,11 @@ export interface NativeAddon {
   /** rows are split across `threads` (default: all cores); the bytes do not depend on it */
   quantize(type: number, src: Float32Array, nPerRow: number, threads?: number): Uint8Array;
   dequantize(type: number, src: Uint8Array, n: number): Float32Array;
-  /** get (and with an argument, force) the kernel level: 0 scalar, 1 AVX2, 2 AVX-512 VNNI */
-  kernelLevel(force?: number): { current: number; detected: number };
+  /**
+   * get (and with an argument, force) the kernel level: 0 scalar, 1 AVX2, 2 AVX-512 VNNI;
+   * bf16: the level also uses AVX512-BF16, so BF16 weights meet activations rounded to BF16
+   */
+  kernelLevel(force?: number): { current: number; detected: number; bf16: boolean };
   readBandwidth(bytes: number, threads: number, reps: number): number;
 }
 

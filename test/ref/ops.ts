@@ -5,7 +5,7 @@
 import { OpName, opName, GluOp, RopeMode, UnaryOp } from "../../lib/core/ops.js";
 import { Tensor } from "../../lib/core/tensor.js";
 import { GgmlType, TYPES } from "../../lib/core/types.js";
-import { quantizeActivationsRef } from "./quant.js";
+import { quantizeActivationsRef, type RefOptions } from "./quant.js";
 
 export interface RefVal { data: Float64Array<ArrayBufferLike>; off: number; st: [number, number, number, number]; ne: readonly number[] }
 
@@ -37,7 +37,7 @@ function viewOf(t: Tensor, root: RefVal): RefVal {
   return { data: root.data, off: offset / es, st: [t.nb[0] / es, t.nb[1] / es, t.nb[2] / es, t.nb[3] / es], ne: t.ne };
 }
 
-type RefFn = (t: Tensor, s: RefVal[], rootOf: (t: Tensor) => RefVal) => RefVal;
+type RefFn = (t: Tensor, s: RefVal[], rootOf: (t: Tensor) => RefVal, opts: RefOptions) => RefVal;
 
 const unaryFns: Record<number, (x: number) => number> = {
   [UnaryOp.SILU]: (x) => x / (1 + Math.exp(-x)),
@@ -76,7 +76,7 @@ export const REF = {
     });
     return o;
   },
-  MUL_MAT: (t, [a, b]) => {
+  MUL_MAT: (t, [a, b], _rootOf, opts) => {
     const o = contiguousVal(t.ne);
     const K = a!.ne[0]!, r2 = b!.ne[2]! / a!.ne[2]!, r3 = b!.ne[3]! / a!.ne[3]!;
     // activation rows as the kernels see them (8-bit for quantized weights)
@@ -84,7 +84,7 @@ export const REF = {
     forEach([1, b!.ne[1]!, b!.ne[2]!, b!.ne[3]!], (_, m, i2, i3) => {
       const row = new Float64Array(K);
       for (let k = 0; k < K; k++) row[k] = b!.data[at(b!, k, m, i2, i3)]!;
-      x.data.set(quantizeActivationsRef(t.src[0]!.type, row), at(x, 0, m, i2, i3));
+      x.data.set(quantizeActivationsRef(t.src[0]!.type, row, opts), at(x, 0, m, i2, i3));
     });
     forEach(t.ne, (n, m, i2, i3) => {
       let s = 0;
@@ -164,8 +164,11 @@ export const REF = {
   ALL_REDUCE: (t) => { throw new Error(`no reference for ${opName(t.op)} on one device`); },
 } satisfies Record<OpName, RefFn>;
 
-/** Runs a graph's nodes in order on the reference; `leaf` gives each leaf's values. */
-export function runReference(order: readonly Tensor[], leaf: (t: Tensor) => Float64Array): Map<Tensor, RefVal> {
+/**
+ * Runs a graph's nodes in order on the reference; `leaf` gives each leaf's values, `opts`
+ * how the kernels in use treat activations.
+ */
+export function runReference(order: readonly Tensor[], leaf: (t: Tensor) => Float64Array, opts: RefOptions = {}): Map<Tensor, RefVal> {
   const vals = new Map<Tensor, RefVal>();
   const roots = new Map<Tensor, RefVal>();
   const rootOf = (t: Tensor): RefVal => {
@@ -176,7 +179,7 @@ export function runReference(order: readonly Tensor[], leaf: (t: Tensor) => Floa
   };
   for (const t of order) {
     const fn = REF[opName(t.op)] as RefFn;
-    const v = fn(t, t.src.map((s) => vals.get(s)!), rootOf);
+    const v = fn(t, t.src.map((s) => vals.get(s)!), rootOf, opts);
     if (t.op !== 0 && !t.viewSrc) roots.set(t, v);
     vals.set(t, v);
   }

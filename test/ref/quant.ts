@@ -81,16 +81,36 @@ export function f16Round(x: number): number {
   return Math.sign(x) * roundHalfEven(a / quantum) * quantum;
 }
 
+/** the value of fp32 x after conversion to bf16 (round to nearest even, subnormals kept) */
+export function bf16Round(x: number): number {
+  const a = Math.abs(Math.fround(x));
+  if (a === 0 || !Number.isFinite(a)) return x;
+  const e = Math.max(((f32Bits(a) >>> 23) & 0xff) - 127, -126);  // fp32 subnormals share 2^-126's quantum
+  const quantum = 2 ** (e - 7);
+  return Math.sign(x) * roundHalfEven(a / quantum) * quantum;
+}
+
+/** How the kernels in use treat activations (see runReference). */
+export interface RefOptions {
+  /** BF16 weights meet activations rounded to BF16 (the AVX512-BF16 kernels, as ggml's BF16 vec_dot_type) */
+  bf16Activations?: boolean;
+}
+
 /**
  * What a quantized MUL_MAT does to its activations, in float64: each row is quantized to
  * 8 bits like ggml's quantize_row_q8_0_ref (Q4_0/Q8_0 weights: per 32 values, scale
  * amax/127 stored as fp16, roundf) or quantize_row_q8_K_ref (K-quant weights: per 256
  * values, scale −127/max in fp32, round to nearest even) and dequantized. With it the
  * reference matches the kernels up to float summation order, so the tolerance checks the
- * kernels and not the luck of the random data (a single output near zero).
+ * kernels and not the luck of the random data (a single output near zero). BF16 weights
+ * with opts.bf16Activations: each activation rounded to BF16.
  */
-export function quantizeActivationsRef(weightType: GgmlType, x: Float64Array): Float64Array {
+export function quantizeActivationsRef(weightType: GgmlType, x: Float64Array, opts: RefOptions = {}): Float64Array {
   const f = Math.fround, out = new Float64Array(x.length);
+  if (weightType === GgmlType.BF16 && opts.bf16Activations) {
+    for (let i = 0; i < x.length; i++) out[i] = bf16Round(x[i]!);
+    return out;
+  }
   if (weightType === GgmlType.Q8_0 || weightType === GgmlType.Q4_0) {
     for (let b = 0; b < x.length; b += 32) {
       let amax = 0;
