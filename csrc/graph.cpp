@@ -278,6 +278,15 @@ static void op_mul_mat(Ctx& c, Tensor& t, int ith, int nth) {
     const int64_t blk = u % nblk, i2 = (u / nblk) % b.ne[2], i3 = u / (nblk * b.ne[2]);
     const int64_t n0 = blk * BN, n1 = std::min(N, n0 + BN);
     const char* wbase = a.data + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3];
+    if (tile && a.packed && kernels().gemm8[a.type]) {
+      const char* act0 = c.scratch + ((i3 * b.ne[2] + i2) * M) * rb;  // quantized activations: never direct
+      float* out0 = (float*)row_ptr(t, 0, i2, i3);
+      const int64_t os = t.nb[1] / 4;
+      for (int64_t m = 0; m < M; m += GEMM8_RN)
+        kernels().gemm8[a.type](K, a.data + n0 * packed_rb, (n1 - n0) / 8, act0 + m * rb, rb, out0 + m * os + n0, os,
+                                (int)std::min<int64_t>(GEMM8_RN, M - m));
+      continue;
+    }
     if (tile) {
       const char* wrows = wbase + n0 * a.nb[1];
       int64_t ws = a.nb[1];

@@ -928,12 +928,14 @@ static KernelTable make_table(int level) {
     t.gemv8[T_Q4_0] = avx2::gemv8_q4_0; t.unpack8[T_Q4_0] = unpack8_q4_0_avx2;
     t.gemv8[T_Q4_K] = avx2::gemv8_q4_K; t.unpack8[T_Q4_K] = unpack8_q4_K_kdec;
     t.gemv8[T_Q8_0] = avx2::gemv8_q8_0; t.unpack8[T_Q8_0] = unpack8_q8_0_avx2;
+    t.gemm8[T_Q4_0] = avx2::gemm8_q4_0; t.gemm8[T_Q8_0] = avx2::gemm8_q8_0;
     t.dot4[T_F32] = dot4_float_avx2<LoadF32>; t.dot4[T_F16] = dot4_float_avx2<LoadF16>; t.dot4[T_BF16] = dot4_float_avx2<LoadBF16>;
     t.exp_sum = exp_sum_avx2; t.swiglu = swiglu_avx2;
   }
   if (level >= LEVEL_AVX512) {  // the int8 products with VNNI; everything else as AVX2
     t.tile[T_Q8_0] = vnni::tile_q8_0; t.tile[T_Q4_0] = vnni::tile_q8_0;
     t.gemv8[T_Q4_0] = vnni::gemv8_q4_0; t.gemv8[T_Q8_0] = vnni::gemv8_q8_0; t.gemv8[T_Q4_K] = vnni::gemv8_q4_K;
+    t.gemm8[T_Q4_0] = vnni::gemm8_q4_0; t.gemm8[T_Q8_0] = vnni::gemm8_q8_0;
   }
   if (t.bf16) {  // BF16 weights take BF16 activations (vec_dot_type reads t.bf16)
     t.act[T_BF16] = act_bf16;

@@ -20,6 +20,10 @@ typedef void (*dot4_fn)(int64_t n, const void* w, int64_t ws, const void* a, flo
 // weights repacked in groups of eight rows (block_q4_0x8, block_q8_0x8, block_q4_Kx8):
 // `groups` consecutive groups against one activation row -> out[0 .. 8·groups)
 typedef void (*gemv8_fn)(int64_t n, const void* w, int64_t groups, const void* a, float* out);
+// repacked groups against rn (≤ GEMM8_RN) activation columns at a (stride as bytes,
+// vec_dot_type): out[j*os + 8g + r] for group g's row r
+typedef void (*gemm8_fn)(int64_t n, const void* w, int64_t groups, const void* a, int64_t as, float* out, int64_t os, int rn);
+constexpr int GEMM8_RN = 4;
 // RM×RN block of a batched product: rm (≤ TILE_RM) weight rows at w (stride ws bytes)
 // against rn (≤ TILE_RN) activation rows at a (stride as bytes, vec_dot_type), writing
 // out[j*os + i]. Optional: types without one use dot per element.
@@ -36,7 +40,9 @@ struct KernelTable {
   vec_dot_fn dot[32];       // indexed by weight type
   dot4_fn dot4[32];         // optional, by weight type: one-token products four rows at a time
   gemv8_fn gemv8[32];       // by weight type, for every type_is_repackable type
-  // one repacked group -> eight rows of the tile's input form (tile_row_bytes apart); with tile
+  gemm8_fn gemm8[32];       // optional, by repackable type: batched products on the groups themselves
+  // one repacked group -> eight rows of the tile's input form (tile_row_bytes apart); with
+  // tile, for repacked types without gemm8
   void (*unpack8[32])(const void* w, void* out, int64_t n);
   // w[i] = exp(w[i] - mx) for a row; returns the sum (softmax)
   double (*exp_sum)(float* w, int64_t n, float mx);

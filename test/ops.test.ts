@@ -65,7 +65,7 @@ for (const wt of WEIGHT_TYPES) {
 // (the two-group kernel's remainder, a work unit of 8 rows), batched (unpacked for tiles)
 for (const wt of [GgmlType.Q4_0, GgmlType.Q8_0, GgmlType.Q4_K])
   for (const K of wt === GgmlType.Q4_K ? [256, 768] : [96, 512])
-    for (const [N, M] of [[8, 1], [40, 1], [128, 1], [24, 3], [40, 17]] as const)
+    for (const [N, M] of [[8, 1], [40, 1], [128, 1], [24, 3], [16, 6], [40, 17]] as const)
       add("MUL_MAT", `type=${TYPES[wt].name} repacked,K=${K},N=${N},M=${M}`, NMSE_QMATMUL, () => {
         const w = t(wt, K, N);
         return { out: G.mulMat(w, t(F32, K, M)), repack: [w] };
