@@ -290,7 +290,7 @@ static void op_mul_mat(Ctx& c, Tensor& t, int ith, int nth) {
     if (tile) {
       const char* wrows = wbase + n0 * a.nb[1];
       int64_t ws = a.nb[1];
-      if (a.packed) {  // units start at multiples of 16 rows, so at group boundaries
+      if (a.packed) {  // Q4_K (no gemm8); units start at multiples of 16 rows, so at group boundaries
         char* buf = c.tile_tmp(ith, nth);
         ws = tile_row_bytes(a.type, K);
         for (int64_t n = n0; n < n1; n += 8) kernels().unpack8[a.type](a.data + n * packed_rb, buf + (n - n0) * ws, K);

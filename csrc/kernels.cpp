@@ -534,46 +534,6 @@ WEFT_AVX2 static inline void transpose8x32(const __m256i v[8], __m256i rows[8]) 
   }
 }
 
-// One repacked Q8_0 group -> eight Q8_0 rows (the tile's input): an 8×8 transpose of the
-// 32-bit lanes of a block's eight chunks.
-WEFT_AVX2 static void unpack8_q8_0_avx2(const void* w, void* out, int64_t n) {
-  const block_q8_0x8* x = (const block_q8_0x8*)w;
-  const int64_t nb = n / QK8_0;
-  block_q8_0* y = (block_q8_0*)out;
-  for (int64_t b = 0; b < nb; ++b) {
-    __m256i v[8], rows[8];
-    load8x32(x[b].qs, v);
-    transpose8x32(v, rows);
-    for (int r = 0; r < 8; ++r) {
-      y[r * nb + b].d = x[b].d[r];
-      _mm256_storeu_si256((__m256i*)y[r * nb + b].qs, rows[r]);
-    }
-  }
-}
-
-// One repacked Q4_0 group -> eight Q8_0 rows: each chunk's nibbles become (q − 8) bytes,
-// the low ones elements 4c..4c+3 and the high ones 16+4c..16+4c+3 of every row; as eight
-// chunks (low, then high) their transpose is each row's 32 values in order.
-WEFT_AVX2 static void unpack8_q4_0_avx2(const void* w, void* out, int64_t n) {
-  const block_q4_0x8* x = (const block_q4_0x8*)w;
-  const int64_t nb = n / QK4_0;
-  const __m256i m4 = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
-  block_q8_0* y = (block_q8_0*)out;
-  for (int64_t i = 0; i < nb; ++i) {
-    __m256i v[8], rows[8];
-    for (int c = 0; c < 4; ++c) {
-      const __m256i q = _mm256_loadu_si256((const __m256i*)(x[i].qs + 32 * c));
-      v[c] = _mm256_sub_epi8(_mm256_and_si256(q, m4), eight);
-      v[c + 4] = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), eight);
-    }
-    transpose8x32(v, rows);
-    for (int r = 0; r < 8; ++r) {
-      y[r * nb + i].d = x[i].d[r];
-      _mm256_storeu_si256((__m256i*)y[r * nb + i].qs, rows[r]);
-    }
-  }
-}
-
 WEFT_AVX2 static void act_q8_0s_avx2(const float* x, void* y, int64_t n) { act_q8_0s_body(x, y, n); }
 
 // ---------------------------------------------------------------- AVX2 tiles (batched MUL_MAT)
@@ -925,9 +885,9 @@ static KernelTable make_table(int level) {
     t.tile[T_Q6_K] = tile_kdec_avx2; t.decode[T_Q6_K] = decode_q6_K_kdec;
     t.tile[T_F32] = tile_f32_avx2; t.tile[T_F16] = tile_f16_avx2; t.tile[T_BF16] = tile_bf16_avx2;
     t.dot4[T_Q8_0] = dot4_q8_0_avx2; t.dot4[T_Q4_0] = dot4_q4_0_avx2;
-    t.gemv8[T_Q4_0] = avx2::gemv8_q4_0; t.unpack8[T_Q4_0] = unpack8_q4_0_avx2;
+    t.gemv8[T_Q4_0] = avx2::gemv8_q4_0;
     t.gemv8[T_Q4_K] = avx2::gemv8_q4_K; t.unpack8[T_Q4_K] = unpack8_q4_K_kdec;
-    t.gemv8[T_Q8_0] = avx2::gemv8_q8_0; t.unpack8[T_Q8_0] = unpack8_q8_0_avx2;
+    t.gemv8[T_Q8_0] = avx2::gemv8_q8_0;
     t.gemm8[T_Q4_0] = avx2::gemm8_q4_0; t.gemm8[T_Q8_0] = avx2::gemm8_q8_0;
     t.dot4[T_F32] = dot4_float_avx2<LoadF32>; t.dot4[T_F16] = dot4_float_avx2<LoadF16>; t.dot4[T_BF16] = dot4_float_avx2<LoadBF16>;
     t.exp_sum = exp_sum_avx2; t.swiglu = swiglu_avx2;
