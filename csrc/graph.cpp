@@ -270,6 +270,7 @@ static void op_mul_mat(Ctx& c, Tensor& t, int ith, int nth) {
   int64_t lo, hi;
   split(units, ith, nth, lo, hi);
   const tile_fn tile = M > 1 ? kernels().tile[a.type] : nullptr;
+  const gemm8_fn gemm8 = M > 1 && a.packed ? kernels().gemm8[a.type] : nullptr;
   const dot4_fn dot4 = kernels().dot4[a.type];
   const int64_t wrow = row_bytes(a.type, K);
   const bool strided = a.nb[1] != wrow && wrow <= 4096;
@@ -278,13 +279,12 @@ static void op_mul_mat(Ctx& c, Tensor& t, int ith, int nth) {
     const int64_t blk = u % nblk, i2 = (u / nblk) % b.ne[2], i3 = u / (nblk * b.ne[2]);
     const int64_t n0 = blk * BN, n1 = std::min(N, n0 + BN);
     const char* wbase = a.data + (i2 / r2) * a.nb[2] + (i3 / r3) * a.nb[3];
-    if (tile && a.packed && kernels().gemm8[a.type]) {
+    if (gemm8) {
       const char* act0 = c.scratch + ((i3 * b.ne[2] + i2) * M) * rb;  // quantized activations: never direct
       float* out0 = (float*)row_ptr(t, 0, i2, i3);
       const int64_t os = t.nb[1] / 4;
       for (int64_t m = 0; m < M; m += GEMM8_RN)
-        kernels().gemm8[a.type](K, a.data + n0 * packed_rb, (n1 - n0) / 8, act0 + m * rb, rb, out0 + m * os + n0, os,
-                                (int)std::min<int64_t>(GEMM8_RN, M - m));
+        gemm8(K, a.data + n0 * packed_rb, (n1 - n0) / 8, act0 + m * rb, rb, out0 + m * os + n0, os, (int)std::min<int64_t>(GEMM8_RN, M - m));
       continue;
     }
     if (tile) {
