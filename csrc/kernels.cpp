@@ -702,8 +702,10 @@ WEFT_AVX2 static void run(int64_t n, const char* w, int64_t ws, const char* a, i
       for (int i = 0; i < RM; ++i) q[i] = _mm256_load_si256((const __m256i*)(x[i]->q + 32 * c));
       for (int j = 0; j < RN; ++j) {
         const __m256i yv = _mm256_loadu_si256((const __m256i*)(y[j]->qs + 32 * c));
-        for (int i = 0; i < RM; ++i)
-          acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(_mm256_maddubs_epi16(q[i], yv), _mm256_load_si256(&x[i]->scv[c]))), keep_order(acc[i][j]);
+        for (int i = 0; i < RM; ++i) {
+          acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(_mm256_maddubs_epi16(q[i], yv), _mm256_load_si256(&x[i]->scv[c])));
+          keep_order(acc[i][j]);
+        }
       }
     }
     for (int j = 0; j < RN; ++j) {
@@ -758,9 +760,9 @@ TILE_FN(tile_f32_avx2, TileF<LoadF32>)
 TILE_FN(tile_f16_avx2, TileF<LoadF16>)
 TILE_FN(tile_bf16_avx2, TileF<LoadBF16>)
 TILE_FN(tile_kdec_avx2, RowPairs<TileKDec>)
-#undef TILE_FN
-template <class W> static void dot4_float_avx2(int64_t n, const void* w, int64_t ws, const void* a, float* out) {
-  TileF<W>::template run<4, 1>(n, (const char*)w, ws, (const char*)a, 0, out, 1);
+// one-token products on a tile kernel: four rows against one activation row
+template <class K> static void dot4_tile(int64_t n, const void* w, int64_t ws, const void* a, float* out) {
+  K::template run<4, 1>(n, (const char*)w, ws, (const char*)a, 0, out, 1);
 }
 
 // ---------------------------------------------------------------- AVX512-BF16
@@ -807,12 +809,8 @@ WEFT_AVX512BF16 static void run(int64_t n, const char* w, int64_t ws, const char
     }
 }
 };
-static void tile_bf16_dp(int64_t n, const void* w, int64_t ws, const void* a, int64_t as, float* o, int64_t os, int rm, int rn) {
-  tile_select<TileBF16>(n, w, ws, a, as, o, os, rm, rn);
-}
-static void dot4_bf16_dp(int64_t n, const void* w, int64_t ws, const void* a, float* out) {
-  TileBF16::run<4, 1>(n, (const char*)w, ws, (const char*)a, 0, out, 1);
-}
+TILE_FN(tile_bf16_dp, TileBF16)
+#undef TILE_FN
 static float dot_bf16_dp(int64_t n, const void* w, const void* a) {
   float r;
   TileBF16::run<1, 1>(n, (const char*)w, 0, (const char*)a, 0, &r, 1);
@@ -912,7 +910,7 @@ static KernelTable make_table(int level) {
     t.gemv8[T_Q4_K] = avx2::gemv8_q4_K; t.unpack8[T_Q4_K] = unpack8_q4_K_kdec;
     t.gemv8[T_Q8_0] = avx2::gemv8_q8_0;
     t.gemm8[T_Q4_0] = avx2::gemm8_q4_0; t.gemm8[T_Q8_0] = avx2::gemm8_q8_0;
-    t.dot4[T_F32] = dot4_float_avx2<LoadF32>; t.dot4[T_F16] = dot4_float_avx2<LoadF16>; t.dot4[T_BF16] = dot4_float_avx2<LoadBF16>;
+    t.dot4[T_F32] = dot4_tile<TileF<LoadF32>>; t.dot4[T_F16] = dot4_tile<TileF<LoadF16>>; t.dot4[T_BF16] = dot4_tile<TileF<LoadBF16>>;
     t.exp_sum = exp_sum_avx2; t.swiglu = swiglu_avx2;
   }
   if (level >= LEVEL_AVX512) {  // the int8 products with VNNI; everything else as AVX2
@@ -922,7 +920,7 @@ static KernelTable make_table(int level) {
   }
   if (t.bf16) {  // BF16 weights take BF16 activations (vec_dot_type reads t.bf16)
     t.act[T_BF16] = act_bf16;
-    t.dot[T_BF16] = dot_bf16_dp; t.dot4[T_BF16] = dot4_bf16_dp; t.tile[T_BF16] = tile_bf16_dp;
+    t.dot[T_BF16] = dot_bf16_dp; t.dot4[T_BF16] = dot4_tile<TileBF16>; t.tile[T_BF16] = tile_bf16_dp;
   }
   if (level < LEVEL_AVX2) {
     t.dot[T_F32] = dot_f32_scalar; t.dot[T_F16] = dot_f16_scalar; t.dot[T_BF16] = dot_bf16_scalar;
