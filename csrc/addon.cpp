@@ -21,21 +21,73 @@
 
 namespace weft {
 
+int64_t spin_ns() {
+  static const int64_t ns = [] {
+    const char* e = getenv("WEFT_SPIN_US");
+    const double us = e && *e ? atof(e) : 50.0;
+    return (int64_t)(std::max(0.0, std::min(us, 1e6)) * 1000);
+  }();
+  return ns;
+}
+
 // ---------------------------------------------------------------- buffer registry
 
-struct BufEntry { char* base; size_t size; bool mapped; size_t map_len; };
+// A buffer in use by a running graph is pinned; freeing it then only marks it dead (no
+// new use can start) and the memory goes when the last run using it ends: a free while
+// queued work still uses a buffer is never a use-after-free.
+struct BufEntry { char* base; size_t size; bool mapped; size_t map_len; int pins = 0; bool dead = false; };
 static std::mutex g_buf_mu;
 static std::unordered_map<int64_t, BufEntry> g_bufs;
 static int64_t g_next_buf = 1;
 static constexpr size_t ALIGN = 64;
 
+static void release_memory(const BufEntry& e) {
+  if (e.mapped) { if (e.map_len) munmap(e.base, e.map_len); }
+  else free(e.base);
+}
+
 bool lookup_buffer(int64_t id, BufferInfo* out) {
   std::lock_guard<std::mutex> lk(g_buf_mu);
   auto it = g_bufs.find(id);
-  if (it == g_bufs.end()) return false;
+  if (it == g_bufs.end() || it->second.dead) return false;
   out->base = it->second.base;
   out->size = it->second.size;
   return true;
+}
+
+// Pins every buffer of a plan for one run; false (nothing pinned) if one was freed.
+static bool pin_buffers(const std::vector<int64_t>& ids) {
+  std::lock_guard<std::mutex> lk(g_buf_mu);
+  for (int64_t id : ids) {
+    auto it = g_bufs.find(id);
+    if (it == g_bufs.end() || it->second.dead) return false;
+  }
+  for (int64_t id : ids) g_bufs[id].pins++;
+  return true;
+}
+static void unpin_buffers(const std::vector<int64_t>& ids) {
+  std::vector<BufEntry> gone;
+  {
+    std::lock_guard<std::mutex> lk(g_buf_mu);
+    for (int64_t id : ids) {
+      auto it = g_bufs.find(id);
+      if (it == g_bufs.end()) continue;
+      if (--it->second.pins == 0 && it->second.dead) { gone.push_back(it->second); g_bufs.erase(it); }
+    }
+  }
+  for (auto& e : gone) release_memory(e);
+}
+
+// ---------------------------------------------------------------- collective groups
+
+static std::mutex g_group_mu;
+static std::unordered_map<int64_t, std::shared_ptr<Group>> g_groups;
+static int64_t g_next_group = 1;
+
+std::shared_ptr<Group> lookup_group(int64_t id) {
+  std::lock_guard<std::mutex> lk(g_group_mu);
+  auto it = g_groups.find(id);
+  return it == g_groups.end() ? nullptr : it->second;
 }
 
 static Napi::Error weft_error(Napi::Env env, const char* code, const std::string& msg) {
@@ -48,7 +100,7 @@ static BufEntry get_buf(const Napi::Env& env, const Napi::Value& v) {
   int64_t id = v.As<Napi::Number>().Int64Value();
   std::lock_guard<std::mutex> lk(g_buf_mu);
   auto it = g_bufs.find(id);
-  if (it == g_bufs.end()) throw weft_error(env, "DISPOSED", "buffer " + std::to_string(id) + " was freed or never existed");
+  if (it == g_bufs.end() || it->second.dead) throw weft_error(env, "DISPOSED", "buffer " + std::to_string(id) + " was freed or never existed");
   return it->second;
 }
 
@@ -92,12 +144,12 @@ static Napi::Value BufferFree(const Napi::CallbackInfo& info) {
   {
     std::lock_guard<std::mutex> lk(g_buf_mu);
     auto it = g_bufs.find(id);
-    if (it == g_bufs.end()) return info.Env().Undefined();  // freeing twice is harmless
+    if (it == g_bufs.end() || it->second.dead) return info.Env().Undefined();  // freeing twice is harmless
+    if (it->second.pins > 0) { it->second.dead = true; return info.Env().Undefined(); }  // the last run frees it
     e = it->second;
     g_bufs.erase(it);
   }
-  if (e.mapped) { if (e.map_len) munmap(e.base, e.map_len); }
-  else free(e.base);
+  release_memory(e);
   return info.Env().Undefined();
 }
 
@@ -173,16 +225,13 @@ static Napi::Value BufferTouch(const Napi::CallbackInfo& info) {
 
 // {"MUL_MAT/Q8_0": [ms, calls], ...}; with an argument true, also resets.
 static Napi::Value ProfileReport(const Napi::CallbackInfo& info) {
-  static const char* ops[] = {"NONE", "GET_ROWS", "MUL_MAT", "ADD", "MUL", "SCALE", "RMS_NORM", "ROPE", "SOFT_MAX",
-                              "CPY", "CONT", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE", "SET_ROWS", "UNARY", "GLU",
-                              "FLASH_ATTN_EXT", "ALL_REDUCE"};
   Napi::Env env = info.Env();
   Napi::Object o = Napi::Object::New(env);
   OpProfile& p = op_profile();
   for (int op = 0; op < OP_COUNT; ++op)
     for (int ty = 0; ty < 32; ++ty) {
       if (!p.calls[op][ty]) continue;
-      std::string k = ops[op];
+      std::string k = op_name(op);
       if (op == OP_MUL_MAT) { k += "/"; k += std::to_string(ty); }
       Napi::Array a = Napi::Array::New(env, 2);
       a.Set((uint32_t)0, p.ns[op][ty] / 1e6);
@@ -208,11 +257,24 @@ static Napi::Value BufferCopy(const Napi::CallbackInfo& info) {
 }
 
 // repackRows(type, src, srcOffset, srcStride, dst, dstOffset, n, rows): rows (a multiple
-// of 8) weight rows of n elements, srcStride bytes apart, into repacked groups at dst.
+// of 8) weight rows of n elements, srcStride bytes apart, into repacked groups at dst. The
+// source is a buffer id, or a Uint8Array (srcOffset into it): weights uploaded through a
+// repacked buffer's setTensor.
 static Napi::Value RepackRows(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const int32_t type = info[0].As<Napi::Number>().Int32Value();
-  BufEntry s = get_buf(env, info[1]);
+  const char* src_base;
+  double src_size;
+  BufEntry s{};
+  if (info[1].IsTypedArray()) {
+    Napi::Uint8Array a = info[1].As<Napi::Uint8Array>();
+    src_base = (const char*)a.Data();
+    src_size = (double)a.ByteLength();
+  } else {
+    s = get_buf(env, info[1]);
+    src_base = s.base;
+    src_size = (double)s.size;
+  }
   const double so = info[2].As<Napi::Number>().DoubleValue(), stride = info[3].As<Napi::Number>().DoubleValue();
   BufEntry d = get_buf(env, info[4]);
   const double dof = info[5].As<Napi::Number>().DoubleValue();
@@ -227,93 +289,140 @@ static Napi::Value RepackRows(const Napi::CallbackInfo& info) {
   if (!(stride >= rb && stride == (double)(int64_t)stride)) throw weft_error(env, "BAD_ARGUMENT", "row stride is shorter than a row");
   if (d.mapped) throw weft_error(env, "READ_ONLY", "a mapped file buffer is read-only");
   if (rows == 0) return env.Undefined();
-  check_range(env, s, so, (rows - 1) * stride + rb);
+  if (!(so >= 0) || so + (rows - 1) * stride + rb > src_size) throw weft_error(env, "OUT_OF_RANGE", "the source rows run past their memory");
   check_range(env, d, dof, rows * (double)repacked_row_bytes(type, (int64_t)n));
-  repack_rows8(type, s.base + (size_t)so, (int64_t)stride, d.base + (size_t)dof, (int64_t)n, (int64_t)rows);
+  repack_rows8(type, src_base + (size_t)so, (int64_t)stride, d.base + (size_t)dof, (int64_t)n, (int64_t)rows);
   return env.Undefined();
 }
 
 // ---------------------------------------------------------------- contexts (one per CPU device)
 
-struct Context {
-  explicit Context(int n) : pool(std::make_unique<ThreadPool>(n)) {}
-  std::unique_ptr<ThreadPool> pool;  // null once destroyed (threads joined, plans freed)
-  std::unordered_map<double, std::unique_ptr<Plan>> plans;
-  std::unordered_map<double, std::vector<int64_t>> plan_bufs;
-  std::vector<char> scratch;
-  std::atomic<bool> busy{false};
-  // Native events: computes finished on this device (failed ones count too, so that a
-  // waiter never hangs). Another device's compute can wait for "completed >= n" on its
-  // own worker thread, without a round trip through the JS thread.
-  std::atomic<uint64_t> completed{0};
-  std::mutex ev_mu;
-  std::condition_variable ev_cv;
+struct Context;
+struct NativeWait { Context* ctx; uint64_t count; };
 
-  void signal() {
-    { std::lock_guard<std::mutex> lk(ev_mu); completed.fetch_add(1, std::memory_order_acq_rel); }
-    ev_cv.notify_all();
-  }
-  // false on timeout
-  bool wait_for(uint64_t n) {
-    for (int spin = 0; spin < 20000; ++spin) {  // well under a millisecond, then sleep
-      if (completed.load(std::memory_order_acquire) >= n) return true;
-      _mm_pause();
-    }
-    std::unique_lock<std::mutex> lk(ev_mu);
-    return ev_cv.wait_for(lk, std::chrono::seconds(60), [&] { return completed.load() >= n; });
-  }
+// One compute: what it runs, what it waits for, and the promise it settles.
+struct Job {
+  std::shared_ptr<Plan> plan;
+  std::vector<NativeWait> waits;
+  Napi::Promise::Deferred deferred;
+  Napi::ObjectReference keep;   // the context (and the contexts it waits for) stay alive
+  std::string error;
+  explicit Job(Napi::Env env) : deferred(Napi::Promise::Deferred::New(env)) {}
 };
 
-struct NativeWait { Context* ctx; uint64_t count; };
+// A CPU device's native side: a dispatcher thread (worker 0 of its pool) that runs one
+// compute at a time, so that devices never share, or run out of, Node's worker threads
+// (a collective needs every device of a group running at once). Completion is sent back
+// to the JS thread through a thread-safe function.
+struct Context {
+  explicit Context(Napi::Env env, int n) : threads(n), pool(std::make_unique<ThreadPool>(n)) {
+    tsfn = Napi::ThreadSafeFunction::New(env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}), "weft-cpu", 0, 1);
+    tsfn.Unref(env);
+    dispatcher = std::thread([this] { loop(); });
+  }
+  ~Context() { shutdown(); }
+
+  // Joins the threads and frees plans and scratch (idempotent).
+  void shutdown() {
+    if (!dispatcher.joinable()) return;
+    stop.store(true, std::memory_order_release);
+    post.fetch_add(1, std::memory_order_seq_cst);
+    futex_wake_all(&post);
+    dispatcher.join();
+    pool.reset();
+    std::vector<char>().swap(scratch);
+    pool_alive = false;
+    plans.clear();
+    tsfn.Release();
+  }
+
+  void loop() {
+    uint32_t seen = 0;
+    for (;;) {
+      // back-to-back computes (token generation) arrive within the spin; idle, it sleeps
+      wait_change(post, seen, post_sleepers);
+      seen = post.load(std::memory_order_acquire);
+      if (stop.load(std::memory_order_acquire)) break;
+      Job* j = job.exchange(nullptr, std::memory_order_acq_rel);
+      if (!j) continue;
+      run(*j);
+      tsfn.NonBlockingCall(j, [](Napi::Env env, Napi::Function, Job* j) { finish(env, j); });
+    }
+  }
+  void pool_prewake() { pool->prewake(); }
+
+  void run(Job& j) {
+    for (const NativeWait& w : j.waits)
+      if (!w.ctx->wait_for(w.count)) { j.error = "waited 60 s for another device's compute that never finished"; break; }
+    if (j.error.empty()) {
+      try { execute_plan(*j.plan, *pool, scratch); }
+      catch (const std::exception& e) { j.error = e.what(); }
+    }
+    unpin_buffers(j.plan->buffers);
+    signal();
+  }
+
+  static void finish(Napi::Env env, Job* j);
+
+  // Native events: computes finished on this device (failed ones count too, so that a
+  // waiter never hangs). Another device's compute can wait for "completed >= n" on its
+  // own dispatcher thread, without a round trip through the JS thread.
+  void signal() {
+    completed.fetch_add(1, std::memory_order_acq_rel);
+    done_word.fetch_add(1, std::memory_order_seq_cst);
+    wake_waiters(done_word, done_sleepers);
+  }
+  bool wait_for(uint64_t n) {  // false on timeout
+    const int64_t deadline = now_ns() + 60LL * 1000000000LL;
+    for (;;) {
+      const uint32_t w = done_word.load(std::memory_order_seq_cst);
+      if (completed.load(std::memory_order_acquire) >= n) return true;
+      if (!wait_change(done_word, w, done_sleepers, deadline)) return completed.load() >= n;
+    }
+  }
+
+  const int threads;
+  std::unique_ptr<ThreadPool> pool;  // the dispatcher thread is its worker 0
+  bool pool_alive = true;            // false once shut down (JS thread's view)
+  std::thread dispatcher;
+  std::atomic<Job*> job{nullptr};
+  std::atomic<uint32_t> post{0};
+  std::atomic<int> post_sleepers{0};
+  std::atomic<bool> stop{false};
+  Napi::ThreadSafeFunction tsfn;
+  int pending = 0;  // JS thread: computes in flight (the event loop stays alive meanwhile)
+  bool busy = false;
+  std::unordered_map<double, std::shared_ptr<Plan>> plans;  // JS thread
+  std::vector<char> scratch;  // the dispatcher's
+  std::atomic<uint64_t> completed{0};
+  std::atomic<uint32_t> done_word{0};
+  std::atomic<int> done_sleepers{0};
+};
+
+static Context* context_of(const Napi::Value& v) { return v.As<Napi::External<Context>>().Data(); }
+
+void Context::finish(Napi::Env env, Job* j) {
+  Context* ctx = context_of(j->keep.Value().Get((uint32_t)0));
+  ctx->busy = false;
+  if (--ctx->pending == 0) ctx->tsfn.Unref(env);
+  if (j->error.empty()) j->deferred.Resolve(env.Undefined());
+  else j->deferred.Reject(weft_error(env, "COMPUTE_FAILED", j->error).Value());
+  delete j;
+}
 
 static Napi::Value CreateContext(const Napi::CallbackInfo& info) {
   int n = info[0].As<Napi::Number>().Int32Value();
   if (n < 1 || n > 256) throw weft_error(info.Env(), "BAD_ARGUMENT", "thread count must be between 1 and 256");
-  auto* ctx = new Context(n);
+  auto* ctx = new Context(info.Env(), n);
   return Napi::External<Context>::New(info.Env(), ctx, [](Napi::Env, Context* c) { delete c; });
 }
 
-class ComputeWorker : public Napi::AsyncWorker {
- public:
-  ComputeWorker(Napi::Env env, Context* ctx, Plan* plan, Napi::Object keep, std::vector<NativeWait> waits, Napi::Array keepWaits)
-      : Napi::AsyncWorker(env), ctx_(ctx), plan_(plan), waits_(std::move(waits)), deferred_(Napi::Promise::Deferred::New(env)) {
-    keep_ = Napi::Persistent(keep);
-    keep_waits_ = Napi::Persistent(keepWaits);
-  }
-  Napi::Promise Promise() { return deferred_.Promise(); }
-  void Execute() override {
-    for (const NativeWait& w : waits_) {
-      if (!w.ctx->wait_for(w.count)) {
-        ctx_->signal();
-        SetError("waited 60 s for another device's compute that never finished");
-        return;
-      }
-    }
-    try { execute_plan(*plan_, *ctx_->pool, ctx_->scratch); }
-    catch (const std::exception& e) { SetError(e.what()); }
-    ctx_->signal();
-  }
-  void OnOK() override { ctx_->busy = false; deferred_.Resolve(Env().Undefined()); }
-  void OnError(const Napi::Error& e) override {
-    ctx_->busy = false;
-    Napi::Error err = weft_error(Env(), "COMPUTE_FAILED", e.Message());
-    deferred_.Reject(err.Value());
-  }
- private:
-  Context* ctx_;
-  Plan* plan_;
-  std::vector<NativeWait> waits_;
-  Napi::Promise::Deferred deferred_;
-  Napi::ObjectReference keep_;
-  Napi::Reference<Napi::Array> keep_waits_;
-};
-
-// compute(ctx, uid, plan?: Float64Array) -> Promise<void>
+// compute(ctx, uid, plan?: Float64Array, waits?) -> Promise<void>
 static Napi::Value Compute(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  Context* ctx = info[0].As<Napi::External<Context>>().Data();
+  Context* ctx = context_of(info[0]);
   double uid = info[1].As<Napi::Number>().DoubleValue();
-  if (!ctx->pool) throw weft_error(env, "DISPOSED", "this CPU device's context was destroyed");
+  if (!ctx->pool_alive) throw weft_error(env, "DISPOSED", "this CPU device's context was destroyed");
   if (ctx->busy) throw weft_error(env, "BUSY", "this CPU device is already computing a graph; await it first");
   if (info.Length() > 2 && info[2].IsTypedArray()) {
     Napi::Float64Array rec = info[2].As<Napi::Float64Array>();
@@ -321,23 +430,15 @@ static Napi::Value Compute(const Napi::CallbackInfo& info) {
     std::string err;
     auto plan = decode_plan(rec.Data(), (int64_t)(rec.ElementLength() / REC), err);
     if (!plan) throw weft_error(env, "BAD_PLAN", "graph rejected by the CPU backend: " + err);
-    std::unordered_set<int64_t> ids;
-    for (size_t i = 0; i < rec.ElementLength() / REC; ++i) ids.insert((int64_t)rec[i * REC + R_BUF]);
-    ctx->plan_bufs[uid] = std::vector<int64_t>(ids.begin(), ids.end());
     ctx->plans[uid] = std::move(plan);
   }
   auto it = ctx->plans.find(uid);
   if (it == ctx->plans.end()) throw weft_error(env, "BAD_PLAN", "no cached plan for graph uid " + std::to_string((int64_t)uid));
-  for (int64_t id : ctx->plan_bufs[uid]) {
-    BufferInfo bi;
-    if (!lookup_buffer(id, &bi)) {
-      ctx->plans.erase(uid);
-      throw weft_error(env, "DISPOSED", "a buffer used by graph " + std::to_string((int64_t)uid) + " was freed; rebuild the graph");
-    }
-  }
+  std::shared_ptr<Plan> plan = it->second;
   // optional waits: [[otherCtx, count], ...] — run only once those devices completed that many computes
   std::vector<NativeWait> waits;
-  Napi::Array keepWaits = Napi::Array::New(env);
+  Napi::Array keep = Napi::Array::New(env);
+  keep.Set((uint32_t)0, info[0]);
   if (info.Length() > 3 && info[3].IsArray()) {
     Napi::Array arr = info[3].As<Napi::Array>();
     for (uint32_t i = 0; i < arr.Length(); ++i) {
@@ -346,41 +447,74 @@ static Napi::Value Compute(const Napi::CallbackInfo& info) {
       Napi::Array pair = e.As<Napi::Array>();
       Napi::Value c = pair.Get((uint32_t)0), n = pair.Get((uint32_t)1);
       if (!c.IsExternal() || !n.IsNumber()) throw weft_error(env, "BAD_ARGUMENT", "a wait must be [context, count]");
-      Context* other = c.As<Napi::External<Context>>().Data();
+      Context* other = context_of(c);
       if (other == ctx) continue;  // a queue never waits for itself
       waits.push_back({other, (uint64_t)n.As<Napi::Number>().DoubleValue()});
-      keepWaits.Set(keepWaits.Length(), c);
+      keep.Set(keep.Length(), c);
     }
   }
+  if (!pin_buffers(plan->buffers)) {
+    ctx->plans.erase(uid);
+    throw weft_error(env, "DISPOSED", "a buffer used by graph " + std::to_string((int64_t)uid) + " was freed; rebuild the graph");
+  }
+  Job* j = new Job(env);
+  j->plan = std::move(plan);
+  j->waits = std::move(waits);
+  j->keep = Napi::Persistent(keep.As<Napi::Object>());  // [this context, the contexts it waits for]
+  Napi::Promise p = j->deferred.Promise();
   ctx->busy = true;
-  ctx->pool->prewake();
-  auto* w = new ComputeWorker(env, ctx, it->second.get(), info[0].As<Napi::Object>(), std::move(waits), keepWaits);
-  w->Queue();
-  return w->Promise();
+  if (ctx->pending++ == 0) ctx->tsfn.Ref(env);
+  ctx->pool_prewake();
+  ctx->job.store(j, std::memory_order_release);
+  ctx->post.fetch_add(1, std::memory_order_seq_cst);
+  wake_waiters(ctx->post, ctx->post_sleepers);
+  return p;
 }
 
 // Frees a context's threads, plans and scratch now instead of at garbage collection.
 static Napi::Value DestroyContext(const Napi::CallbackInfo& info) {
-  Context* ctx = info[0].As<Napi::External<Context>>().Data();
+  Context* ctx = context_of(info[0]);
   if (ctx->busy) throw weft_error(info.Env(), "BUSY", "cannot destroy a CPU device context while it computes");
-  ctx->plans.clear();
-  ctx->plan_bufs.clear();
-  std::vector<char>().swap(ctx->scratch);
-  ctx->pool.reset();  // joins the worker threads
+  ctx->shutdown();
   return info.Env().Undefined();
 }
 
 // Wakes a context's sleeping workers: work for it is about to be queued.
 static Napi::Value Wake(const Napi::CallbackInfo& info) {
-  Context* ctx = info[0].As<Napi::External<Context>>().Data();
-  if (ctx->pool) ctx->pool->prewake();
+  Context* ctx = context_of(info[0]);
+  if (ctx->pool_alive) ctx->pool_prewake();
   return info.Env().Undefined();
 }
 
 static Napi::Value ForgetPlan(const Napi::CallbackInfo& info) {
-  Context* ctx = info[0].As<Napi::External<Context>>().Data();
-  double uid = info[1].As<Napi::Number>().DoubleValue();
-  if (!ctx->busy) { ctx->plans.erase(uid); ctx->plan_bufs.erase(uid); }
+  Context* ctx = context_of(info[0]);
+  ctx->plans.erase(info[1].As<Napi::Number>().DoubleValue());  // a running job keeps its own reference
+  return info.Env().Undefined();
+}
+
+// createGroup(n) -> id: a communicator for n CPU devices of this process (ALL_REDUCE)
+static Napi::Value CreateGroup(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int n = info[0].As<Napi::Number>().Int32Value();
+  if (n < 1 || n > 64) throw weft_error(env, "BAD_ARGUMENT", "a collective group has 1 to 64 devices");
+  std::lock_guard<std::mutex> lk(g_group_mu);
+  const int64_t id = g_next_group++;
+  g_groups[id] = std::make_shared<Group>(n);
+  return Napi::Number::New(env, (double)id);
+}
+// destroyGroup(id, why?): aborts anything waiting in it (with `why`) and forgets it;
+// plans that use it keep it alive until they are dropped, and fail if they run
+static Napi::Value DestroyGroup(const Napi::CallbackInfo& info) {
+  const int64_t id = info[0].As<Napi::Number>().Int64Value();
+  std::shared_ptr<Group> g;
+  {
+    std::lock_guard<std::mutex> lk(g_group_mu);
+    auto it = g_groups.find(id);
+    if (it == g_groups.end()) return info.Env().Undefined();
+    g = it->second;
+    g_groups.erase(it);
+  }
+  g->fail(info.Length() > 1 && info[1].IsString() ? info[1].As<Napi::String>().Utf8Value() : "the collective group was destroyed");
   return info.Env().Undefined();
 }
 
@@ -509,6 +643,20 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("destroyContext", Napi::Function::New(env, DestroyContext));
   exports.Set("wake", Napi::Function::New(env, Wake));
   exports.Set("forgetPlan", Napi::Function::New(env, ForgetPlan));
+  exports.Set("createGroup", Napi::Function::New(env, CreateGroup));
+  exports.Set("destroyGroup", Napi::Function::New(env, DestroyGroup));
+  {
+    // the op table and plan layout, checked against lib/core/ops.ts and lib/cpu/plan.ts at load
+    Napi::Array names = Napi::Array::New(env, OP_COUNT);
+    for (int op = 0; op < OP_COUNT; ++op) names.Set((uint32_t)op, op_name(op));
+    exports.Set("opNames", names);
+    Napi::Object layout = Napi::Object::New(env);
+    const std::pair<const char*, int> fields[] = {{"REC", REC}, {"R_OP", R_OP}, {"R_TYPE", R_TYPE}, {"R_NE", R_NE}, {"R_NB", R_NB},
+        {"R_BUF", R_BUF}, {"R_OFFS", R_OFFS}, {"R_SRC", R_SRC}, {"R_FLAGS", R_FLAGS}, {"R_NPARAMS", R_NPARAMS},
+        {"R_PARAMS", R_PARAMS}, {"MAX_PARAMS", MAX_PARAMS}, {"MAX_SRC", MAX_SRC}, {"F_REPACKED", F_REPACKED}};
+    for (auto& [k, v] : fields) layout.Set(k, v);
+    exports.Set("planLayout", layout);
+  }
   exports.Set("quantize", Napi::Function::New(env, Quantize));
   exports.Set("dequantize", Napi::Function::New(env, Dequantize));
   exports.Set("kernelLevel", Napi::Function::New(env, KernelLevel));

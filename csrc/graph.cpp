@@ -13,13 +13,6 @@
 
 namespace weft {
 
-static const char* op_name(int32_t op) {
-  static const char* names[] = {"NONE", "GET_ROWS", "MUL_MAT", "ADD", "MUL", "SCALE", "RMS_NORM", "ROPE", "SOFT_MAX",
-                                "CPY", "CONT", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE", "SET_ROWS", "UNARY", "GLU",
-                                "FLASH_ATTN_EXT", "ALL_REDUCE"};
-  return op >= 0 && op < OP_COUNT ? names[op] : "?";
-}
-
 constexpr int64_t MM_BN = 16;  // weight rows per MUL_MAT work unit (a multiple of 8: repacked groups)
 
 static inline bool is_float_type(int32_t t) { return t == T_F32 || t == T_F16 || t == T_BF16; }
@@ -33,6 +26,142 @@ static inline char* row_ptr(const Tensor& t, int64_t i1, int64_t i2, int64_t i3)
   return t.data + i1 * t.nb[1] + i2 * t.nb[2] + i3 * t.nb[3];
 }
 
+// ---------------------------------------------------------------- checks (one per op)
+
+// Every check gets the node and its sources (null where absent) and returns null or what
+// is wrong. The TS builder checks the same things, but this code trusts nothing.
+typedef const char* (*check_fn)(Plan& plan, Tensor& t, Tensor* a, Tensor* b, Tensor* c);
+
+static const char* check_none(Plan&, Tensor&, Tensor*, Tensor*, Tensor*) { return nullptr; }
+
+static const char* check_get_rows(Plan&, Tensor& t, Tensor* a, Tensor* b, Tensor*) {
+  if (!a || !b || b->type != T_I32 || t.type != T_F32) return "needs (any, I32) -> F32";
+  if (!rows_contiguous(*a) || t.ne[0] != a->ne[0] || t.ne[1] != b->ne[0] || t.ne[2] != b->ne[1] || t.ne[3] != b->ne[2] ||
+      b->ne[1] != a->ne[2] || b->ne[2] != a->ne[3] || b->ne[3] != 1)
+    return "shape mismatch";
+  if (!rows_contiguous(t) || !rows_contiguous(*b)) return "needs contiguous rows";
+  return nullptr;
+}
+
+static const char* check_mul_mat(Plan& plan, Tensor& t, Tensor* a, Tensor* b, Tensor*) {
+  if (!a || !b || t.type != T_F32 || b->type != T_F32 || !kernels().dot[a->type]) return "unsupported types";
+  // a batch dimension of a may be empty only with b's (a device's empty share of heads)
+  auto bcast = [](int64_t na, int64_t nb) { return na == 0 ? nb == 0 : nb % na == 0; };
+  if (a->ne[0] != b->ne[0] || t.ne[0] != a->ne[1] || t.ne[1] != b->ne[1] || t.ne[2] != b->ne[2] || t.ne[3] != b->ne[3] ||
+      !bcast(a->ne[2], b->ne[2]) || !bcast(a->ne[3], b->ne[3]))
+    return "shape mismatch";
+  if (!rows_contiguous(*a) || !rows_contiguous(t)) return "needs contiguous weight and result rows";
+  // BF16 is sized as converted whatever the level now: a cached plan may run after
+  // the level changes (tests force levels), and its activations are only 2 bytes each
+  const int32_t vt = a->type == T_BF16 ? T_BF16 : vec_dot_type(a->type);
+  const bool direct = vt == T_F32 && rows_contiguous(*b);
+  if (!direct) plan.wsize = std::max(plan.wsize, (size_t)(row_bytes(vt, b->ne[0]) * nrows(*b) + 64));
+  plan.tile_scratch = std::max(plan.tile_scratch, (size_t)(MM_BN * tile_row_bytes(a->type, a->ne[0]) + 64));
+  return nullptr;
+}
+
+static const char* check_binary(Plan&, Tensor& t, Tensor* a, Tensor* b, Tensor*) {
+  if (!a || !b || a->type != T_F32 || b->type != T_F32 || t.type != T_F32) return "needs F32";
+  if (!same_shape(t, *a)) return "shape mismatch";
+  for (int k = 0; k < 4; ++k) if (b->ne[k] == 0 ? a->ne[k] != 0 : a->ne[k] % b->ne[k] != 0) return "cannot broadcast";
+  return nullptr;
+}
+
+static const char* check_map(Plan&, Tensor& t, Tensor* a, Tensor*, Tensor*) {
+  if (!a || a->type != T_F32 || t.type != T_F32 || !same_shape(t, *a)) return "needs F32 of the same shape";
+  if (t.op == OP_RMS_NORM && (!rows_contiguous(*a) || !rows_contiguous(t))) return "needs contiguous rows";
+  if (t.op == OP_UNARY && (t.params[0] < 0 || t.params[0] > 2)) return "unknown unary op";
+  return nullptr;
+}
+
+static const char* check_glu(Plan&, Tensor& t, Tensor* a, Tensor* b, Tensor*) {
+  if (!a || a->type != T_F32 || t.type != T_F32) return "needs F32";
+  if (t.params[0] < 0 || t.params[0] > 1) return "unknown glu op";
+  if (b) { if (b->type != T_F32 || !same_shape(*a, *b) || !same_shape(t, *a)) return "shape mismatch"; }
+  else if (a->ne[0] != 2 * t.ne[0] || a->ne[1] != t.ne[1] || a->ne[2] != t.ne[2] || a->ne[3] != t.ne[3]) return "shape mismatch";
+  return nullptr;
+}
+
+static const char* check_rope(Plan&, Tensor& t, Tensor* a, Tensor* b, Tensor*) {
+  if (!a || !b || a->type != T_F32 || b->type != T_I32 || t.type != T_F32 || !same_shape(t, *a)) return "needs F32 and I32 positions";
+  if (b->ne[0] != a->ne[2] || !rows_contiguous(*a) || !rows_contiguous(t) || !rows_contiguous(*b)) return "shape mismatch";
+  const int64_t nd = (int64_t)t.params[0];
+  if (nd <= 0 || nd > t.ne[0] || nd % 2 != 0) return "bad rotary dimension count";
+  if (t.params[1] != 0 && t.params[1] != 2) return "unknown rope mode";
+  return nullptr;
+}
+
+static const char* check_soft_max(Plan&, Tensor& t, Tensor* a, Tensor* b, Tensor*) {
+  if (!a || a->type != T_F32 || t.type != T_F32 || !same_shape(t, *a) || !rows_contiguous(*a) || !rows_contiguous(t)) return "needs F32 rows";
+  if (b) {
+    if ((b->type != T_F32 && b->type != T_F16) || b->ne[0] != a->ne[0] || b->ne[1] < a->ne[1] || !rows_contiguous(*b) ||
+        b->ne[2] == 0 || b->ne[3] == 0 || a->ne[2] % b->ne[2] != 0 || a->ne[3] % b->ne[3] != 0)
+      return "mask shape mismatch";
+  }
+  if (t.params[1] != 0) return "ALiBi (max_bias) is not supported";
+  return nullptr;
+}
+
+static const char* check_cpy(Plan&, Tensor& t, Tensor* a, Tensor*, Tensor*) {
+  if (!a || (!is_float_type(a->type) && a->type != t.type)) return "unsupported source type";
+  if (!type_is_quantizable(t.type) || t.type == T_Q8_K) return "unsupported destination type";
+  if (!same_shape(t, *a)) return "shape mismatch";
+  if (!rows_contiguous(t) && type_info(t.type).blck > 1) return "quantized destination needs contiguous rows";
+  if (a->type != t.type && type_info(a->type).blck > 1) return "cannot convert from a quantized type";
+  return nullptr;
+}
+
+static const char* check_set_rows(Plan&, Tensor& t, Tensor* a, Tensor* b, Tensor*) {
+  if (!a || !b || a->type != T_F32 || (b->type != T_I64 && b->type != T_I32)) return "needs F32 rows and I32/I64 indices";
+  if (!type_is_quantizable(t.type) || t.type == T_Q8_K) return "unsupported destination type";
+  if (a->ne[0] != t.ne[0] || a->ne[2] != t.ne[2] || a->ne[3] != t.ne[3] || b->ne[0] != a->ne[1] ||
+      b->ne[1] == 0 || b->ne[2] == 0 || a->ne[2] % b->ne[1] != 0 || a->ne[3] % b->ne[2] != 0)
+    return "shape mismatch";
+  if (!rows_contiguous(*a) || !rows_contiguous(t)) return "needs contiguous rows";
+  return nullptr;
+}
+
+static const char* check_unsupported(Plan&, Tensor&, Tensor*, Tensor*, Tensor*) { return "op not supported by the CPU backend"; }
+
+static bool is_contiguous(const Tensor& t) {
+  int64_t want = type_info(t.type).size;
+  if (t.nb[0] != want) return false;
+  want = row_bytes(t.type, t.ne[0]);
+  for (int k = 1; k < 4; ++k) { if (t.ne[k] > 1 && t.nb[k] != want) return false; want *= t.ne[k]; }
+  return true;
+}
+
+static const char* check_all_reduce(Plan& plan, Tensor& t, Tensor* a, Tensor*, Tensor*) {
+  if (!a || a->type != T_F32 || t.type != T_F32 || !is_contiguous(*a) || !is_contiguous(t)) return "needs contiguous F32 tensors";
+  const double gid = t.params[0], rank = t.params[1], mode = t.params[2];
+  std::shared_ptr<Group> g = lookup_group((int64_t)gid);
+  if (!g || gid != (double)(int64_t)gid) return "unknown collective group";
+  if (!(rank >= 0 && rank < g->size && rank == (double)(int)rank)) return "rank outside the group";
+  if (mode == COLL_SUM) {
+    if (!same_shape(t, *a)) return "shape mismatch";
+  } else if (mode == COLL_GATHER) {
+    const double inner = t.params[3], axis = t.params[4], off = t.params[5], len = t.params[6];
+    auto whole = [](double v) { return v >= 0 && v <= 9007199254740991.0 && v == (double)(int64_t)v; };
+    if (!whole(inner) || !whole(axis) || !whole(off) || !whole(len) || inner < 1 || off + len > axis) return "bad gather slice";
+    const double nt = (double)nelements(t), na = (double)nelements(*a);
+    if (axis == 0 ? nt != 0 : std::fmod(nt, inner * axis) != 0) return "gather shape mismatch";
+    const double outer = axis == 0 ? 0 : nt / (inner * axis);
+    if (na != inner * len * outer) return "gather slice does not match its source";
+  } else {
+    return "unknown collective mode";
+  }
+  t.group = g.get();
+  plan.groups.push_back(std::move(g));
+  return nullptr;
+}
+
+struct Ctx;
+typedef void (*run_fn)(Ctx& c, Tensor& t, int ith, int nth);
+struct OpDef { const char* name; check_fn check; run_fn run; };
+static const OpDef& op_def(int32_t op);
+
+const char* op_name(int32_t op) { return op >= 0 && op < OP_COUNT ? op_def(op).name : "?"; }
+
 // ---------------------------------------------------------------- decode
 
 std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string& err) {
@@ -42,17 +171,19 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
   for (int64_t i = 0; i < count; ++i) {
     const double* r = rec + i * REC;
     Tensor& t = plan->t[i];
-    t.op = (int32_t)r[R_OP];
+    t.group = nullptr;
+    const double opd = r[R_OP];
+    t.op = opd >= 0 && opd < OP_COUNT && opd == (double)(int32_t)opd ? (int32_t)opd : -1;
     t.type = (int32_t)r[R_TYPE];
-    const char* on = op_name(t.op);
+    const char* on = t.op >= 0 ? op_name(t.op) : "?";
     auto fail = [&](const char* what) {
       snprintf(msg, sizeof msg, "tensor #%lld (op %s): %s", (long long)i, on, what);
       err = msg;
       return nullptr;
     };
-    if (t.op < 0 || t.op >= OP_COUNT) return fail("unknown op id");
+    if (t.op < 0) return fail("unknown op id");
     TypeInfo ti = type_info(t.type);
-    if (!ti.known) return fail("unknown tensor type");
+    if (!ti.known || r[R_TYPE] != (double)t.type) return fail("unknown tensor type");
     for (int k = 0; k < 4; ++k) {
       double ne = r[R_NE + k], nb = r[R_NB + k];
       if (!(ne >= 0 && ne <= 9007199254740991.0) || ne != (double)(int64_t)ne) return fail("bad ne");
@@ -66,9 +197,9 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
       if (s != (double)(int32_t)s || s < -1 || s >= (double)i) return fail("source index out of order");
       t.src[k] = (int32_t)s;
     }
-    int np = (int)r[R_NPARAMS];
-    if (np < 0 || np > MAX_PARAMS) return fail("bad param count");
-    for (int k = 0; k < MAX_PARAMS; ++k) t.params[k] = k < np ? r[R_PARAMS + k] : 0.0;
+    const double np = r[R_NPARAMS];
+    if (!(np >= 0 && np <= MAX_PARAMS) || np != (double)(int)np) return fail("bad param count");
+    for (int k = 0; k < MAX_PARAMS; ++k) t.params[k] = k < (int)np ? r[R_PARAMS + k] : 0.0;
     t.is_node = t.op != OP_NONE;
     const double flags = r[R_FLAGS];
     if (flags != 0 && flags != F_REPACKED) return fail("unknown flags");
@@ -78,9 +209,11 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
       return fail("a repacked weight must be a whole 2-D matrix of Q4_0, Q8_0 or Q4_K rows, a multiple of 8 of them");
     // placement: every tensor must lie wholly inside a live buffer
     BufferInfo bi;
-    if (!lookup_buffer((int64_t)r[R_BUF], &bi)) return fail("tensor has no live buffer");
+    const double bid = r[R_BUF];
+    if (bid != (double)(int64_t)bid || !lookup_buffer((int64_t)bid, &bi)) return fail("tensor has no live buffer");
+    if (std::find(plan->buffers.begin(), plan->buffers.end(), (int64_t)bid) == plan->buffers.end()) plan->buffers.push_back((int64_t)bid);
     double offs = r[R_OFFS];
-    if (!(offs >= 0) || offs > (double)bi.size) return fail("offset beyond its buffer");
+    if (!(offs >= 0) || offs > (double)bi.size || offs != (double)(int64_t)offs) return fail("offset beyond its buffer");
     if (nelements(t) > 0) {
       // extent in bytes, computed in double so a hostile shape cannot overflow; a repacked
       // matrix (checked above to be whole and 2-D) takes repacked_row_bytes per row
@@ -90,88 +223,11 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
       if (extent > (double)bi.size) return fail("tensor extends beyond its buffer");
     }
     t.data = bi.base + (int64_t)offs;
-    // per-op checks: the TS builder checks these too, but this code trusts nothing
     auto S = [&](int k) -> Tensor* { return t.src[k] >= 0 ? &plan->t[t.src[k]] : nullptr; };
-    Tensor *a = S(0), *b = S(1);
     for (int k = 0; k < MAX_SRC; ++k)
       if (S(k) && S(k)->packed && !(t.op == OP_MUL_MAT && k == 0)) return fail("reads repacked weights, which only MUL_MAT can (as its first operand)");
-    switch (t.op) {
-      case OP_NONE: case OP_VIEW: case OP_RESHAPE: case OP_PERMUTE: case OP_TRANSPOSE:
-        break;
-      case OP_GET_ROWS:
-        if (!a || !b || b->type != T_I32 || t.type != T_F32) return fail("needs (any, I32) -> F32");
-        if (!rows_contiguous(*a) || t.ne[0] != a->ne[0] || t.ne[1] != b->ne[0] || t.ne[2] != b->ne[1] || t.ne[3] != b->ne[2] ||
-            b->ne[1] != a->ne[2] || b->ne[2] != a->ne[3] || b->ne[3] != 1)
-          return fail("shape mismatch");
-        if (!rows_contiguous(t) || !rows_contiguous(*b)) return fail("needs contiguous rows");
-        break;
-      case OP_MUL_MAT: {
-        if (!a || !b || t.type != T_F32 || b->type != T_F32 || !kernels().dot[a->type]) return fail("unsupported types");
-        if (a->ne[0] != b->ne[0] || t.ne[0] != a->ne[1] || t.ne[1] != b->ne[1] || t.ne[2] != b->ne[2] || t.ne[3] != b->ne[3] ||
-            a->ne[2] == 0 || a->ne[3] == 0 || b->ne[2] % a->ne[2] != 0 || b->ne[3] % a->ne[3] != 0)
-          return fail("shape mismatch");
-        if (!rows_contiguous(*a) || !rows_contiguous(t)) return fail("needs contiguous weight and result rows");
-        // BF16 is sized as converted whatever the level now: a cached plan may run after
-        // the level changes (tests force levels), and its activations are only 2 bytes each
-        const int32_t vt = a->type == T_BF16 ? T_BF16 : vec_dot_type(a->type);
-        const bool direct = vt == T_F32 && rows_contiguous(*b);
-        if (!direct) plan->wsize = std::max(plan->wsize, (size_t)(row_bytes(vt, b->ne[0]) * nrows(*b) + 64));
-        plan->tile_scratch = std::max(plan->tile_scratch, (size_t)(MM_BN * tile_row_bytes(a->type, a->ne[0]) + 64));
-        break;
-      }
-      case OP_ADD: case OP_MUL:
-        if (!a || !b || a->type != T_F32 || b->type != T_F32 || t.type != T_F32) return fail("needs F32");
-        if (!same_shape(t, *a)) return fail("shape mismatch");
-        for (int k = 0; k < 4; ++k) if (b->ne[k] == 0 || a->ne[k] % b->ne[k] != 0) return fail("cannot broadcast");
-        break;
-      case OP_SCALE: case OP_UNARY: case OP_RMS_NORM:
-        if (!a || a->type != T_F32 || t.type != T_F32 || !same_shape(t, *a)) return fail("needs F32 of the same shape");
-        if (t.op == OP_RMS_NORM && (!rows_contiguous(*a) || !rows_contiguous(t))) return fail("needs contiguous rows");
-        if (t.op == OP_UNARY && (t.params[0] < 0 || t.params[0] > 2)) return fail("unknown unary op");
-        break;
-      case OP_GLU:
-        if (!a || a->type != T_F32 || t.type != T_F32) return fail("needs F32");
-        if (t.params[0] < 0 || t.params[0] > 1) return fail("unknown glu op");
-        if (b) { if (b->type != T_F32 || !same_shape(*a, *b) || !same_shape(t, *a)) return fail("shape mismatch"); }
-        else if (a->ne[0] != 2 * t.ne[0] || a->ne[1] != t.ne[1] || a->ne[2] != t.ne[2] || a->ne[3] != t.ne[3]) return fail("shape mismatch");
-        break;
-      case OP_ROPE: {
-        if (!a || !b || a->type != T_F32 || b->type != T_I32 || t.type != T_F32 || !same_shape(t, *a)) return fail("needs F32 and I32 positions");
-        if (b->ne[0] != a->ne[2] || !rows_contiguous(*a) || !rows_contiguous(t) || !rows_contiguous(*b)) return fail("shape mismatch");
-        int64_t nd = (int64_t)t.params[0];
-        if (nd <= 0 || nd > t.ne[0] || nd % 2 != 0) return fail("bad rotary dimension count");
-        if (t.params[1] != 0 && t.params[1] != 2) return fail("unknown rope mode");
-        break;
-      }
-      case OP_SOFT_MAX:
-        if (!a || a->type != T_F32 || t.type != T_F32 || !same_shape(t, *a) || !rows_contiguous(*a) || !rows_contiguous(t)) return fail("needs F32 rows");
-        if (b) {
-          if ((b->type != T_F32 && b->type != T_F16) || b->ne[0] != a->ne[0] || b->ne[1] < a->ne[1] || !rows_contiguous(*b) ||
-              b->ne[2] == 0 || b->ne[3] == 0 || a->ne[2] % b->ne[2] != 0 || a->ne[3] % b->ne[3] != 0)
-            return fail("mask shape mismatch");
-        }
-        if (t.params[1] != 0) return fail("ALiBi (max_bias) is not supported");
-        break;
-      case OP_CPY: case OP_CONT:
-        if (!a || (!is_float_type(a->type) && a->type != t.type)) return fail("unsupported source type");
-        if (!type_is_quantizable(t.type) || t.type == T_Q8_K) return fail("unsupported destination type");
-        if (!same_shape(t, *a)) return fail("shape mismatch");
-        if (!rows_contiguous(t) && type_info(t.type).blck > 1) return fail("quantized destination needs contiguous rows");
-        if (a->type != t.type && type_info(a->type).blck > 1) return fail("cannot convert from a quantized type");
-        break;
-      case OP_SET_ROWS:
-        if (!a || !b || a->type != T_F32 || (b->type != T_I64 && b->type != T_I32)) return fail("needs F32 rows and I32/I64 indices");
-        if (!type_is_quantizable(t.type) || t.type == T_Q8_K) return fail("unsupported destination type");
-        if (a->ne[0] != t.ne[0] || a->ne[2] != t.ne[2] || a->ne[3] != t.ne[3] || b->ne[0] != a->ne[1] ||
-            b->ne[1] == 0 || b->ne[2] == 0 || a->ne[2] % b->ne[1] != 0 || a->ne[3] % b->ne[2] != 0)
-          return fail("shape mismatch");
-        if (!rows_contiguous(*a) || !rows_contiguous(t)) return fail("needs contiguous rows");
-        break;
-      default:
-        return fail("op not supported by the CPU backend");
-    }
-    if (t.is_node && t.op != OP_VIEW && t.op != OP_RESHAPE && t.op != OP_PERMUTE && t.op != OP_TRANSPOSE)
-      plan->nodes.push_back((int32_t)i);
+    if (const char* why = op_def(t.op).check(*plan, t, S(0), S(1), S(2))) return fail(why);
+    if (op_def(t.op).run) plan->nodes.push_back((int32_t)i);
   }
   // Row temporaries: the widest row of any node, per thread, after the MUL_MAT area.
   int64_t widest = 0;
@@ -191,13 +247,19 @@ struct Ctx {
   Plan* plan;
   char* scratch;
   size_t row_scratch;  // bytes per thread for row temporaries
+  Barrier* barrier;    // the pool's: every thread of this device
   std::atomic<int>* bad_index;
+  // a failure every thread must see (set by worker 0 before a pool barrier): later
+  // nodes are skipped, and execute_plan throws `failure` once all threads are done
+  std::atomic<bool>* failed;
+  std::string* failure;
   float* row_tmp(int ith) const { return (float*)(scratch + plan->wsize + ith * row_scratch); }
   // 64-byte aligned (KDec is loaded with aligned loads; tile_scratch has 64 bytes of slack)
   char* tile_tmp(int ith, int nth) const {
     char* p = scratch + plan->wsize + nth * row_scratch + ith * plan->tile_scratch;
     return (char*)(((uintptr_t)p + 63) & ~(uintptr_t)63);
   }
+  void fail(const std::string& msg) { if (!failed->exchange(true)) *failure = msg; }
 };
 
 static inline void split(int64_t n, int ith, int nth, int64_t& lo, int64_t& hi) {
@@ -213,6 +275,17 @@ static inline float load_f(const char* p, int32_t type) {
     case T_F16: return fp16_to_fp32(*(const uint16_t*)p);
     case T_BF16: return bf16_to_fp32(*(const uint16_t*)p);
     default: return 0;
+  }
+}
+
+template <typename F>
+static void for_rows(const Tensor& t, int ith, int nth, F f) {
+  const int64_t nr = nrows(t);
+  int64_t lo, hi;
+  split(nr, ith, nth, lo, hi);
+  for (int64_t r = lo; r < hi; ++r) {
+    const int64_t i1 = r % t.ne[1], i2 = (r / t.ne[1]) % t.ne[2], i3 = r / (t.ne[1] * t.ne[2]);
+    f(i1, i2, i3);
   }
 }
 
@@ -235,7 +308,7 @@ static void mul_mat_convert(Ctx& c, Tensor& t, int ith, int nth) {
   Tensor& a = c.plan->t[t.src[0]];
   Tensor& b = c.plan->t[t.src[1]];
   const int32_t vt = vec_dot_type(a.type);
-  if (vt == T_F32 && rows_contiguous(b)) return;
+  if ((vt == T_F32 && rows_contiguous(b)) || a.ne[0] == 0) return;
   const int64_t K = b.ne[0], nr = nrows(b), rb = row_bytes(vt, K);
   float* tmp = c.row_tmp(ith);
   int64_t lo, hi;
@@ -256,6 +329,11 @@ static void mul_mat_convert(Ctx& c, Tensor& t, int ith, int nth) {
 static void op_mul_mat(Ctx& c, Tensor& t, int ith, int nth) {
   Tensor& a = c.plan->t[t.src[0]];
   Tensor& b = c.plan->t[t.src[1]];
+  if (nelements(t) == 0) return;
+  if (a.ne[0] == 0) {  // an empty share of the inner dimension (a device without heads): zeros
+    for_rows(t, ith, nth, [&](int64_t i1, int64_t i2, int64_t i3) { std::memset(row_ptr(t, i1, i2, i3), 0, t.ne[0] * 4); });
+    return;
+  }
   const int32_t vt = vec_dot_type(a.type);
   const bool direct = vt == T_F32 && rows_contiguous(b);
   const int64_t K = a.ne[0], N = a.ne[1], M = b.ne[1];
@@ -333,17 +411,6 @@ static void op_mul_mat(Ctx& c, Tensor& t, int ith, int nth) {
         for (; n < n1; ++n) out[n] = dot(K, wbase + n * a.nb[1], act);
       }
     }
-  }
-}
-
-template <typename F>
-static void for_rows(const Tensor& t, int ith, int nth, F f) {
-  const int64_t nr = nrows(t);
-  int64_t lo, hi;
-  split(nr, ith, nth, lo, hi);
-  for (int64_t r = lo; r < hi; ++r) {
-    const int64_t i1 = r % t.ne[1], i2 = (r / t.ne[1]) % t.ne[2], i3 = r / (t.ne[1] * t.ne[2]);
-    f(i1, i2, i3);
   }
 }
 
@@ -550,37 +617,138 @@ static void op_set_rows(Ctx& c, Tensor& t, int ith, int nth) {
   });
 }
 
+// Both MUL_MAT phases: activations converted by every thread, then the product.
+static void op_mul_mat_both(Ctx& c, Tensor& t, int ith, int nth) {
+  mul_mat_convert(c, t, ith, nth);
+  c.barrier->wait();
+  op_mul_mat(c, t, ith, nth);
+}
+
+// Canonical summation order of the ranks' partials: a binary tree, (lo..mid) + (mid..hi)
+// with mid at the largest power of two below the count. The generic AllReduce path
+// (lib/meta) adds in the same tree, so both paths give the same bits.
+static inline int tree_mid(int lo, int hi) {
+  int h = 1;
+  while (h * 2 < hi - lo) h *= 2;
+  return lo + h;
+}
+static void tree_sum(const char* const* src, int lo, int hi, int64_t e0, int64_t n, float* out, float* tmp) {
+  if (hi - lo == 1) { std::memcpy(out, src[lo] + e0 * 4, n * 4); return; }
+  if (hi - lo == 2) {
+    const float* x = (const float*)src[lo] + e0; const float* y = (const float*)src[lo + 1] + e0;
+    for (int64_t i = 0; i < n; ++i) out[i] = x[i] + y[i];
+    return;
+  }
+  const int mid = tree_mid(lo, hi);
+  tree_sum(src, lo, mid, e0, n, out, tmp + n);
+  tree_sum(src, mid, hi, e0, n, tmp, tmp + n);
+  for (int64_t i = 0; i < n; ++i) out[i] += tmp[i];
+}
+
+// ALL_REDUCE across the CPU devices of one group: worker 0 of every rank publishes its
+// tensors and meets the others at the group barrier; then each rank's threads reduce (or
+// copy, for a gather) the rank's share of the elements into every rank's result; a second
+// group barrier keeps anyone from reusing a partial that another rank still reads.
+static constexpr int64_t COLL_DEADLINE_NS = 300LL * 1000000000LL;
+static void op_all_reduce(Ctx& c, Tensor& t, int ith, int nth) {
+  Tensor& a = c.plan->t[t.src[0]];
+  Group& g = *t.group;
+  const int rank = (int)t.params[1], n = g.size;
+  const bool gather = (int)t.params[2] == COLL_GATHER;
+  if (ith == 0) {
+    g.slots[rank] = {a.data, t.data, (int64_t)t.params[5], (int64_t)t.params[6], nelements(t)};
+    if (!g.barrier.wait(now_ns() + COLL_DEADLINE_NS)) {
+      g.fail("another device of the group did not reach the all-reduce within 300 s");
+      c.fail("all-reduce failed: " + g.why);
+    } else {
+      // every rank checks that the others agree on the shape (each checked its own at decode)
+      for (int r = 0; r < n; ++r)
+        if (g.slots[r].elements != nelements(t)) { c.fail("all-reduce: the ranks' results differ in size"); break; }
+      if (gather && !c.failed->load()) {
+        int64_t covered = 0;
+        for (int r = 0; r < n; ++r) covered += g.slots[r].length;
+        if (covered != (int64_t)t.params[4]) c.fail("all-gather: the ranks' slices do not cover the axis");
+      }
+    }
+  }
+  c.barrier->wait();
+  if (!c.failed->load()) {
+    const char* srcs[64];
+    for (int r = 0; r < n && r < 64; ++r) srcs[r] = g.slots[r].src;
+    if (!gather) {
+      const int64_t L = nelements(t), lo = L * rank / n, hi = L * (rank + 1) / n;
+      int64_t a0, a1;
+      split(hi - lo, ith, nth, a0, a1);
+      float* tmp = c.row_tmp(ith);  // [chunk][log2(n) levels of chunk]: n <= 64, row_scratch >= 4 * 8 * 64
+      constexpr int64_t CH = 64;
+      for (int64_t e = lo + a0; e < lo + a1; e += CH) {
+        const int64_t m = std::min(CH, lo + a1 - e);
+        tree_sum(srcs, 0, n, e, m, tmp, tmp + CH);
+        for (int r = 0; r < n; ++r) std::memcpy(g.slots[r].dst + e * 4, tmp, m * 4);
+      }
+    } else {
+      // this rank's slice goes into every rank's result: outer blocks split across threads
+      const int64_t inner = (int64_t)t.params[3], axis = (int64_t)t.params[4];
+      const int64_t off = (int64_t)t.params[5], len = (int64_t)t.params[6];
+      const int64_t outer = axis ? nelements(t) / (inner * axis) : 0;
+      int64_t o0, o1;
+      split(outer, ith, nth, o0, o1);
+      for (int64_t o = o0; o < o1; ++o)
+        for (int r = 0; r < n; ++r)
+          std::memcpy(g.slots[r].dst + (o * axis + off) * inner * 4, a.data + o * len * inner * 4, len * inner * 4);
+    }
+  }
+  c.barrier->wait();
+  if (ith == 0 && !c.failed->load() && !g.barrier.wait(now_ns() + COLL_DEADLINE_NS)) {
+    g.fail("another device of the group did not finish the all-reduce within 300 s");
+    c.fail("all-reduce failed: " + g.why);
+  }
+}
+
+// The op table: an op's name, its check at decode, and its kernel (null: no work, a view
+// or a leaf). Indexed by op id; lib/core/ops.ts lists the same names in the same order.
+static const OpDef OP_TABLE[OP_COUNT] = {
+    /* NONE */           {"NONE", check_none, nullptr},
+    /* GET_ROWS */       {"GET_ROWS", check_get_rows, op_get_rows},
+    /* MUL_MAT */        {"MUL_MAT", check_mul_mat, op_mul_mat_both},
+    /* ADD */            {"ADD", check_binary, op_binary},
+    /* MUL */            {"MUL", check_binary, op_binary},
+    /* SCALE */          {"SCALE", check_map, op_map},
+    /* RMS_NORM */       {"RMS_NORM", check_map, op_rms_norm},
+    /* ROPE */           {"ROPE", check_rope, op_rope},
+    /* SOFT_MAX */       {"SOFT_MAX", check_soft_max, op_soft_max},
+    /* CPY */            {"CPY", check_cpy, op_cpy},
+    /* CONT */           {"CONT", check_cpy, op_cpy},
+    /* VIEW */           {"VIEW", check_none, nullptr},
+    /* RESHAPE */        {"RESHAPE", check_none, nullptr},
+    /* PERMUTE */        {"PERMUTE", check_none, nullptr},
+    /* TRANSPOSE */      {"TRANSPOSE", check_none, nullptr},
+    /* SET_ROWS */       {"SET_ROWS", check_set_rows, op_set_rows},
+    /* UNARY */          {"UNARY", check_map, op_map},
+    /* GLU */            {"GLU", check_glu, op_glu},
+    /* FLASH_ATTN_EXT */ {"FLASH_ATTN_EXT", check_unsupported, nullptr},
+    /* ALL_REDUCE */     {"ALL_REDUCE", check_all_reduce, op_all_reduce},
+};
+static const OpDef& op_def(int32_t op) { return OP_TABLE[op]; }
+
 bool g_profile = false;
 OpProfile& op_profile() { static OpProfile p{}; return p; }
 
 void execute_plan(Plan& plan, ThreadPool& pool, std::vector<char>& scratch) {
-  const size_t row_scratch = plan.row_scratch;
+  const size_t row_scratch = std::max<size_t>(plan.row_scratch, 4 * 64 * 8);  // ALL_REDUCE's tree temporaries
   const size_t need = plan.wsize + (row_scratch + plan.tile_scratch) * pool.size() + 64;
   if (scratch.size() < need) scratch.resize(need);
   std::atomic<int> bad{0};
-  Ctx c{&plan, scratch.data(), row_scratch, &bad};
+  std::atomic<bool> failed{false};
+  std::string failure;
+  Ctx c{&plan, scratch.data(), row_scratch, &pool.barrier(), &bad, &failed, &failure};
   const bool prof = g_profile;
   pool.run([&](int ith, int nth) {
     auto t_prev = std::chrono::steady_clock::now();
     for (int32_t i : plan.nodes) {
       Tensor& t = plan.t[i];
-      switch (t.op) {
-        case OP_GET_ROWS: op_get_rows(c, t, ith, nth); break;
-        case OP_MUL_MAT:
-          mul_mat_convert(c, t, ith, nth);
-          pool.barrier().wait();
-          op_mul_mat(c, t, ith, nth);
-          break;
-        case OP_ADD: case OP_MUL: op_binary(c, t, ith, nth); break;
-        case OP_SCALE: case OP_UNARY: op_map(c, t, ith, nth); break;
-        case OP_GLU: op_glu(c, t, ith, nth); break;
-        case OP_RMS_NORM: op_rms_norm(c, t, ith, nth); break;
-        case OP_ROPE: op_rope(c, t, ith, nth); break;
-        case OP_SOFT_MAX: op_soft_max(c, t, ith, nth); break;
-        case OP_CPY: case OP_CONT: op_cpy(c, t, ith, nth); break;
-        case OP_SET_ROWS: op_set_rows(c, t, ith, nth); break;
-        default: break;
-      }
+      if (failed.load(std::memory_order_acquire)) break;  // seen alike by every thread (set before a barrier)
+      OP_TABLE[t.op].run(c, t, ith, nth);
       pool.barrier().wait();
       if (prof && ith == 0) {
         auto now = std::chrono::steady_clock::now();
@@ -591,6 +759,7 @@ void execute_plan(Plan& plan, ThreadPool& pool, std::vector<char>& scratch) {
       }
     }
   });
+  if (failed.load()) throw std::runtime_error(failure);
   if (bad.load()) throw std::runtime_error("an index input (GET_ROWS / SET_ROWS) was out of range; the affected rows were not written");
 }
 

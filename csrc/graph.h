@@ -1,15 +1,19 @@
 // A compute graph decoded from the plan TypeScript encodes (lib/cpu/plan.ts), validated
 // once against the buffers it points into, cached by graph uid, executed on a pool.
+// Ops are one table (OP_TABLE in graph.cpp: name, check, run); their ids and names, and
+// the plan record layout below, are exported to TypeScript, which checks them against
+// lib/core/ops.ts and lib/cpu/plan.ts when it loads the addon.
 #pragma once
 #include "common.h"
+#include "threadpool.h"
+#include <atomic>
+#include <memory>
 #include <string>
 #include <vector>
-#include <memory>
-#include <unordered_map>
 
 namespace weft {
 
-// Op ids: must match lib/core/ops.ts.
+// Op ids: the order of OP_TABLE (graph.cpp) and of lib/core/ops.ts (checked at load).
 enum Op : int32_t {
   OP_NONE = 0, OP_GET_ROWS, OP_MUL_MAT, OP_ADD, OP_MUL, OP_SCALE, OP_RMS_NORM, OP_ROPE, OP_SOFT_MAX,
   OP_CPY, OP_CONT, OP_VIEW, OP_RESHAPE, OP_PERMUTE, OP_TRANSPOSE, OP_SET_ROWS, OP_UNARY, OP_GLU,
@@ -17,12 +21,19 @@ enum Op : int32_t {
 };
 enum Unary : int32_t { UNARY_SILU = 0, UNARY_GELU = 1, UNARY_RELU = 2 };
 enum Glu : int32_t { GLU_SWIGLU = 0, GLU_GEGLU = 1 };
+// ALL_REDUCE params: [group, rank, mode, inner, axis, offset, length] (gather: this
+// rank's slice [offset, offset+length) of an axis of `axis` units of `inner` elements)
+enum CollectiveMode : int32_t { COLL_SUM = 0, COLL_GATHER = 1 };
 
-// Plan record layout (doubles per tensor); mirrored in lib/cpu/plan.ts.
+const char* op_name(int32_t op);
+
+// Plan record layout (doubles per tensor); exported as planLayout() and checked by lib/cpu/plan.ts.
 constexpr int REC = 36;
 constexpr int R_OP = 0, R_TYPE = 1, R_NE = 2, R_NB = 6, R_BUF = 10, R_OFFS = 11, R_SRC = 12, R_FLAGS = 15,
               R_NPARAMS = 16, R_PARAMS = 17, MAX_PARAMS = 16, MAX_SRC = 3;
 constexpr int F_REPACKED = 1;  // R_FLAGS bit: the tensor lies in a repacked weight buffer
+
+struct Group;
 
 struct Tensor {
   int32_t op, type;
@@ -32,25 +43,48 @@ struct Tensor {
   int32_t src[MAX_SRC];
   double params[MAX_PARAMS];
   bool is_node;
-  bool packed;  // weight rows repacked in groups of eight (R_FLAGS & F_REPACKED)
+  bool packed;     // weight rows repacked in groups of eight (R_FLAGS & F_REPACKED)
+  Group* group;    // ALL_REDUCE: its communicator (kept alive by Plan::groups)
 };
 
 struct Plan {
   std::vector<Tensor> t;
   std::vector<int32_t> nodes;  // indices of tensors that compute (in order)
+  std::vector<int64_t> buffers;  // ids of the buffers it reads and writes (pinned while it runs)
+  std::vector<std::shared_ptr<Group>> groups;
   size_t wsize = 0;            // scratch bytes needed by MUL_MAT activation conversion
   size_t row_scratch = 0;      // per-thread bytes for row temporaries (widest row)
   size_t tile_scratch = 0;     // per-thread bytes for weight rows decoded before tiling
 };
 
 struct BufferInfo { char* base; size_t size; };
-// Looks up a live buffer by id (addon.cpp owns the registry); null if unknown.
+// Looks up a live buffer by id (addon.cpp owns the registry); false if unknown or freed.
 bool lookup_buffer(int64_t id, BufferInfo* out);
+// Looks up a collective group by id (addon.cpp owns the registry).
+std::shared_ptr<Group> lookup_group(int64_t id);
+
+// A communicator between CPU devices of this process: the ranks of one meta device's
+// graph meet at its barrier, publish where their partials are, and each sums (or
+// copies) its share of the elements for all of them.
+struct Group {
+  struct Slot { const char* src; char* dst; int64_t offset, length, elements; };
+  explicit Group(int n) : size(n), barrier(n), slots(n) {}
+  const int size;
+  Barrier barrier;
+  std::vector<Slot> slots;
+  std::string why;  // set once, before abort(): the failure every rank reports
+  std::atomic<bool> failing{false};
+  void fail(const std::string& msg) {
+    if (!failing.exchange(true)) why = msg;
+    barrier.abort();
+  }
+};
 
 // Decodes and validates; on error returns null and sets err to a message naming the node.
 std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string& err);
 
 class ThreadPool;
+// Runs a plan; throws std::runtime_error on failure (after every thread has stopped).
 void execute_plan(Plan& plan, ThreadPool& pool, std::vector<char>& scratch);
 
 // Per-op time profile (WEFT_PROFILE=1): nanoseconds and calls by op (x weight type for
