@@ -16,10 +16,10 @@ import { Bench } from "tinybench";
 import * as G from "../lib/core/graph.js";
 import { Graph } from "../lib/core/graph.js";
 import { GgmlType, TYPES, rowSize, typeByName } from "../lib/core/types.js";
-import { CpuBackend } from "../lib/cpu/backend.js";
-import { CpuBuffer, allocateTensors } from "../lib/cpu/buffer.js";
+import { cpuDevice } from "../lib/cpu/index.js";
 import { KERNEL_LEVELS, native } from "../lib/cpu/native.js";
-import { repackWeights } from "../lib/cpu/repack.js";
+import { allocateTensors, allocateWeights } from "../lib/backend/alloc.js";
+import { setTensorData } from "../lib/backend/fallback.js";
 
 const args = process.argv.slice(2);
 const opt = (name: string, def: string) => { const i = args.indexOf(name); return i >= 0 ? args[i + 1]! : def; };
@@ -59,13 +59,16 @@ if (!json) {
 } else console.log(JSON.stringify({ kernels: KERNEL_LEVELS[lvl.current], bandwidthGBs: Object.fromEntries(bandwidth) }));
 
 /** fills a weight tensor by tiling one quantized block of 64 random rows */
-function fillWeight(buf: CpuBuffer, offset: number, type: GgmlType, K: number, N: number) {
+/** A weight's bytes: one quantized tile of 64 rows, repeated. */
+function weightBytes(type: GgmlType, K: number, N: number): Uint8Array {
   const tileRows = Math.min(64, N);
   const f = new Float32Array(K * tileRows);
   for (let i = 0; i < f.length; i++) f[i] = Math.sin(i * 12.9898) * 0.5;
   const tile = type === GgmlType.F32 ? new Uint8Array(f.buffer) : native().quantize(type, f, K);
   const rb = rowSize(type, K);
-  for (let r = 0; r < N; r += tileRows) buf.set(offset + r * rb, tile.subarray(0, Math.min(tileRows, N - r) * rb));
+  const out = new Uint8Array(rb * N);
+  for (let r = 0; r < N; r += tileRows) out.set(tile.subarray(0, Math.min(tileRows, N - r) * rb), r * rb);
+  return out;
 }
 
 for (const type of types) {
@@ -74,10 +77,11 @@ for (const type of types) {
     const wbytes = rowSize(type, K) * N;
     const copies = Math.max(1, Math.ceil(ROTATE_BYTES / wbytes));
     const weights = Array.from({ length: copies }, () => G.newTensor(type, [K, N]));
-    let wbuf = allocateTensors(weights);
-    for (const w of weights) fillWeight(wbuf, w.offset, type, K, N);
-    const packed = repack ? await repackWeights(weights, (n) => CpuBuffer.alloc(n, { repacked: true })) : null;
-    if (packed) { wbuf.dispose(); wbuf = packed; }
+    // the CPU's weight memory: Q4_0/Q8_0/Q4_K matrices repacked as a model loads them
+    const wbufs = allocateWeights(cpuDevice(), weights, { matmulWeights: repack ? new Set(weights) : undefined });
+    const bytes = weightBytes(type, K, N);
+    for (const w of weights) setTensorData(w, bytes);
+    const packed = wbufs.some((b) => b.bufferType.name.endsWith("/repacked"));
     const name = `${TYPES[type].name}${packed ? " (repacked)" : ""}`;
     for (const M of tokens) {
       const x = G.newTensor(GgmlType.F32, [K, M]);
@@ -91,12 +95,12 @@ for (const type of types) {
         : weights.map((w) => G.buildGraph(G.mulMat(w, x)));
       const abuf = allocateTensors(graphs.flatMap((g) => g.order));
       const xf = new Float32Array(K * M).map((_, i) => Math.cos(i));
-      abuf.set(x.offset, xf);
+      setTensorData(x, xf);
       for (const t of threads) {
-        const be = new CpuBackend({ threads: t });
+        const be = cpuDevice().initBackend({ threads: t });
         let i = 0;
         const bench = new Bench({ time: timeMs, warmupIterations: 2, iterations: 5 });
-        bench.add("mm", async () => { await be.compute(graphs[i++ % graphs.length]!); });
+        bench.add("mm", async () => { await be.computeAsync(graphs[i++ % graphs.length]!); });
         await bench.run();
         const res = bench.tasks[0]!.result;
         if (res.state !== "completed") throw new Error(`benchmark failed: ${res.state}`);
@@ -111,6 +115,6 @@ for (const type of types) {
       }
       abuf.dispose();
     }
-    wbuf.dispose();
+    for (const b of wbufs) b.dispose();
   }
 }

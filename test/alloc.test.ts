@@ -2,16 +2,17 @@ import { test } from "uvu";
 import * as assert from "uvu/assert";
 import * as G from "../lib/core/graph.js";
 import { Graph } from "../lib/core/graph.js";
-import { Op } from "../lib/core/ops.js";
+import { IN_PLACE_OPS, Op } from "../lib/core/ops.js";
 import { Tensor, TensorFlag } from "../lib/core/tensor.js";
 import { GgmlType } from "../lib/core/types.js";
-import { applyGraphAllocation, planGraphAllocation } from "../lib/backend/alloc.js";
-import { CpuBuffer, allocateTensors, getTensorData, setTensorData } from "../lib/cpu/buffer.js";
-import { CpuBackend } from "../lib/cpu/backend.js";
+import { allocateTensors, applyGraphAllocation, planGraphAllocation } from "../lib/backend/alloc.js";
+import { getTensorData, setTensorData } from "../lib/backend/fallback.js";
+import { Buffer } from "../lib/backend/interface.js";
+import { cpuDevice } from "../lib/cpu/index.js";
 import { assertSameArray, randomF32, rng } from "./helpers.js";
 
 const F32 = GgmlType.F32;
-const IN_PLACE: ReadonlySet<number> = new Set([Op.ADD, Op.MUL, Op.SCALE, Op.UNARY, Op.RMS_NORM, Op.ROPE, Op.SOFT_MAX, Op.GLU]);
+const IN_PLACE = IN_PLACE_OPS;
 
 /** A random graph: inputs of a few shapes, then elementwise, row, matmul, view and copy nodes. */
 function randomGraph(seed: number): { graph: Graph; inputs: Tensor[] } {
@@ -87,16 +88,16 @@ test("allocator property: thousands of random graphs; no live overlap, inside th
 });
 
 test("planned allocation computes exactly what a separate buffer per tensor computes", async () => {
-  const be = new CpuBackend({ threads: 2 });
+  const be = cpuDevice("cpu:0").initBackend({ threads: 2 });
   for (let s = 1; s <= 40; s++) {
     const results: Uint8Array[][] = [];
     for (const planned of [false, true]) {
       const { graph, inputs } = randomGraph(s);
       const data = inputs.map((t, i) => randomF32(t.nelements, rng(1000 * s + i)));
-      const bufs: CpuBuffer[] = [];
+      const bufs: Buffer[] = [];
       if (planned) {
         const plan = planGraphAllocation(graph);
-        const b = CpuBuffer.alloc(Math.max(64, plan.size));
+        const b = cpuDevice().bufferType().alloc(Math.max(64, plan.size));
         applyGraphAllocation(plan, b);
         bufs.push(b);
         bufs.push(allocateTensors(inputs.filter((t) => !t.buffer)));
@@ -104,7 +105,7 @@ test("planned allocation computes exactly what a separate buffer per tensor comp
         bufs.push(allocateTensors(graph.order));
       }
       inputs.forEach((t, i) => { if (t.buffer) setTensorData(t, data[i]!); });  // unused inputs are not in the graph
-      await be.compute(graph);
+      await be.computeAsync(graph);
       results.push(graph.nodes.filter((t) => t.flags & TensorFlag.OUTPUT).map((t) => getTensorData(t)));
       be.forget(graph);
       bufs.forEach((b) => b.dispose());

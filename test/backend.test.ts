@@ -5,10 +5,10 @@ import * as G from "../lib/core/graph.js";
 import { Op } from "../lib/core/ops.js";
 import { Tensor } from "../lib/core/tensor.js";
 import { GgmlType } from "../lib/core/types.js";
-import { CpuDevice, cpuDevice } from "../lib/backend/cpu.js";
-import { copyTensorAsync, getTensorAsync, get2d, get2dAsync, recordEvent, set2d, set2dAsync, setTensorAsync, waitEvent } from "../lib/backend/queue.js";
+import { CpuDevice, cpuDevice } from "../lib/cpu/index.js";
+import { copyTensorAsync, getTensorAsync, getTensorData, get2d, get2dAsync, recordEvent, set2d, set2dAsync, setTensorAsync, setTensorData, waitEvent } from "../lib/backend/fallback.js";
 import { Scheduler } from "../lib/backend/sched.js";
-import { allocateTensors, getTensorData, setTensorData } from "../lib/cpu/buffer.js";
+import { allocateTensors } from "../lib/backend/alloc.js";
 import { loadModel } from "../lib/model/model.js";
 import { assertSameArray, fixture, haveFixtures, randomF32, rng, warnNoFixtures } from "./helpers.js";
 
@@ -219,8 +219,8 @@ test("bad split options are clear errors", async () => {
   };
   await rej({ devices: ["cpu:0", "cpu:1"], splitMode: "layer", tensorSplit: [1] }, /one non-negative share per device/);
   await rej({ devices: ["cpu:0", "cpu:0"], splitMode: "layer" }, /listed twice/);
-  await rej({ devices: ["gpu:0"] }, /not a CPU device name/);
-  await rej({ splitMode: "tensor" as "layer" }, /split mode must be none or layer/);
+  await rej({ devices: ["gpu:0"] }, /unknown device 'gpu:0'/);
+  await rej({ splitMode: "rows" as "layer" }, /split mode must be none, layer or tensor/);
 });
 
 test.run();

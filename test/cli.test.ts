@@ -139,8 +139,8 @@ test("--split-mode layer on several devices: same logits and text as one device"
   const r = weft("run", "-m", fixture("stories260K.gguf"), "-p", g.greedy.prompt, "-n", String(g.greedy.n_predict), "--temp", "0", "-t", "1", "--device", "cpu:0,cpu:1", "-b", "3");
   assert.is(r.status, 0, r.stderr);
   assert.is(r.stdout, g.greedy.text + "\n");
-  const bad = weft("run", "--split-mode", "tensor");
-  assert.match(bad.stderr, /tensor parallelism comes with the meta backend/);
+  const bad = weft("run", "--split-mode", "rows");
+  assert.match(bad.stderr, /--split-mode must be none, layer or tensor, got 'rows'/);
 });
 
 test("weft bench compares split modes, device sets and micro-batch sizes, with memory per device", () => {

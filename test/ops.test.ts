@@ -11,10 +11,10 @@ import * as G from "../lib/core/graph.js";
 import { GluOp, RopeMode, UnaryOp, VIEW_OPS } from "../lib/core/ops.js";
 import { Tensor } from "../lib/core/tensor.js";
 import { GgmlType, TYPES } from "../lib/core/types.js";
-import { CpuBackend } from "../lib/cpu/backend.js";
-import { CpuBuffer, allocateTensors, getTensorData, setTensorData, tensorLocation } from "../lib/cpu/buffer.js";
+import { CpuBuffer, cpuDevice } from "../lib/cpu/index.js";
 import { KERNEL_LEVELS, native } from "../lib/cpu/native.js";
-import { repackWeights } from "../lib/cpu/repack.js";
+import { allocateTensors, allocateWeights } from "../lib/backend/alloc.js";
+import { getTensorData, setTensorData, tensorPlace } from "../lib/backend/fallback.js";
 import { dequantizeRef } from "./ref/quant.js";
 import { nmse, runReference } from "./ref/ops.js";
 import { randomF32, rejectsWith, rng } from "./helpers.js";
@@ -24,7 +24,7 @@ interface OpCase {
   op: string;
   vars: string;
   maxNmse: number;
-  /** repack: weights moved into a repacked buffer (lib/cpu/repack.ts) once their data is set */
+  /** repack: weights placed in the CPU's repacked weight memory (written: repacked) */
   build(): { out: Tensor; gens?: Map<Tensor, Gen>; inPlace?: boolean; repack?: Tensor[] };
 }
 
@@ -164,7 +164,7 @@ add("SET_ROWS", "KV-cache style [16,8,2] rows per head", 1e-6, () => {
 
 // ---------------------------------------------------------------- runner
 
-const backends = [new CpuBackend({ threads: 1 }), new CpuBackend({ threads: 2 })];
+const backends = [cpuDevice("cpu:0").initBackend({ threads: 1 }), cpuDevice("cpu:1").initBackend({ threads: 2 })];
 const levels = Array.from({ length: native().kernelLevel().detected + 1 }, (_, i) => i);
 const GUARD = 64, SENTINEL = 0xa5;
 
@@ -189,12 +189,13 @@ async function runCase(c: OpCase, seed: number): Promise<string[]> {
     for (const be of backends) {
       const { out, gens, inPlace, repack } = c.build();
       const graph = G.buildGraph(out);
-      const buf = allocateTensors(graph.order, GUARD);
+      const packed = repack ? allocateWeights(cpuDevice("cpu:0"), repack, { matmulWeights: new Set(repack) }) : [];
+      const buf = allocateTensors(graph.order, { guard: GUARD }) as CpuBuffer;
       if (inPlace) {
         const src = out.src[0]!;
         out.buffer = src.buffer; out.offset = src.offset;
       }
-      buf.fill(0, buf.size, SENTINEL);
+      buf.memset(0, buf.size, SENTINEL);
       const r = rng(seed);
       const leafVals = new Map<Tensor, Float64Array>();
       for (const leaf of graph.leafs) {
@@ -202,18 +203,17 @@ async function runCase(c: OpCase, seed: number): Promise<string[]> {
         setTensorData(leaf, bytes);
         leafVals.set(leaf, valuesOf(leaf.type, bytes, leaf.nelements));
       }
-      // where every tensor was placed in buf (repacked weights move out, their bytes stay)
+      // where every tensor was placed in buf (repacked weights are in their own memory)
       const inside = new Uint8Array(buf.size);
       for (const tt of graph.order) {
         if (VIEW_OPS.has(tt.op)) continue;
         const { tensor: rt } = tt.root();
-        const { offset } = tensorLocation(rt);
+        const { offset } = tensorPlace(rt);
         if ((rt.buffer as CpuBuffer) === buf) inside.fill(1, offset, offset + rt.nbytes);
       }
-      const packed = repack ? await repackWeights(repack, (n) => CpuBuffer.alloc(n, { repacked: true })) : null;
       if (repack && !repack.every((w) => (w.buffer as CpuBuffer | null)?.repacked)) problems.push("weights were not repacked");
-      await be.compute(graph);
-      packed?.dispose();
+      await be.computeAsync(graph);
+      for (const p of packed) p.dispose();
       const ref = runReference(graph.order, (l) => leafVals.get(l)!, { bf16Activations: native().kernelLevel().bf16 });
       const root = out.root().tensor;
       const got = valuesOf(root.type, getTensorData(root), root.nelements);
@@ -249,21 +249,21 @@ test("a graph runs again by uid without re-encoding, with new inputs", async () 
   for (let i = 0; i < 3; i++) {
     setTensorData(a, new Float32Array(128).fill(i));
     setTensorData(b, new Float32Array(128).fill(1));
-    await be.compute(g);
+    await be.computeAsync(g);
     const out = new Float32Array(getTensorData(g.nodes[0]!).slice().buffer);
     assert.ok(out.every((v) => v === i + 1), `step ${i}`);
   }
   buf.dispose();
   // its buffer is gone: the cached plan must be refused, not run on freed memory
-  await rejectsWith(be.compute(g), /freed/);
+  await rejectsWith(be.computeAsync(g), /freed/);
 });
 
 test("a graph whose tensor lies outside its buffer is refused with a clear error", async () => {
   const a = t(F32, 32, 4);
   const g = G.buildGraph(G.scale(a, 2));
-  const small = CpuBuffer.alloc(64);
+  const small = cpuDevice().bufferType().alloc(64);
   for (const x of g.order) { x.buffer = small; x.offset = 0; }
-  await rejectsWith(backends[0]!.compute(g), /beyond its buffer/);
+  await rejectsWith(backends[0]!.computeAsync(g), /beyond its buffer/);
   small.dispose();
 });
 
@@ -273,25 +273,26 @@ test("out-of-range GET_ROWS index is reported, not read", async () => {
   const buf = allocateTensors(g.order);
   setTensorData(w, new Float32Array(32).fill(1));
   setTensorData(idx, new Int32Array([1, 99]));
-  await rejectsWith(backends[0]!.compute(g), /out of range/);
+  await rejectsWith(backends[0]!.computeAsync(g), /out of range/);
   buf.dispose();
 });
 
 test("repacked weights are read by MUL_MAT only: other readers are refused, rows cannot be fetched", async () => {
   const w = t(GgmlType.Q4_0, 64, 8), idx = t(I32, 2);
   const g = G.buildGraph(G.getRows(w, idx));
+  const packed = allocateWeights(cpuDevice(), [w], { matmulWeights: new Set([w]) });
   const buf = allocateTensors(g.order);
   setTensorData(w, native().quantize(GgmlType.Q4_0, randomF32(512, rng(5)), 64));
   setTensorData(idx, new Int32Array([1, 2]));
-  const packed = (await repackWeights([w], (n) => CpuBuffer.alloc(n, { repacked: true })))!;
-  assert.ok(packed, "an 8-row Q4_0 matrix is repackable");
-  await rejectsWith(backends[0]!.compute(g), /repacked weights, which only MUL_MAT can/);
+  assert.ok((w.buffer as CpuBuffer).repacked, "an 8-row Q4_0 matrix is repackable");
+  await rejectsWith(backends[0]!.computeAsync(g), /repacked weights, which only MUL_MAT can/);
   assert.throws(() => getTensorData(w), /repacked/);
   // not repackable: a row count that is not a multiple of 8, a type without a repacked form
   const odd = t(GgmlType.Q4_0, 64, 7), q6 = t(GgmlType.Q6_K, 256, 8);
-  const other = allocateTensors([odd, q6]);
-  assert.is(await repackWeights([odd, q6], (n) => CpuBuffer.alloc(n, { repacked: true })), null);
-  other.dispose(); packed.dispose(); buf.dispose();
+  const other = allocateWeights(cpuDevice(), [odd, q6], { matmulWeights: new Set([odd, q6]) });
+  assert.ok(![odd, q6].some((x) => (x.buffer as CpuBuffer).repacked), "neither is repacked");
+  for (const b of [...other, ...packed]) b.dispose();
+  buf.dispose();
 });
 
 test.after(async () => { for (const b of backends) await b.dispose(); });

@@ -18,9 +18,9 @@ import * as G from "../core/graph.js";
 import { Graph } from "../core/graph.js";
 import { Op, OPS, OpInfo, VIEW_OPS, opName } from "../core/ops.js";
 import { Tensor, TensorFlag } from "../core/tensor.js";
-import { applyGraphAllocation, planGraphAllocation } from "./alloc.js";
-import { Backend, Buffer, BufferUsage, Event } from "./interface.js";
-import { copyTensorAsync, getTensorAsync, recordEvent, setTensorAsync, waitEvent } from "./queue.js";
+import { allocGraph } from "./alloc.js";
+import { Backend, Buffer, Event } from "./interface.js";
+import { copyTensorAsync, getTensorAsync, recordEvent, setTensorAsync, waitEvent } from "./fallback.js";
 
 interface InputCopy {
   /** "queue": copyTensorAsync before the split; "graph": a CPY node at the split's start
@@ -106,18 +106,34 @@ export class ScheduledGraph {
     return { done: all };
   }
 
-  /** Bytes of compute memory per backend. */
-  computeBytes(): Map<Backend, number> {
-    const m = new Map<Backend, number>();
-    for (const s of this.splits) m.set(s.backend, (m.get(s.backend) ?? 0) + s.buffer.size);
-    return m;
-  }
+  /** The compute buffers of its splits. */
+  get buffers(): Buffer[] { return this.splits.map((s) => s.buffer); }
 
   dispose(): void {
     if (this.#disposed) return;
     this.#disposed = true;
     for (const s of this.splits) { s.backend.forget?.(s.graph); s.buffer.dispose(); }
   }
+}
+
+/**
+ * Layer ranges per device for a layer split, proportional to `split` (llama.cpp's
+ * --tensor-split; default equal shares): device i runs layers [start, end).
+ */
+export function planLayerSplit(nLayer: number, nDev: number, split?: readonly number[]): Array<[number, number]> {
+  const w = split ?? Array(nDev).fill(1);
+  if (w.length !== nDev || w.some((x) => !(x >= 0)) || !(w.reduce((a, b) => a + b, 0) > 0))
+    throw weftError("BAD_ARGUMENT", `tensor split [${w.join(", ")}] must have one non-negative share per device (${nDev}) and a positive sum`);
+  const total = w.reduce((a, b) => a + b, 0);
+  const out: Array<[number, number]> = [];
+  let acc = 0, start = 0;
+  for (let d = 0; d < nDev; d++) {
+    acc += w[d]!;
+    const end = d === nDev - 1 ? nLayer : Math.round((nLayer * acc) / total);
+    out.push([start, Math.max(start, end)]);
+    start = Math.max(start, end);
+  }
+  return out;
 }
 
 export class Scheduler {
@@ -301,10 +317,7 @@ export class Scheduler {
         alias.offset = r.tensor.offset + r.offset;
       }
       const graph = new Graph(outs);
-      const plan = planGraphAllocation(graph);
-      const buffer = p.be.device.bufferType().alloc(plan.size);
-      buffer.usage = BufferUsage.COMPUTE;
-      applyGraphAllocation(plan, buffer);
+      const buffer = allocGraph(p.be.device.bufferType(), graph);
       const outgoing = p.clonesInSplit.flatMap((t) => copiesFrom.get(t) ?? []);
       sg.splits.push({ backend: p.be, graph, buffer, copies: p.copies, outgoing });
     }

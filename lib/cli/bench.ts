@@ -1,7 +1,7 @@
 /** `weft bench`: llama-bench-style pp/tg throughput, optionally against node-llama-cpp. */
 import { basename } from "node:path";
 import { weftError } from "../core/errors.js";
-import { loadModel } from "../model/model.js";
+import { SplitMode, loadModel } from "../model/model.js";
 import { int, intList, parse } from "./args.js";
 import { Command, printProfile, resolveModel } from "./run.js";
 import { Peer, ensurePeerInstalled } from "./peer.js";
@@ -15,7 +15,7 @@ const fmt = (a: number[]) => (a.length ? `${mean(a).toFixed(2)} ± ${sd(a).toFix
 export const BENCH_COMMAND: Command = {
   summary: "measure prompt processing (pp) and generation (tg) tokens/s, like llama-bench",
   usage: `weft bench [-m MODEL[,MODEL…]] [-p 128] [-n 64] [-r 3] [-t 1,2] [-o md|json] [--peer node-llama-cpp]
-           [--split-mode none,layer] [--device cpu:0,cpu:1 [--device …]] [--tensor-split 1,1] [-b 512,64] [--no-repack]
+           [--split-mode none,layer,tensor] [--device cpu:0,cpu:1 [--device …]] [--tensor-split 1,1] [-b 512,64] [--no-repack]
 
   -m, --model LIST     GGUF model(s), comma-separated (default: the embedded small Q8_0 model)
   -p, --n-prompt N     prompt length for the pp test; 0 skips it (default 128)
@@ -24,10 +24,10 @@ export const BENCH_COMMAND: Command = {
   -t, --threads LIST   thread counts, comma-separated (default 1,2)
   -b, --ubatch LIST    micro-batch sizes to compare (default 512); with a layer split a
                        prompt longer than one micro-batch is pipelined across the devices
-  --split-mode LIST    none and/or layer (default none)
+  --split-mode LIST    none, layer and/or tensor (default none): one row each
   --device SET         a device set, comma-separated; repeat the flag for several sets
                        (default cpu:0); with split mode none only the first device is used
-  --tensor-split LIST  share of layers per device (default: equal)
+  --tensor-split LIST  share per device: of the layers (layer), of every matrix (tensor); default equal
   --no-repack          keep Q4_0/Q8_0/Q4_K matrices in rows (default: repacked at load, as weft run)
   -o, --output md|json table (default) or JSON lines
   --peer node-llama-cpp  also run the same model through node-llama-cpp ${"(installed on first use into"}
@@ -48,7 +48,7 @@ device is weights + KV cache + compute buffers, in MiB.`,
     const reps = int(v.repetitions, "--repetitions", 3, 1);
     const ubatches = intList(v.ubatch, "--ubatch", [512]);
     const splitModes = (v["split-mode"] ?? "none").split(",").map((x) => x.trim());
-    for (const sm of splitModes) if (sm !== "none" && sm !== "layer") throw weftError("BAD_ARGUMENT", `--split-mode must list none and/or layer, got '${sm}'`);
+    for (const sm of splitModes) if (sm !== "none" && sm !== "layer" && sm !== "tensor") throw weftError("BAD_ARGUMENT", `--split-mode must list none, layer and/or tensor, got '${sm}'`);
     const deviceSets = (v.device ?? ["cpu:0"]).map((d) => d.split(",").map((x) => x.trim()));
     const tensorSplit = v["tensor-split"]?.split(",").map(Number);
     const threads = intList(v.threads, "--threads", [1, 2]);
@@ -64,10 +64,10 @@ device is weights + KV cache + compute buffers, in MiB.`,
     if (out === "md") console.log(`${header}\n|${"---|".repeat(header.split("|").length - 2)}`);
     const combos: Array<{ path: string; th: number; sm: string; devs: string[]; ub: number }> = [];
     for (const path of models) for (const th of threads) for (const sm of splitModes) for (const devs of deviceSets) for (const ub of ubatches)
-      if (sm === "layer" || devs === deviceSets[0] || deviceSets.length === 1) combos.push({ path, th, sm, devs: sm === "none" ? devs.slice(0, 1) : devs, ub });
+      if (sm !== "none" || devs === deviceSets[0] || deviceSets.length === 1) combos.push({ path, th, sm, devs: sm === "none" ? devs.slice(0, 1) : devs, ub });
     for (const { path, th, sm, devs, ub } of combos) {
       const ctx = Math.max(256, Math.ceil((nP + nG + 1) / 256) * 256);
-      const m = await loadModel(path, { threads: th, batchSize: ub, contextSize: ctx, devices: devs, splitMode: sm as "none" | "layer", tensorSplit, repack: !v["no-repack"] });
+      const m = await loadModel(path, { threads: th, batchSize: ub, contextSize: ctx, devices: devs, splitMode: sm as SplitMode, tensorSplit, repack: !v["no-repack"] });
       const mib = (b: number) => (b / 2 ** 20).toFixed(1);
       const peer = peerDir ? new Peer(peerDir, th) : null;
       try {

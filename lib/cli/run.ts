@@ -1,13 +1,12 @@
 /** `weft run`, `weft tokenize`, `weft logits`, `weft synth`. */
-import { availableParallelism } from "node:os";
 import { weftError } from "../core/errors.js";
 import { TYPES } from "../core/types.js";
-import { LoadModelOptions, Model, loadModel, loadTokenizer } from "../model/model.js";
+import { LoadModelOptions, Model, SplitMode, loadModel, loadTokenizer } from "../model/model.js";
 import { defaultModelPath, cacheDir, DEFAULT_MODEL } from "../model/default.js";
 import { SYNTH_PRESETS, SYNTH_TYPES, synthModel } from "../model/synth.js";
 import { int, num, parse } from "./args.js";
-import { cpuDevice } from "../backend/cpu.js";
-import { native } from "../cpu/native.js";
+import { devices as listDevices } from "../backend/registry.js";
+import { native, usableCores } from "../cpu/index.js";
 
 export interface Command {
   summary: string;
@@ -19,14 +18,18 @@ const log = (s: string) => process.stderr.write(s + "\n");
 
 export const MODEL_FLAGS_HELP = `  -m, --model FILE     GGUF model (default: the embedded small Q8_0 model, synthesized once
                        into ${cacheDir()}; set WEFT_CACHE_DIR to move it)
-  -t, --threads N      CPU threads (default: ${availableParallelism()}, all cores)
+  -t, --threads N      CPU threads per device (default: ${usableCores()}, the cores this process may use)
   -c, --ctx-size N     context length (default: the model's, at most 4096)
   --kv-type f16|f32    KV cache type (default f16)
   -b, --ubatch N       most tokens per forward graph (default 512); with --split-mode layer a
                        longer prompt is pipelined across the devices in micro-batches of N
-  --device LIST        devices, comma-separated (default cpu:0; see "weft devices")
+  --device LIST        devices, comma-separated (default cpu:0; see "weft devices"); a + group
+                       such as cpu:0+cpu:1 is one tensor-parallel device inside a layer split
   --split-mode MODE    none: all on the first device; layer: contiguous layer ranges per device
-  --tensor-split LIST  share of layers per device, e.g. 3,1 (default: equal)
+                       (pipelined); tensor: every weight matrix cut across the devices, partial
+                       results summed with all-reduce (default: layer for several devices)
+  --tensor-split LIST  share per device, e.g. 3,1: of the layers (layer) or of every matrix
+                       (tensor); default equal
   --no-repack          keep Q4_0/Q8_0/Q4_K matrices in the file's row layout (default: copied
                        at load into the CPU's eight-row layout, faster per token, as
                        llama.cpp's CPU_REPACK buffers; the copy takes memory the size of
@@ -48,13 +51,13 @@ export function loadOptions(v: Record<string, string | boolean | undefined>): Lo
   const kv = v["kv-type"] as string | undefined;
   if (kv !== undefined && kv !== "f16" && kv !== "f32") throw weftError("BAD_ARGUMENT", `--kv-type must be f16 or f32, got '${kv}'`);
   const split = v["split-mode"] as string | undefined;
-  if (split !== undefined && split !== "none" && split !== "layer")
-    throw weftError("BAD_ARGUMENT", `--split-mode must be none or layer, got '${split}'${split === "tensor" ? " (tensor parallelism comes with the meta backend)" : ""}`);
+  if (split !== undefined && split !== "none" && split !== "layer" && split !== "tensor")
+    throw weftError("BAD_ARGUMENT", `--split-mode must be none, layer or tensor, got '${split}'`);
   const devices = (v.device as string | undefined)?.split(",").map((d) => d.trim());
   return {
-    devices, splitMode: (split as "none" | "layer" | undefined) ?? (devices && devices.length > 1 ? "layer" : "none"),
+    devices, splitMode: (split as SplitMode | undefined) ?? (devices && devices.length > 1 ? "layer" : "none"),
     tensorSplit: v["tensor-split"] === undefined ? undefined : (v["tensor-split"] as string).split(",").map((x) => num(x, "--tensor-split", 0)),
-    threads: int(v.threads as string | undefined, "--threads", availableParallelism(), 1),
+    threads: int(v.threads as string | undefined, "--threads", usableCores(), 1),
     contextSize: v["ctx-size"] === undefined ? undefined : int(v["ctx-size"] as string, "--ctx-size", 0, 1),
     batchSize: int(v.ubatch as string | undefined, "--ubatch", 512, 1),
     kvType: kv as "f16" | "f32" | undefined,
@@ -101,7 +104,11 @@ export async function openModel(v: Record<string, string | boolean | undefined>)
   log(`  ${hp.arch}, ${hp.nLayer} layers, n_embd ${hp.nEmbd}, heads ${hp.nHead}/${hp.nHeadKv}, ffn ${hp.nFf}, vocab ${hp.nVocab} (${m.tokenizer.kind.toUpperCase()}), ` +
     `${(m.weightBytes / 2 ** 20).toFixed(1)} MiB [${Object.entries(types).map(([k, n]) => `${n}× ${k}`).join(", ")}]`);
   log(`  context ${m.contextSize}, KV cache ${TYPES[m.kvType].name} ${(m.kvCacheBytes / 2 ** 20).toFixed(1)} MiB, ${m.threads} thread(s) per device, loaded in ${(performance.now() - t0).toFixed(0)} ms`);
-  if (m.devices.length > 1) for (const u of m.memory()) log(`  ${u.device}: layers ${u.layers[0]}..${u.layers[1] - 1}, weights ${(u.weightBytes / 2 ** 20).toFixed(1)} MiB, KV ${(u.kvBytes / 2 ** 20).toFixed(1)} MiB`);
+  const mem = m.memory();
+  if (mem.length > 1) {
+    log(`  split mode ${m.splitMode} over ${m.devices.join(", ")}:`);
+    for (const u of mem) log(`    ${u.device}: layers ${u.layers[0]}..${u.layers[1] - 1}, weights ${(u.weightBytes / 2 ** 20).toFixed(1)} MiB, KV ${(u.kvBytes / 2 ** 20).toFixed(1)} MiB`);
+  }
   return m;
 }
 
@@ -220,14 +227,17 @@ after tokens[0..i].`,
     usage: `weft devices
 
 CPU devices cpu:0, cpu:1, … are separate queues with their own thread pools in this process
-(--device cpu:0,cpu:1 -t 1 gives each one thread), so multi-device runs work on one machine.`,
+(--device cpu:0,cpu:1 -t 1 gives each one thread), so multi-device runs work on one machine.
+A + group (cpu:0+cpu:1) is one tensor-parallel (meta) device over its members.`,
     async run(args) {
       parse(args, {});
-      const d = cpuDevice("cpu:0");
-      const mem = d.memory();
-      console.log(`${d.name.padEnd(8)} ${d.type.padEnd(4)} ${d.description}; memory ${(mem.free / 2 ** 30).toFixed(1)} / ${(mem.total / 2 ** 30).toFixed(1)} GiB free; ` +
-        `async ${d.caps.async ? "yes" : "no"}, events ${d.caps.events ? "yes" : "no"}, collectives ${d.caps.collectives ? "yes" : "no"}`);
+      for (const d of listDevices()) {
+        const mem = d.memory();
+        console.log(`${d.name.padEnd(8)} ${d.type.padEnd(4)} ${d.description}; memory ${(mem.free / 2 ** 30).toFixed(1)} / ${(mem.total / 2 ** 30).toFixed(1)} GiB free; ` +
+          `async ${d.caps.async ? "yes" : "no"}, events ${d.caps.events ? "yes" : "no"}, collectives ${d.caps.collectives ? "yes" : "no"}`);
+      }
       console.log("cpu:N    more CPU devices on the same cores (cpu:1, cpu:2, …): each its own queue and threads");
+      console.log("a+b      a tensor-parallel device over a and b (--split-mode tensor makes one over all --device)");
       console.log("(no CUDA or RPC devices in this build yet)");
       return 0;
     },

@@ -4,7 +4,7 @@
  * never later inside a backend.
  */
 import { weftError } from "./errors.js";
-import { GluOp, Op, OPS, RopeMode, UnaryOp, VIEW_OPS, opName } from "./ops.js";
+import { CollectiveMode, GluOp, Op, OPS, RopeMode, UnaryOp, VIEW_OPS, opName } from "./ops.js";
 import { Shape4, Tensor, isContiguous, tensorExtent, toShape4 } from "./tensor.js";
 import { GgmlType, TYPES, typeTraits } from "./types.js";
 
@@ -18,7 +18,7 @@ function sameShape(a: Tensor, b: Tensor): boolean {
   return a.ne.every((v, i) => v === b.ne[i]);
 }
 function canRepeat(small: Tensor, big: Tensor): boolean {
-  return small.ne.every((v, i) => v > 0 && big.ne[i]! % v === 0);
+  return small.ne.every((v, i) => (v === 0 ? big.ne[i] === 0 : big.ne[i]! % v === 0));
 }
 
 /** A new leaf tensor (weights, inputs, KV cache). */
@@ -44,7 +44,9 @@ export function getRows(a: Tensor, idx: Tensor): Tensor {
 /** a: weights [K, N, ...] (any type), b: activations F32 [K, M, ...] → F32 [N, M, ...] (broadcast a over b's dims 2,3). */
 export function mulMat(a: Tensor, b: Tensor): Tensor {
   if (a.ne[0] !== b.ne[0]) fail("MUL_MAT", `inner dimensions differ (${a.ne[0]} vs ${b.ne[0]})`, a, b);
-  if (a.ne[2] === 0 || a.ne[3] === 0 || b.ne[2] % a.ne[2] !== 0 || b.ne[3] % a.ne[3] !== 0) fail("MUL_MAT", "cannot broadcast over dims 2,3", a, b);
+  // a batch dimension of a may be empty only together with b's (a device's empty share of heads)
+  const bcast = (na: number, nb: number) => (na === 0 ? nb === 0 : nb % na === 0);
+  if (!bcast(a.ne[2], b.ne[2]) || !bcast(a.ne[3], b.ne[3])) fail("MUL_MAT", "cannot broadcast over dims 2,3", a, b);
   if (b.type !== GgmlType.F32) fail("MUL_MAT", "activations (second operand) must be F32", b);
   if (a.nb[0] !== TYPES[a.type].typeSize) fail("MUL_MAT", "weight rows must be contiguous", a);
   return node(Op.MUL_MAT, GgmlType.F32, [a.ne[1], b.ne[1], b.ne[2], b.ne[3]], [a, b]);
@@ -189,6 +191,30 @@ export function glu(a: Tensor, b: Tensor | null, kind: GluOp = GluOp.SWIGLU, swa
   return node(Op.GLU, GgmlType.F32, [a.ne[0] / 2, a.ne[1], a.ne[2], a.ne[3]], [a], [kind, swapped ? 1 : 0]);
 }
 export const swiglu = (gate: Tensor, up: Tensor): Tensor => glu(gate, up, GluOp.SWIGLU);
+
+/**
+ * Sums `a` across the ranks of a collective group (CPU devices of one process, lib/meta);
+ * every rank gets the same bits. `group` is a native group id (Device.collectiveGroup).
+ */
+export function allReduce(a: Tensor, group: number, rank: number): Tensor {
+  needF32("ALL_REDUCE", a);
+  if (!a.isContiguous) fail("ALL_REDUCE", "needs a contiguous tensor", a);
+  return node(Op.ALL_REDUCE, GgmlType.F32, [...a.ne] as Shape4, [a], [group, rank, CollectiveMode.SUM, 0, 0, 0, 0]);
+}
+
+/**
+ * Gathers slices along `axis` from every rank of a group into a tensor of shape `full`:
+ * this rank's slice `a` covers [offset, offset + a.ne[axis]) of that axis.
+ */
+export function allGather(a: Tensor, full: readonly number[], axis: number, offset: number, group: number, rank: number): Tensor {
+  needF32("ALL_REDUCE", a);
+  const ne = toShape4(full, "all-gather shape");
+  if (!a.isContiguous) fail("ALL_REDUCE", "needs a contiguous tensor", a);
+  if (ne.some((v, k) => k !== axis && v !== a.ne[k]) || offset < 0 || offset + a.ne[axis]! > ne[axis]!)
+    fail("ALL_REDUCE", `slice at ${offset} of axis ${axis} does not fit [${ne.join(", ")}]`, a);
+  const inner = ne.slice(0, axis).reduce((x, y) => x * y, 1);
+  return node(Op.ALL_REDUCE, GgmlType.F32, ne, [a], [group, rank, CollectiveMode.GATHER, inner, ne[axis]!, offset, a.ne[axis]!]);
+}
 
 // ---------------------------------------------------------------- graphs
 

@@ -100,3 +100,8 @@ export function toShape4(ne: readonly number[], what = "shape"): Shape4 {
   });
   return s;
 }
+
+/** The bytes of any typed array or view (no copy). */
+export function bytesOf(v: ArrayBufferView): Uint8Array {
+  return new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
+}

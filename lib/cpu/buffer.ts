@@ -1,61 +1,32 @@
+/**
+ * CPU memory: native, 64-byte aligned allocations or read-only file mappings, addressed by
+ * id (the addon keeps the registry and checks every access). A RepackedBuffer holds weight
+ * matrices in eight-row groups (lib/cpu/repack.ts): writing a whole matrix repacks it,
+ * MUL_MAT reads it, nothing reads its elements back as rows.
+ */
 import { fromNative, weftError } from "../core/errors.js";
-import { Tensor } from "../core/tensor.js";
+import { Tensor, bytesOf } from "../core/tensor.js";
 import type { Buffer, BufferType, BufferUsage } from "../backend/interface.js";
 import { native } from "./native.js";
 
-/** The bytes of any typed array or view (no copy). */
-export function bytesOf(v: ArrayBufferView): Uint8Array {
-  return new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
-}
-
-let hostBufferType: BufferType | null = null;
-/** Set once by lib/backend/cpu.ts: the buffer type of plain host buffers. */
-export function setHostBufferType(t: BufferType): void { hostBufferType ??= t; }
-
-/**
- * Host memory owned by the native addon: 64-byte aligned, or a read-only file mapping.
- * A `repacked` buffer holds weight matrices in eight-row groups (lib/cpu/repack.ts):
- * MUL_MAT reads them, nothing reads or writes their elements as rows.
- */
 export class CpuBuffer implements Buffer {
   readonly size: number;
   readonly readOnly: boolean;
-  readonly repacked: boolean;
   usage: BufferUsage = 0;
   #id: number;
-  #type: BufferType | null = null;
 
-  /** the memory kind (the CPU host type unless a device's buffer type allocated it) */
-  get bufferType(): BufferType {
-    const t = this.#type ?? hostBufferType;
-    if (!t) throw weftError("BAD_ARGUMENT", "the CPU device module is not loaded");
-    return t;
-  }
-  /** @internal set by the buffer type that allocated this buffer */
-  withType(t: BufferType): this { this.#type = t; return this; }
-
-  private constructor(id: number, size: number, readOnly: boolean, repacked = false) {
+  /** @internal made by a CPU buffer type */
+  constructor(readonly bufferType: BufferType, id: number, size: number, readOnly: boolean) {
     this.#id = id;
     this.size = size;
     this.readOnly = readOnly;
-    this.repacked = repacked;
   }
 
-  static alloc(size: number, opts: { repacked?: boolean } = {}): CpuBuffer {
-    try { return new CpuBuffer(native().bufferAlloc(size), size, false, opts.repacked ?? false); }
-    catch (e) { throw fromNative(e); }
-  }
-
-  /** Maps a file without copying it (model weights). */
-  static mapFile(path: string): CpuBuffer {
-    try {
-      const m = native().mapFile(path);
-      return new CpuBuffer(m.id, m.size, true);
-    } catch (e) { throw fromNative(e); }
-  }
+  /** eight-row repacked weights (only MUL_MAT reads them) */
+  get repacked(): boolean { return false; }
 
   get id(): number {
-    if (this.#id < 0) throw weftError("DISPOSED", "buffer was disposed");
+    if (this.#id < 0) throw weftError("DISPOSED", `a ${this.bufferType.name} buffer was used after dispose()`);
     return this.#id;
   }
   get disposed(): boolean { return this.#id < 0; }
@@ -66,85 +37,68 @@ export class CpuBuffer implements Buffer {
   get(offset: number, length: number): Uint8Array {
     try { return native().bufferGet(this.id, offset, length); } catch (e) { throw fromNative(e); }
   }
-  fill(offset: number, length: number, value: number): void {
+  memset(offset: number, length: number, value: number): void {
     try { native().bufferFill(this.id, offset, length, value); } catch (e) { throw fromNative(e); }
   }
-  memset(offset: number, length: number, value: number): void { this.fill(offset, length, value); }
-  clear(value: number): void { if (this.size) this.fill(0, this.size, value); }
+  clear(value: number): void { if (this.size) this.memset(0, this.size, value); }
+  set2d(offset: number, data: ArrayBufferView, rows: number, rowBytes: number, stride: number): void {
+    const bytes = bytesOf(data);
+    for (let r = 0; r < rows; r++) this.set(offset + r * stride, bytes.subarray(r * rowBytes, (r + 1) * rowBytes));
+  }
+  get2d(offset: number, rows: number, rowBytes: number, stride: number): Uint8Array {
+    const out = new Uint8Array(rows * rowBytes);
+    for (let r = 0; r < rows; r++) out.set(this.get(offset + r * stride, rowBytes), r * rowBytes);
+    return out;
+  }
   /** Faults in the pages of a range (a mapped file becomes resident). */
   touch(offset: number, length: number): void {
     try { native().bufferTouch(this.id, offset, length); } catch (e) { throw fromNative(e); }
   }
   copyFrom(src: Buffer, srcOffset: number, dstOffset: number, length: number): boolean {
-    if (!(src instanceof CpuBuffer)) return false;
+    if (!(src instanceof CpuBuffer) || src.repacked || this.repacked) return false;
     try { native().bufferCopy(src.id, srcOffset, this.id, dstOffset, length); } catch (e) { throw fromNative(e); }
     return true;
   }
+  /** @internal writes bytes [offset, …) of t, which lies at byte `at` of this buffer (the CPU backend's queued writes) */
+  writeTensor(_t: Tensor, data: ArrayBufferView, offset: number, at: number): void { this.set(at + offset, data); }
+  /** @internal reads bytes [offset, offset + size) of t, which lies at byte `at` */
+  readTensor(_t: Tensor, offset: number, size: number, at: number): Uint8Array { return this.get(at + offset, size); }
 
   dispose(): void {
     if (this.#id < 0) return;
-    native().bufferFree(this.#id);
+    native().bufferFree(this.#id);  // freed natively once no running graph uses it
     this.#id = -1;
   }
   [Symbol.dispose](): void { this.dispose(); }
 }
 
-const ALIGN = 64;
-/** n rounded up to the 64 bytes every CPU tensor placement keeps */
-export const alignUp = (n: number) => Math.ceil(n / ALIGN) * ALIGN;
+/** Weight matrices in eight-row groups: a whole-matrix write repacks it, reads are refused. */
+export class RepackedBuffer extends CpuBuffer {
+  override get repacked(): boolean { return true; }
+  override writeTensor(t: Tensor, data: ArrayBufferView, offset: number, at: number): void {
+    if (offset !== 0 || data.byteLength !== t.nbytes || t.viewSrc)
+      throw weftError("BAD_ARGUMENT", `tensor ${t.describe()} is repacked for MUL_MAT: only whole-matrix writes are possible`);
+    try { native().repackRows(t.type, bytesOf(data), 0, t.nb[1], this.id, at, t.ne[0], t.ne[1]); } catch (e) { throw fromNative(e); }
+  }
+  override readTensor(t: Tensor): Uint8Array {
+    throw weftError("BAD_ARGUMENT", `tensor ${t.describe()} is repacked for MUL_MAT; its rows cannot be read or written`);
+  }
+  setTensor(t: Tensor, data: ArrayBufferView, offset: number): void { this.writeTensor(t, data, offset, cpuPlace(t).offset); }
+  getTensor(t: Tensor): Uint8Array { return this.readTensor(t); }
+  override set(): void { throw weftError("BAD_ARGUMENT", "a repacked weight buffer is written a tensor at a time (setTensorData)"); }
+  override get(): Uint8Array { throw weftError("BAD_ARGUMENT", "a repacked weight buffer's bytes are not rows; they cannot be read"); }
+}
 
-/** Where a tensor's bytes are: its root's buffer plus the accumulated view offset. */
-export function tensorLocation(t: Tensor): { buffer: CpuBuffer; offset: number } {
+/** Where a tensor placed in CPU memory is: its root's buffer plus the accumulated view offset. */
+export function cpuPlace(t: Tensor): { buffer: CpuBuffer; offset: number } {
   const { tensor: root, offset } = t.root();
-  if (!(root.buffer instanceof CpuBuffer)) throw weftError("BAD_ARGUMENT", `tensor ${t.describe()} is not placed in a CPU buffer`);
+  if (!(root.buffer instanceof CpuBuffer)) {
+    throw weftError("BAD_ARGUMENT", root.buffer
+      ? `tensor ${t.describe()} lies in ${(root.buffer as Buffer).bufferType.name} memory, not in a CPU buffer`
+      : `tensor ${t.describe()} has no memory yet (allocate it first)`);
+  }
   return { buffer: root.buffer, offset: root.offset + offset };
 }
 
-/**
- * Places every unplaced root tensor of `tensors` in one new buffer, laid out linearly
- * (static tensors: weights, KV cache; compute graphs use lib/backend/alloc.ts).
- * `guard` bytes of padding go around each tensor so tests can detect stray writes;
- * `alloc` makes the buffer (a device's buffer type; default plain host memory).
- */
-export function allocateTensors(tensors: Iterable<Tensor>, guard = 0, alloc: (size: number) => CpuBuffer = CpuBuffer.alloc): CpuBuffer {
-  const roots: Tensor[] = [];
-  const seen = new Set<Tensor>();
-  for (const t of tensors) {
-    const r = t.root().tensor;
-    if (r.buffer || seen.has(r)) continue;
-    seen.add(r);
-    roots.push(r);
-  }
-  let size = 0;
-  const offs: number[] = [];
-  for (const r of roots) {
-    size = alignUp(size + guard);
-    offs.push(size);
-    size += r.nbytes;
-  }
-  size = alignUp(size + guard);
-  const buf = alloc(size);
-  roots.forEach((r, i) => { r.buffer = buf; r.offset = offs[i]!; });
-  return buf;
-}
-
-/** Where a tensor's elements are, as rows (not in a repacked buffer). */
-function rowLocation(t: Tensor): { buffer: CpuBuffer; offset: number } {
-  const loc = tensorLocation(t);
-  if (loc.buffer.repacked) throw weftError("BAD_ARGUMENT", `tensor ${t.describe()} is repacked for MUL_MAT; its rows cannot be read or written`);
-  return loc;
-}
-
-/** Writes raw bytes into a contiguous tensor. */
-export function setTensorData(t: Tensor, data: ArrayBufferView): void {
-  if (!t.isContiguous) throw weftError("BAD_ARGUMENT", `setTensorData needs a contiguous tensor: ${t.describe()}`);
-  if (data.byteLength !== t.nbytes) throw weftError("BAD_ARGUMENT", `tensor ${t.describe()} holds ${t.nbytes} bytes, got ${data.byteLength}`);
-  const { buffer, offset } = rowLocation(t);
-  buffer.set(offset, data);
-}
-
-/** Reads the bytes a tensor spans (strided tensors: the whole span). */
-export function getTensorData(t: Tensor): Uint8Array {
-  const { buffer, offset } = rowLocation(t);
-  return buffer.get(offset, t.nbytes);
-}
+/** n rounded up to the 64 bytes every CPU allocation keeps */
+export const alignUp = (n: number) => Math.ceil(n / 64) * 64;

@@ -3,6 +3,8 @@ import { createRequire } from "node:module";
 import { fileURLToPath } from "node:url";
 import { dirname, resolve } from "node:path";
 import { weftError } from "../core/errors.js";
+import { OP_NAMES } from "../core/ops.js";
+import { PLAN_LAYOUT } from "./layout.js";
 
 export interface NativeContext { readonly __brand: "NativeContext" }
 
@@ -17,8 +19,9 @@ export interface NativeAddon {
   /** with WEFT_PROFILE=1: time per op ("MUL_MAT/<weight type id>" → [ms, calls]); true resets */
   profileReport(reset?: boolean): Record<string, [number, number]>;
   bufferCopy(srcId: number, srcOffset: number, dstId: number, dstOffset: number, length: number): void;
-  /** `rows` (a multiple of 8) weight rows of n elements, srcStride bytes apart, into eight-row repacked groups */
-  repackRows(type: number, srcId: number, srcOffset: number, srcStride: number, dstId: number, dstOffset: number, n: number, rows: number): void;
+  /** `rows` (a multiple of 8) weight rows of n elements, srcStride bytes apart, from a
+   * buffer (id) or bytes, into eight-row repacked groups */
+  repackRows(type: number, src: number | Uint8Array, srcOffset: number, srcStride: number, dstId: number, dstOffset: number, n: number, rows: number): void;
   /** read-only private mapping of a whole file */
   mapFile(path: string): { id: number; size: number };
   createContext(threads: number): NativeContext;
@@ -28,6 +31,14 @@ export interface NativeAddon {
    */
   compute(ctx: NativeContext, uid: number, plan?: Float64Array, waits?: Array<[NativeContext, number]>): Promise<void>;
   forgetPlan(ctx: NativeContext, uid: number): void;
+  /** a communicator for n CPU devices of this process (ALL_REDUCE nodes name its id) */
+  createGroup(n: number): number;
+  /** fails whatever waits in the group (with `why`) and forgets it */
+  destroyGroup(id: number, why?: string): void;
+  /** op names in id order (must equal lib/core/ops.ts) */
+  readonly opNames: readonly string[];
+  /** the plan record layout (must equal lib/cpu/layout.ts) */
+  readonly planLayout: Readonly<Record<string, number>>;
   /** joins the context's threads and frees its plans now (not at GC); later computes fail */
   destroyContext(ctx: NativeContext): void;
   /** wakes the context's sleeping worker threads (work is about to arrive) */
@@ -52,11 +63,19 @@ export function native(): NativeAddon {
   const here = dirname(fileURLToPath(import.meta.url));
   // WEFT_NATIVE_ADDON: another build of the addon (the tests' AVX-512-emulated one)
   const path = process.env.WEFT_NATIVE_ADDON ? resolve(process.env.WEFT_NATIVE_ADDON) : resolve(here, "../../../build/Release/weft.node");
+  let loaded: NativeAddon;
   try {
-    addon = createRequire(import.meta.url)(path) as NativeAddon;
+    loaded = createRequire(import.meta.url)(path) as NativeAddon;
   } catch (e) {
     throw weftError("NATIVE_MISSING", `the native CPU backend is not built (${path}); run "npm run build" or reinstall`, e);
   }
+  // the op table and plan layout are defined in TS; an addon built from other sources is refused
+  if (loaded.opNames?.join(",") !== OP_NAMES.join(","))
+    throw weftError("NATIVE_MISSING", `the native addon at ${path} has ops [${loaded.opNames?.join(", ")}], not lib/core/ops.ts's [${OP_NAMES.join(", ")}]; rebuild it (npm run build)`);
+  for (const [k, v] of Object.entries(PLAN_LAYOUT))
+    if (loaded.planLayout?.[k] !== v)
+      throw weftError("NATIVE_MISSING", `the native addon at ${path} lays out plans differently (${k} = ${loaded.planLayout?.[k]}, lib/cpu/layout.ts says ${v}); rebuild it (npm run build)`);
+  addon = loaded;
   const forced = process.env.WEFT_CPU_KERNELS;
   if (forced) {
     const lvl = KERNEL_LEVELS.indexOf(forced as (typeof KERNEL_LEVELS)[number]);

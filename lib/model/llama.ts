@@ -32,8 +32,9 @@ export function weightTensors(table: WeightTable, place: (t: Tensor, info: GgufT
   return {
     tokEmbd: mk(table.tokEmbd, "embd"),
     outputNorm: mk(table.outputNorm, "head"),
-    // tied: a second tensor over the same bytes, so the head can live on another device
-    output: mk(table.output ?? table.tokEmbd, "head"),
+    // tied: a second tensor over the same bytes (named as the head it is), so the head can
+    // live on another device, be cut by vocabulary rows or repacked while GET_ROWS reads the embedding
+    output: mk(table.output ?? table.tokEmbd, "head").setName("output.weight"),
     layers: table.layers.map((l, i) => {
       const opt = (info: GgufTensorInfo | undefined) => (info ? mk(info, i) : undefined);
       return {

@@ -1,37 +1,41 @@
 /**
- * A loaded LLaMA-family model with one sequence (KV cache) on the CPU backend:
+ * A loaded LLaMA-family model with one sequence (KV cache) on any device or devices:
  * loadModel → tokenize / evaluate / generate → dispose. Forward graphs are built once per
  * shape and cached with their compute buffers; a step only writes the inputs and sends
- * the graph's uid to the native side.
+ * the graph's uid to the devices.
  */
-import { availableParallelism } from "node:os";
 import { weftError } from "../core/errors.js";
 import { GgmlType } from "../core/types.js";
 import { readGguf } from "../gguf/reader.js";
 import { GgufFile } from "../gguf/types.js";
-import { CpuBuffer, allocateTensors } from "../cpu/buffer.js";
-import { canRepack, repackedBytes, repackWeights } from "../cpu/repack.js";
 import { Tensor } from "../core/tensor.js";
-import { CpuDevice, CpuQueue, cpuDevice } from "../backend/cpu.js";
-import { Backend, BufferUsage } from "../backend/interface.js";
-import { ScheduledGraph, Scheduler } from "../backend/sched.js";
+import { Backend, Buffer, Device } from "../backend/interface.js";
+import { allocateTensors } from "../backend/alloc.js";
+import { ScheduledGraph, Scheduler, planLayerSplit } from "../backend/sched.js";
+import { cpuDevice, usableCores } from "../cpu/index.js";
+import { deviceFromSpec, isMeta, metaDevice } from "../meta/index.js";
+import { planLlamaSplit } from "../split/plan.js";
+import { SplitState } from "../split/state.js";
 import { Tokenizer, TokenizeOptions, DetokenizeOptions } from "../tokenizer/tokenizer.js";
 import { HParams, WeightTable, readHParams, readWeightTable } from "./hparams.js";
 import { ForwardGraph, KvCacheLayout, LlamaWeights, buildForward, kvCacheTensors, weightTensors } from "./llama.js";
+import { PlacedWeight, isUploaded, placeWeights } from "./load.js";
 import { Sampler, SamplingOptions } from "./sampling.js";
 
-export interface LoadProgress { phase: "map" | "load" | "repack" | "ready"; loaded: number; total: number }
+export interface LoadProgress { phase: "map" | "load" | "upload" | "ready"; loaded: number; total: number }
 
-export type SplitMode = "none" | "layer";
+/** none: all on the first device; layer: contiguous layer ranges per device (pipelined);
+ * tensor: every weight matrix cut across the devices (one meta device over them) */
+export type SplitMode = "none" | "layer" | "tensor";
 
 export interface LoadModelOptions {
-  /** CPU threads per device (default: all cores) */
+  /** CPU threads per device (default: the cores this process may use) */
   threads?: number;
-  /** devices to use, e.g. ["cpu:0", "cpu:1"] or device objects (default ["cpu:0"]) */
-  devices?: ReadonlyArray<string | CpuDevice>;
-  /** "none": everything on the first device; "layer": contiguous layer ranges per device */
+  /** devices, e.g. ["cpu:0", "cpu:1"], a "+" group ("cpu:0+cpu:1": one meta device, tensor
+   * parallel inside a layer split) or device objects such as backend.meta([...]) (default ["cpu:0"]) */
+  devices?: ReadonlyArray<string | Device>;
   splitMode?: SplitMode;
-  /** share of layers per device for the layer split (default: equal) */
+  /** share per device: of the layers (layer split) or of every matrix (tensor split); default equal */
   tensorSplit?: readonly number[];
   /** context length (default: the model's training context, at most 4096) */
   contextSize?: number;
@@ -40,9 +44,10 @@ export interface LoadModelOptions {
   /** most tokens evaluated in one graph (the micro-batch, default 512); with a layer
    * split, a longer prompt is pipelined: device k runs micro-batch i while k+1 runs i−1 */
   batchSize?: number;
-  /** fault the whole file in at load (default true): the first token then pays no page faults */
+  /** fault the whole file in at load (default true) where a device uses it mapped: the
+   * first token then pays no page faults */
   prefault?: boolean;
-  /** copy Q4_0, Q8_0 and Q4_K matrices into the CPU's eight-row layout at load (default true): one-token
+  /** keep Q4_0, Q8_0 and Q4_K matrices in the CPU's eight-row layout (default true): one-token
    * products run faster; the copy takes memory the size of those matrices, and the
    * mapped file pages they came from are left to the page cache */
   repack?: boolean;
@@ -81,23 +86,26 @@ const PIPELINE_SLOTS = 3;
 /** mask: the graph's mask input, refilled each step (setInput copies it before it resolves) */
 interface CachedGraph { fg: ForwardGraph; sg: ScheduledGraph; mask: Float32Array }
 
+/** Memory one physical device holds for the model. */
 export interface DeviceUsage { device: string; layers: [number, number]; weightBytes: number; kvBytes: number; computeBytes: number }
 
-/** Layer ranges per device, proportional to `split` (llama.cpp's --tensor-split). */
-export function layerRanges(nLayer: number, nDev: number, split?: readonly number[]): Array<[number, number]> {
-  const w = split ?? Array(nDev).fill(1);
-  if (w.length !== nDev || w.some((x) => !(x >= 0)) || !(w.reduce((a, b) => a + b, 0) > 0))
-    throw weftError("BAD_ARGUMENT", `tensor split [${w.join(", ")}] must have one non-negative share per device (${nDev}) and a positive sum`);
-  const total = w.reduce((a, b) => a + b, 0);
-  const out: Array<[number, number]> = [];
-  let acc = 0, start = 0;
-  for (let d = 0; d < nDev; d++) {
-    acc += w[d]!;
-    const end = d === nDev - 1 ? nLayer : Math.round((nLayer * acc) / total);
-    out.push([start, Math.max(start, end)]);
-    start = Math.max(start, end);
+/** Bytes a buffer holds on each device (a meta buffer spreads over several). */
+function bytesByDevice(b: Buffer): ReadonlyArray<readonly [Device, number]> {
+  return b.deviceBytes?.() ?? [[b.bufferType.device, b.size]];
+}
+
+/** The devices a load places work on, from the options (a tensor split is one meta device). */
+export function resolveDevices(opts: Pick<LoadModelOptions, "devices" | "splitMode" | "tensorSplit">): { devices: Device[]; mode: SplitMode } {
+  const listed = (opts.devices?.length ? [...opts.devices] : ["cpu:0"]).map((d) => deviceFromSpec(d));
+  if (new Set(listed).size !== listed.length) throw weftError("BAD_ARGUMENT", `a device is listed twice: ${listed.map((d) => d.name).join(",")}`);
+  const mode = opts.splitMode ?? "none";
+  if (mode !== "none" && mode !== "layer" && mode !== "tensor") throw weftError("BAD_ARGUMENT", `split mode must be none, layer or tensor, got '${mode}'`);
+  if (mode === "tensor") {
+    if (listed.length === 1 && isMeta(listed[0]!)) return { devices: listed, mode };
+    if (listed.some(isMeta)) throw weftError("BAD_ARGUMENT", "with --split-mode tensor, list plain devices (cpu:0,cpu:1); + groups are for a layer split");
+    return { devices: [metaDevice(listed, { tensorSplit: opts.tensorSplit })], mode };
   }
-  return out;
+  return { devices: mode === "none" ? listed.slice(0, 1) : listed, mode };
 }
 
 export class Model {
@@ -110,26 +118,24 @@ export class Model {
   readonly kvType: GgmlType;
   readonly threads: number;
   readonly splitMode: SplitMode;
-  /** per device: its layer range */
+  /** per device (of the split): its layer range */
   readonly layerRanges: ReadonlyArray<[number, number]>;
-  #backends: CpuQueue[];
-  #sched: Scheduler;
-  #weights: CpuBuffer[];
-  #weightBytes: number[];
-  /** per device: the MUL_MAT weight matrices placed on it (candidates for repacking) */
-  #matrices: Tensor[][];
-  #w: LlamaWeights;
-  #kv: KvCacheLayout;
-  #kvBuffers: CpuBuffer[];
+  readonly #devices: Device[];
+  #backends: Backend[] = [];
+  #sched!: Scheduler;
+  #weights: Buffer[][] = [];
+  #w!: LlamaWeights;
+  #kv!: KvCacheLayout;
+  #kvBuffers: Buffer[] = [];
   #graphs = new Map<string, CachedGraph>();
   #pos = 0;
   #busy = false;
   #disposed = false;
 
   /** @internal use loadModel */
-  constructor(path: string, file: GgufFile, hp: HParams, tok: Tokenizer, table: WeightTable, opts: LoadModelOptions) {
+  constructor(path: string, file: GgufFile, hp: HParams, tok: Tokenizer, opts: LoadModelOptions) {
     this.path = path; this.file = file; this.hparams = hp; this.tokenizer = tok;
-    this.threads = opts.threads ?? availableParallelism();
+    this.threads = opts.threads ?? usableCores();
     this.contextSize = opts.contextSize ?? Math.min(hp.nCtxTrain, 4096);
     this.batchSize = opts.batchSize ?? 512;
     if (!Number.isInteger(this.contextSize) || this.contextSize < 1) throw weftError("BAD_ARGUMENT", `context size must be a positive integer, got ${opts.contextSize}`);
@@ -137,89 +143,86 @@ export class Model {
     const kvType = opts.kvType ?? "f16";
     if (kvType !== "f16" && kvType !== "f32") throw weftError("BAD_ARGUMENT", `KV cache type must be f16 or f32, got ${kvType}`);
     this.kvType = kvType === "f16" ? GgmlType.F16 : GgmlType.F32;
-    this.splitMode = opts.splitMode ?? "none";
-    if (this.splitMode !== "none" && this.splitMode !== "layer")
-      throw weftError("BAD_ARGUMENT", `split mode must be none or layer, got '${this.splitMode}' (tensor parallelism comes with the meta backend)`);
-    const listed = (opts.devices && opts.devices.length ? [...opts.devices] : ["cpu:0"]).map((d) => (typeof d === "string" ? cpuDevice(d) : d));
-    if (new Set(listed).size !== listed.length) throw weftError("BAD_ARGUMENT", `a device is listed twice: ${listed.map((d) => d.name).join(",")}`);
-    const devices = this.splitMode === "none" ? listed.slice(0, 1) : listed;
-    this.layerRanges = this.splitMode === "none" ? [[0, hp.nLayer]] : layerRanges(hp.nLayer, devices.length, opts.tensorSplit);
+    const { devices, mode } = resolveDevices(opts);
+    this.splitMode = mode;
+    this.#devices = devices;
+    this.layerRanges = mode === "layer" ? planLayerSplit(hp.nLayer, devices.length, opts.tensorSplit) : [[0, hp.nLayer]];
+  }
+
+  /**
+   * @internal loadModel's body: places weights and KV cache on the devices (uploading what
+   * is not used mapped, with progress) and starts their backends.
+   */
+  async init(table: WeightTable, opts: LoadModelOptions, report: (p: LoadProgress) => void): Promise<void> {
+    const hp = this.hparams, devices = this.#devices;
     const deviceOfLayer = (l: number) => this.layerRanges.findIndex(([a, b]) => l >= a && l < b);
     const head = devices.length - 1;
-
-    this.#backends = [];
-    this.#weights = [];
-    this.#kvBuffers = [];
-    this.#weightBytes = devices.map(() => 0);
+    const placed: PlacedWeight[][] = devices.map(() => []);
+    const matmul = new Set<Tensor>();
+    this.#w = weightTensors(table, (t, info, where) => {
+      const d = where === "embd" ? 0 : where === "head" ? head : deviceOfLayer(where);
+      if (where !== "embd" && t.ne[1] > 1) matmul.add(t);  // the embedding is read by GET_ROWS, norms are vectors
+      placed[d]!.push({ t, info });
+    });
+    this.#kv = kvCacheTensors(hp, this.contextSize, this.kvType);
+    const types = new Map(this.file.tensors.map((t) => [t.name, t.type]));
+    const typeOf = (name: string) => types.get(name) ?? types.get("token_embd.weight")!;  // a tied head is the embedding
+    const splitOf = (d: Device): ((t: Tensor) => SplitState | undefined) | undefined =>
+      (isMeta(d) ? planLlamaSplit(hp, d.size, d.shares, typeOf) : undefined);
+    const repack = opts.repack ?? true;
+    const total = devices.reduce((n, d, i) => n + placed[i]!.filter((w) => isUploaded(d, w.t, { matmul, repack })).reduce((s, w) => s + w.info.nbytes, 0), 0);
+    let loaded = 0;
+    const step = async (bytes: number) => {
+      loaded += bytes;
+      report({ phase: "upload", loaded, total });
+      await new Promise((r) => setImmediate(r));
+      opts.signal?.throwIfAborted();
+    };
     try {
-      for (const d of devices) {
-        this.#backends.push(d.initBackend({ threads: this.threads }));
-        // each device maps the file itself (the page cache shares the pages)
-        const m = d.bufferType().mapFile(path);
-        m.usage = BufferUsage.WEIGHTS;
-        this.#weights.push(m);
-      }
-      const counted = devices.map(() => new Set<string>());
-      this.#matrices = devices.map(() => []);
-      this.#w = weightTensors(table, (t, info, where) => {
-        const d = where === "embd" ? 0 : where === "head" ? head : deviceOfLayer(where);
-        if (where !== "embd") this.#matrices[d]!.push(t);  // the embedding is read by GET_ROWS
-        t.buffer = this.#weights[d]!;
-        t.offset = file.dataOffset + info.offset;
-        // a tied embedding used by the head on the same device counts once
-        if (!counted[d]!.has(info.name)) { counted[d]!.add(info.name); this.#weightBytes[d]! += info.nbytes; }
-      });
-      this.#kv = kvCacheTensors(hp, this.contextSize, this.kvType);
-      devices.forEach((d, i) => {
+      for (const [i, d] of devices.entries()) {
+        this.#weights.push(await placeWeights(d, placed[i]!, this.file, { matmul, repack, splitState: splitOf(d) }, step));
         const [a, b] = this.layerRanges[i]!;
-        const buf = allocateTensors([...this.#kv.k.slice(a, b), ...this.#kv.v.slice(a, b)], 0, (n) => d.bufferType().alloc(n));
-        buf.clear(0);  // masked positions then hold finite values (0 · -inf never happens)
-        this.#kvBuffers.push(buf);
-      });
+        const kv = allocateTensors([...this.#kv.k.slice(a, b), ...this.#kv.v.slice(a, b)], { bufferType: d.bufferType(), splitState: splitOf(d) });
+        kv.clear(0);  // masked positions then hold finite values (0 · -inf never happens)
+        this.#kvBuffers.push(kv);
+      }
+      for (const d of devices) this.#backends.push(d.initBackend({ threads: this.threads }));
       this.#sched = new Scheduler(this.#backends);
     } catch (e) {
-      for (const b of [...this.#weights, ...this.#kvBuffers]) b.dispose();
-      for (const b of this.#backends) void b.dispose();
+      await this.dispose();
       throw e;
     }
   }
 
-  /**
-   * @internal loadModel's last step: each device's Q4_0, Q8_0 and Q4_K matrices move into its repacked
-   * buffer (lib/cpu/repack.ts). The event loop gets a turn every tensor; `signal` stops it.
-   */
-  async repackWeights(report: (p: LoadProgress) => void, signal?: AbortSignal): Promise<void> {
-    const total = this.#matrices.flat().filter(canRepack).reduce((n, t) => n + repackedBytes(t), 0);
-    let before = 0;
-    for (const [i, be] of this.#backends.entries()) {
-      let here = 0;
-      const buf = await repackWeights(this.#matrices[i]!, (n) => be.device.bufferType().alloc(n, { repacked: true }), async (p) => {
-        here = p.loaded;
-        report({ phase: "repack", loaded: before + here, total });
-        await new Promise((r) => setImmediate(r));
-        signal?.throwIfAborted();
-      });
-      if (buf) { buf.usage = BufferUsage.WEIGHTS; this.#weights.push(buf); }
-      before += here;
-    }
-  }
+  /** @internal whether some device uses the weights where they lie in the mapped file */
+  mapsFile(): boolean { return this.#devices.some((d) => !!d.bufferType().mapFile); }
 
   /** Tokens evaluated so far in the sequence (the next token's position). */
   get position(): number { return this.#pos; }
   /** Bytes of the KV cache (all devices). */
   get kvCacheBytes(): number { return this.#kvBuffers.reduce((s, b) => s + b.size, 0); }
-  /** Bytes of the model's weights (a tensor used on two devices counts twice). */
-  get weightBytes(): number { return this.#weightBytes.reduce((a, b) => a + b, 0); }
-  get devices(): string[] { return this.#backends.map((b) => b.name); }
+  /** Bytes the weights take on the devices (a tensor held by two devices counts twice). */
+  get weightBytes(): number { return this.#weights.flat().reduce((s, b) => s + b.size, 0); }
+  /** The devices of the split (a meta device is one). */
+  get devices(): string[] { return this.#devices.map((d) => d.name); }
 
-  /** Memory per device: weights it holds, its KV cache, compute buffers of the cached graphs. */
+  /** Memory per physical device: weights it holds, its KV cache, compute buffers of the cached graphs. */
   memory(): DeviceUsage[] {
-    const compute = new Map<Backend, number>();
-    for (const g of this.#graphs.values()) for (const [be, n] of g.sg.computeBytes()) compute.set(be, (compute.get(be) ?? 0) + n);
-    return this.#backends.map((be, i) => ({
-      device: be.name, layers: this.layerRanges[i]!, weightBytes: this.#weightBytes[i]!,
-      kvBytes: this.#kvBuffers[i]!.size, computeBytes: compute.get(be) ?? 0,
-    }));
+    const rows = new Map<Device, DeviceUsage>();
+    const add = (b: Buffer, i: number, key: "weightBytes" | "kvBytes" | "computeBytes") => {
+      for (const [dev, n] of bytesByDevice(b)) {
+        let r = rows.get(dev);
+        if (!r) { r = { device: dev.name, layers: this.layerRanges[i]!, weightBytes: 0, kvBytes: 0, computeBytes: 0 }; rows.set(dev, r); }
+        r[key] += n;
+      }
+    };
+    this.#devices.forEach((_, i) => {
+      for (const b of this.#weights[i] ?? []) add(b, i, "weightBytes");
+      if (this.#kvBuffers[i]) add(this.#kvBuffers[i]!, i, "kvBytes");
+    });
+    for (const g of this.#graphs.values())
+      for (const s of g.sg.splits) add(s.buffer, this.#backends.indexOf(s.backend), "computeBytes");
+    return [...rows.values()];
   }
 
   tokenize(text: string, opts?: TokenizeOptions): number[] { return this.tokenizer.tokenize(text, opts); }
@@ -333,16 +336,16 @@ export class Model {
   async dispose(): Promise<void> {
     if (this.#disposed) return;
     this.#disposed = true;
-    await Promise.all(this.#backends.map((b) => b.synchronize()));
+    await Promise.allSettled(this.#backends.map((b) => b.synchronize()));
     for (const g of this.#graphs.values()) g.sg.dispose();
     this.#graphs.clear();
     await Promise.all(this.#backends.map((b) => b.dispose()));
-    for (const b of [...this.#kvBuffers, ...this.#weights]) b.dispose();
+    for (const b of [...this.#kvBuffers, ...this.#weights.flat()]) b.dispose();
   }
   [Symbol.asyncDispose](): Promise<void> { return this.dispose(); }
 }
 
-/** Loads a GGUF model: parses and checks everything, maps the weights (no copy), builds the tokenizer. */
+/** Loads a GGUF model: parses and checks everything, places the weights on the devices, builds the tokenizer. */
 export async function loadModel(path: string, opts: LoadModelOptions = {}): Promise<Model> {
   const report = opts.onProgress ?? (() => {});
   const file = readGguf(path);
@@ -351,10 +354,11 @@ export async function loadModel(path: string, opts: LoadModelOptions = {}): Prom
   const tokenizer = new Tokenizer(file);
   if (tokenizer.vocabSize !== hp.nVocab)
     throw weftError("BAD_GGUF", `${path}: the tokenizer has ${tokenizer.vocabSize} tokens but token_embd.weight has ${hp.nVocab} rows`);
+  const model = new Model(path, file, hp, tokenizer, opts);
   report({ phase: "map", loaded: 0, total: file.fileSize });
-  if (opts.prefault ?? true) {
+  if ((opts.prefault ?? true) && model.mapsFile()) {
     // fault the file in once (every device's mapping shares these pages)
-    const m = CpuBuffer.mapFile(path);
+    const m = cpuDevice("cpu:0").bufferType().mapFile(path);
     try {
       const chunk = 64 << 20;
       for (let off = 0; off < m.size; off += chunk) {
@@ -367,11 +371,7 @@ export async function loadModel(path: string, opts: LoadModelOptions = {}): Prom
       m.dispose();
     }
   }
-  const model = new Model(path, file, hp, tokenizer, table, opts);
-  if (opts.repack ?? true) {
-    try { await model.repackWeights(report, opts.signal); }
-    catch (e) { await model.dispose(); throw e; }
-  }
+  await model.init(table, opts, report);
   report({ phase: "ready", loaded: file.fileSize, total: file.fileSize });
   return model;
 }

@@ -5,7 +5,7 @@
  */
 import { fromNative, weftError } from "../core/errors.js";
 import { GgmlType, TYPES, rowSize } from "../core/types.js";
-import { CpuBuffer } from "../cpu/buffer.js";
+import { cpuDevice } from "../cpu/index.js";
 import { native } from "../cpu/native.js";
 import { readGguf } from "../gguf/reader.js";
 import { GgufFile, GgufTensorInfo, GgufValueType } from "../gguf/types.js";
@@ -84,7 +84,7 @@ export async function quantizeModel(inPath: string, outPath: string, schemeName:
   if (!scheme) throw weftError("BAD_ARGUMENT", `unknown quantization type '${schemeName}' (known: ${Object.keys(QUANT_SCHEMES).join(", ")})`);
   const file = readGguf(inPath);
   const plan = planQuantTypes(file, scheme, opts.pure ?? false);
-  const mapped = CpuBuffer.mapFile(inPath);
+  const mapped = cpuDevice("cpu:0").bufferType().mapFile(inPath);
   try {
     const meta = new Map(file.metadata);
     meta.delete("general.alignment");
