@@ -339,8 +339,10 @@ struct Context {
   void loop() {
     uint32_t seen = 0;
     for (;;) {
-      // back-to-back computes (token generation) arrive within the spin; idle, it sleeps
-      wait_change(post, seen, post_sleepers);
+      // back-to-back computes (token generation) arrive within the spin; idle, it sleeps;
+      // woken ahead of a job (prewake: work was queued in JS), it spins longer
+      const bool pre = prewoken.exchange(false, std::memory_order_acq_rel);
+      wait_change(post, seen, post_sleepers, 0, pre ? 2000000 : -1);
       seen = post.load(std::memory_order_acquire);
       if (stop.load(std::memory_order_acquire)) break;
       Job* j = job.exchange(nullptr, std::memory_order_acq_rel);
@@ -349,7 +351,15 @@ struct Context {
       tsfn.NonBlockingCall(j, [](Napi::Env env, Napi::Function, Job* j) { finish(env, j); });
     }
   }
-  void pool_prewake() { pool->prewake(); }
+  // A compute is on its way: the dispatcher and the workers spin instead of sleeping,
+  // so that their wake-up latency overlaps the hand-off (and devices of one meta device
+  // start their steps together instead of one waiting at the first all-reduce).
+  void prewake() {
+    pool->prewake();
+    prewoken.store(true, std::memory_order_release);
+    post.fetch_add(1, std::memory_order_seq_cst);
+    wake_waiters(post, post_sleepers);
+  }
 
   void run(Job& j) {
     for (const NativeWait& w : j.waits)
@@ -386,6 +396,7 @@ struct Context {
   bool pool_alive = true;            // false once shut down (JS thread's view)
   std::thread dispatcher;
   std::atomic<Job*> job{nullptr};
+  std::atomic<bool> prewoken{false};
   std::atomic<uint32_t> post{0};
   std::atomic<int> post_sleepers{0};
   std::atomic<bool> stop{false};
@@ -464,7 +475,7 @@ static Napi::Value Compute(const Napi::CallbackInfo& info) {
   Napi::Promise p = j->deferred.Promise();
   ctx->busy = true;
   if (ctx->pending++ == 0) ctx->tsfn.Ref(env);
-  ctx->pool_prewake();
+  ctx->pool->prewake();
   ctx->job.store(j, std::memory_order_release);
   ctx->post.fetch_add(1, std::memory_order_seq_cst);
   wake_waiters(ctx->post, ctx->post_sleepers);
@@ -482,7 +493,7 @@ static Napi::Value DestroyContext(const Napi::CallbackInfo& info) {
 // Wakes a context's sleeping workers: work for it is about to be queued.
 static Napi::Value Wake(const Napi::CallbackInfo& info) {
   Context* ctx = context_of(info[0]);
-  if (ctx->pool_alive) ctx->pool_prewake();
+  if (ctx->pool_alive) ctx->prewake();
   return info.Env().Undefined();
 }
 

@@ -650,6 +650,10 @@ static void tree_sum(const char* const* src, int lo, int hi, int64_t e0, int64_t
 // copy, for a gather) the rank's share of the elements into every rank's result; a second
 // group barrier keeps anyone from reusing a partial that another rank still reads.
 static constexpr int64_t COLL_DEADLINE_NS = 300LL * 1000000000LL;
+// The other devices at a group barrier are computing their share of the same step, a
+// few to a few hundred microseconds away: spinning (yielding when cores are short) beats
+// a futex sleep and wake-up there. 1 ms, or WEFT_SPIN_US if longer.
+static int64_t coll_spin_ns() { return std::max<int64_t>(spin_ns(), 1000000); }
 static void op_all_reduce(Ctx& c, Tensor& t, int ith, int nth) {
   Tensor& a = c.plan->t[t.src[0]];
   Group& g = *t.group;
@@ -657,7 +661,7 @@ static void op_all_reduce(Ctx& c, Tensor& t, int ith, int nth) {
   const bool gather = (int)t.params[2] == COLL_GATHER;
   if (ith == 0) {
     g.slots[rank] = {a.data, t.data, (int64_t)t.params[5], (int64_t)t.params[6], nelements(t)};
-    if (!g.barrier.wait(now_ns() + COLL_DEADLINE_NS)) {
+    if (!g.barrier.wait(now_ns() + COLL_DEADLINE_NS, coll_spin_ns())) {
       g.fail("another device of the group did not reach the all-reduce within 300 s");
       c.fail("all-reduce failed: " + g.why);
     } else {
@@ -699,7 +703,7 @@ static void op_all_reduce(Ctx& c, Tensor& t, int ith, int nth) {
     }
   }
   c.barrier->wait();
-  if (ith == 0 && !c.failed->load() && !g.barrier.wait(now_ns() + COLL_DEADLINE_NS)) {
+  if (ith == 0 && !c.failed->load() && !g.barrier.wait(now_ns() + COLL_DEADLINE_NS, coll_spin_ns())) {
     g.fail("another device of the group did not finish the all-reduce within 300 s");
     c.fail("all-reduce failed: " + g.why);
   }

@@ -82,8 +82,9 @@ class Barrier {
  public:
   explicit Barrier(int n) : n_(n) {}
   int size() const { return n_; }
-  // false on timeout (deadline_ns, steady clock; 0 = none) or abort()
-  bool wait(int64_t deadline_ns = 0) {
+  // false on timeout (deadline_ns, steady clock; 0 = none) or abort(); `spin`: how long
+  // to spin (yielding) before sleeping, default spin_ns()
+  bool wait(int64_t deadline_ns = 0, int64_t spin = -1) {
     if (n_ == 1) return !aborted_.load(std::memory_order_acquire);
     const uint32_t ph = phase_.load(std::memory_order_acquire);
     if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
@@ -92,7 +93,7 @@ class Barrier {
       wake_waiters(phase_, sleepers_);
       return !aborted_.load(std::memory_order_acquire);
     }
-    if (!wait_change(phase_, ph, sleepers_, deadline_ns)) return false;
+    if (!wait_change(phase_, ph, sleepers_, deadline_ns, spin)) return false;
     return !aborted_.load(std::memory_order_acquire);
   }
   // Releases every waiter now and makes later waits fail at once (a participant died).

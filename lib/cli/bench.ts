@@ -1,7 +1,7 @@
 /** `weft bench`: llama-bench-style pp/tg throughput, optionally against node-llama-cpp. */
 import { basename } from "node:path";
 import { weftError } from "../core/errors.js";
-import { SplitMode, loadModel } from "../model/model.js";
+import { Model, SplitMode, loadModel } from "../model/model.js";
 import { int, intList, parse } from "./args.js";
 import { Command, printProfile, resolveModel } from "./run.js";
 import { Peer, ensurePeerInstalled } from "./peer.js";
@@ -62,61 +62,74 @@ device is weights + KV cache + compute buffers, in MiB.`,
     const multi = splitModes.length > 1 || deviceSets.length > 1 || deviceSets[0]!.length > 1 || ubatches.length > 1;
     const header = `| model | size | params | threads |${multi ? " split | devices | ubatch | memory |" : ""} test | weft t/s |${withPeer ? " node-llama-cpp t/s | weft/peer |" : ""}`;
     if (out === "md") console.log(`${header}\n|${"---|".repeat(header.split("|").length - 2)}`);
-    const combos: Array<{ path: string; th: number; sm: string; devs: string[]; ub: number }> = [];
-    for (const path of models) for (const th of threads) for (const sm of splitModes) for (const devs of deviceSets) for (const ub of ubatches)
-      if (sm !== "none" || devs === deviceSets[0] || deviceSets.length === 1) combos.push({ path, th, sm, devs: sm === "none" ? devs.slice(0, 1) : devs, ub });
-    for (const { path, th, sm, devs, ub } of combos) {
-      const ctx = Math.max(256, Math.ceil((nP + nG + 1) / 256) * 256);
-      const m = await loadModel(path, { threads: th, batchSize: ub, contextSize: ctx, devices: devs, splitMode: sm as SplitMode, tensorSplit, repack: !v["no-repack"] });
-      const mib = (b: number) => (b / 2 ** 20).toFixed(1);
-      const peer = peerDir ? new Peer(peerDir, th) : null;
+    const configs: Array<{ th: number; sm: string; devs: string[]; ub: number }> = [];
+    for (const th of threads) for (const sm of splitModes) for (const devs of deviceSets) for (const ub of ubatches)
+      if (sm !== "none" || devs === deviceSets[0] || deviceSets.length === 1) configs.push({ th, sm, devs: sm === "none" ? devs.slice(0, 1) : devs, ub });
+    const mib = (b: number) => (b / 2 ** 20).toFixed(1);
+    const ctx = Math.max(256, Math.ceil((nP + nG + 1) / 256) * 256);
+    // Every configuration of a model is loaded at once and their repetitions alternate
+    // (a rotating order), so that drift in the machine's speed hits all of them alike.
+    for (const path of models) {
+      const loaded: Array<{ m: Model; c: (typeof configs)[number] }> = [];
+      const peers = new Map<number, Peer>();
       try {
-        if (peer) await peer.call({ cmd: "load", path, threads: th, ctx, batch: Math.max(ub, nP) });
-        const V = m.hparams.nVocab;
+        for (const c of configs)
+          loaded.push({ c, m: await loadModel(path, { threads: c.th, batchSize: c.ub, contextSize: ctx, devices: c.devs, splitMode: c.sm as SplitMode, tensorSplit, repack: !v["no-repack"] }) });
+        if (peerDir) for (const th of threads) {
+          const p = new Peer(peerDir, th);
+          peers.set(th, p);
+          await p.call({ cmd: "load", path, threads: th, ctx, batch: Math.max(Math.max(...ubatches), nP) });
+        }
+        const first = loaded[0]!.m;
+        const V = first.hparams.nVocab;
         const prompt = Array.from({ length: nP }, (_, i) => 1 + ((i * 7919) % (V - 1)));
-        const params = m.file.tensors.reduce((s, t) => s + t.ne.reduce((a, b) => a * b, 1), 0);
-        const tests: Array<{ name: string; weft: () => Promise<number>; peer: () => Promise<number> }> = [];
+        const params = first.file.tensors.reduce((s, t) => s + t.ne.reduce((a, b) => a * b, 1), 0);
+        const tests: Array<{ name: string; weft: (m: Model) => Promise<number>; peer: (p: Peer) => Promise<number> }> = [];
         if (nP > 0) tests.push({
           name: `pp${nP}`,
-          weft: async () => { m.reset(); const t0 = performance.now(); await m.evaluate(prompt); return nP / ((performance.now() - t0) / 1000); },
-          peer: async () => nP / ((await peer!.call<{ ms: number }>({ cmd: "pp", tokens: prompt })).ms / 1000),
+          weft: async (m) => { m.reset(); const t0 = performance.now(); await m.evaluate(prompt); return nP / ((performance.now() - t0) / 1000); },
+          peer: async (p) => nP / ((await p.call<{ ms: number }>({ cmd: "pp", tokens: prompt })).ms / 1000),
         });
         if (nG > 0) tests.push({
           name: `tg${nG}`,
-          weft: async () => {
+          weft: async (m) => {
             m.reset();
             const t0 = performance.now();
             for (let i = 0; i < nG; i++) await m.evaluate([1 + ((i * 31) % (V - 1))]);
             return nG / ((performance.now() - t0) / 1000);
           },
-          peer: async () => nG / ((await peer!.call<{ ms: number }>({ cmd: "tg", first: 1, n: nG })).ms / 1000),
+          peer: async (p) => nG / ((await p.call<{ ms: number }>({ cmd: "tg", first: 1, n: nG })).ms / 1000),
         });
         for (const t of tests) {
-          const row: Row = { model: basename(path), threads: th, test: t.name, weft: [], peer: [] };
-          await t.weft(); if (peer) await t.peer();  // warm-up
-          for (let r = 0; r < reps; r++) {
-            // alternate which engine goes first so drift in machine speed hits both
-            if (peer && r % 2 === 1) { row.peer.push(await t.peer()); row.weft.push(await t.weft()); }
-            else { row.weft.push(await t.weft()); if (peer) row.peer.push(await t.peer()); }
-          }
-          rows.push(row);
-          printProfile(`${row.model} ${row.test}, ${th} thread(s), warm-up and repetitions`);
-          const memory = m.memory();
-          if (out === "md") {
-            const size = `${(m.weightBytes / 2 ** 20).toFixed(1)} MiB`;
-            const ratio = withPeer ? ` ${fmt(row.peer)} | ${(mean(row.weft) / mean(row.peer)).toFixed(2)} |` : "";
-            const mem = memory.map((u) => `${u.device} ${mib(u.weightBytes)}+${mib(u.kvBytes)}+${mib(u.computeBytes)}`).join(", ");
-            const extra = multi ? ` ${sm} | ${devs.join(",")} | ${ub} | ${mem} |` : "";
-            console.log(`| ${row.model} | ${size} | ${(params / 1e6).toFixed(1)} M | ${th} |${extra} ${row.test} | ${fmt(row.weft)} |${ratio}`);
-          } else {
-            console.log(JSON.stringify({ model: row.model, path, size: m.weightBytes, params, threads: th, splitMode: sm, devices: devs, ubatch: ub, memory, test: row.test,
-              weft: { mean: mean(row.weft), sd: sd(row.weft), samples: row.weft },
-              ...(withPeer ? { peer: { name: "node-llama-cpp", mean: mean(row.peer), sd: sd(row.peer), samples: row.peer }, ratio: mean(row.weft) / mean(row.peer) } : {}) }));
-          }
+          const runs: Array<() => Promise<void>> = [];
+          const samples = loaded.map(() => [] as number[]);
+          const peerSamples = new Map([...peers.keys()].map((th) => [th, [] as number[]]));
+          loaded.forEach(({ m }, i) => runs.push(async () => { samples[i]!.push(await t.weft(m)); }));
+          for (const [th, p] of peers) runs.push(async () => { peerSamples.get(th)!.push(await t.peer(p)); });
+          for (const { m } of loaded) await t.weft(m);  // warm-up
+          for (const p of peers.values()) await t.peer(p);
+          for (let r = 0; r < reps; r++) for (let k = 0; k < runs.length; k++) await runs[(k + r) % runs.length]!();
+          printProfile(`${basename(path)} ${t.name}, all configurations, warm-up and repetitions`);
+          loaded.forEach(({ m, c }, i) => {
+            const row: Row = { model: basename(path), threads: c.th, test: t.name, weft: samples[i]!, peer: peerSamples.get(c.th) ?? [] };
+            rows.push(row);
+            const memory = m.memory();
+            if (out === "md") {
+              const size = `${(m.weightBytes / 2 ** 20).toFixed(1)} MiB`;
+              const ratio = withPeer ? ` ${fmt(row.peer)} | ${(mean(row.weft) / mean(row.peer)).toFixed(2)} |` : "";
+              const mem = memory.map((u) => `${u.device} ${mib(u.weightBytes)}+${mib(u.kvBytes)}+${mib(u.computeBytes)}`).join(", ");
+              const extra = multi ? ` ${c.sm} | ${c.devs.join(",")} | ${c.ub} | ${mem} |` : "";
+              console.log(`| ${row.model} | ${size} | ${(params / 1e6).toFixed(1)} M | ${c.th} |${extra} ${row.test} | ${fmt(row.weft)} |${ratio}`);
+            } else {
+              console.log(JSON.stringify({ model: row.model, path, size: m.weightBytes, params, threads: c.th, splitMode: c.sm, devices: c.devs, ubatch: c.ub, memory, test: row.test,
+                weft: { mean: mean(row.weft), sd: sd(row.weft), samples: row.weft },
+                ...(withPeer ? { peer: { name: "node-llama-cpp", mean: mean(row.peer), sd: sd(row.peer), samples: row.peer }, ratio: mean(row.weft) / mean(row.peer) } : {}) }));
+            }
+          });
         }
       } finally {
-        await peer?.close();
-        await m.dispose();
+        for (const p of peers.values()) await p.close();
+        for (const { m } of loaded) await m.dispose();
       }
     }
     return 0;

@@ -63,8 +63,8 @@ export class NativeQueue {
    */
   enqueue<T>(fn: () => T | Promise<T>): Promise<T> {
     if (!this.#ctx) return Promise.reject(weftError("DISPOSED", `${this.name} backend was disposed`));
-    // the workers' wake-up (a few hundred µs to ms here) overlaps the queue's hand-off
-    if (this.threads > 1) native().wake(this.#ctx);
+    // the device's threads wake now (tens of µs to ms from a sleep), overlapping the hand-off
+    native().wake(this.#ctx);
     const p = this.#tail.then(fn, fn);
     this.#tail = p.then(() => undefined, () => undefined);
     return p;

@@ -19,8 +19,8 @@ export function repackedBytes(t: Tensor): number {
   return t.type === GgmlType.Q4_K ? t.ne[1] * (t.ne[0] / 256) * 148 : t.nbytes;
 }
 
-/** A whole 2-D matrix of a repackable type with a positive multiple of 8 rows. */
+/** A whole, non-empty 2-D matrix of a repackable type with a multiple of 8 rows. */
 export function canRepack(t: Tensor): boolean {
-  return REPACKABLE.has(t.type) && t.viewSrc === null && t.isContiguous && t.ne[1] % 8 === 0 && t.ne[1] > 0 &&
+  return REPACKABLE.has(t.type) && t.viewSrc === null && t.isContiguous && t.ne[1] % 8 === 0 && t.ne[1] > 0 && t.ne[0] > 0 &&
     t.ne[2] === 1 && t.ne[3] === 1;
 }

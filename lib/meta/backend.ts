@@ -116,6 +116,12 @@ export class MetaBackend implements Backend {
       for (; i < steps.length; i++) {
         const s = steps[i]!;
         if ("graph" in s) { run(s.device, s.graph); continue; }
+        if ("barrier" in s) {
+          const marks = this.backends.map((b) => recordEvent(b));
+          const waits = this.backends.flatMap((b, d) => marks.filter((_, e) => e !== d).map((m) => waitEvent(b, m)));
+          if (!this.backends.every((b) => b.device.caps.events)) return queueFrom(i + 1, Promise.all(waits).then(() => undefined));
+          continue;
+        }
         const { from, to, src, dst } = s.copy;
         if (!enqueueCopy(this.backends[from]!, this.backends[to]!, src, dst))
           return queueFrom(i + 1, copyTensorAsync(this.backends[from]!, this.backends[to]!, src, dst));

@@ -41,8 +41,12 @@ interface Collective {
 /** A copy between two devices of the meta device (by index). */
 export interface Copy { readonly from: number; readonly to: number; readonly src: Tensor; readonly dst: Tensor }
 
-/** The generic path's program, in queue order: computes of a device's graph, copies between devices. */
-export type Step = { readonly device: number; readonly graph: Graph } | { readonly copy: Copy };
+/**
+ * The generic path's program, in queue order: computes of a device's graph, copies
+ * between devices, and barriers (every device waits for every other's queue: a device
+ * must not reuse memory another device still has to copy from).
+ */
+export type Step = { readonly device: number; readonly graph: Graph } | { readonly copy: Copy } | { readonly barrier: true };
 
 export interface Program {
   readonly path: "collective" | "generic";
@@ -324,6 +328,7 @@ function genericSteps(meta: MetaDevice, graphs: readonly Graph[], collectives: r
     steps.push(...copiesIn.map((copy) => ({ copy })));
     computeAll(combine);
     steps.push(...copiesOut.map((copy) => ({ copy })));
+    if (copiesIn.length || copiesOut.length) steps.push({ barrier: true });
   });
   computeAll(cuts.map((x) => segmentGraph(x.segs[sequence.length]!)));
   // the combining graphs' temporaries share one buffer per device (they run one after another)

@@ -45,14 +45,19 @@ function readTensor(fd: number, file: GgufFile, info: GgufTensorInfo): Uint8Arra
   return out;
 }
 
+/** What a device holds for its weights: buffers, and how many bytes of each it uses (a
+ * mapped file is counted by the tensors read from it, not its whole size). */
+export interface DeviceWeights { readonly buffers: Buffer[]; readonly used: Map<Buffer, number> }
+
 /**
  * Places `weights` on `dev` and fills them from the file; `step` runs after each uploaded
  * tensor with its bytes (progress; it may throw to stop, e.g. on abort: what was made is
- * freed). Returns the buffers the device now holds for them.
+ * freed).
  */
 export async function placeWeights(dev: Device, weights: readonly PlacedWeight[], file: GgufFile, opts: PlaceOptions,
-  step: (bytes: number) => Promise<void>): Promise<Buffer[]> {
+  step: (bytes: number) => Promise<void>): Promise<DeviceWeights> {
   const buffers: Buffer[] = [];
+  const used = new Map<Buffer, number>();
   const upload = weights.filter((w) => isUploaded(dev, w.t, opts));
   const mapped = weights.filter((w) => !isUploaded(dev, w.t, opts));
   let fd = -1;
@@ -61,7 +66,12 @@ export async function placeWeights(dev: Device, weights: readonly PlacedWeight[]
       const m = dev.bufferType().mapFile!(file.path);
       m.usage = BufferUsage.WEIGHTS;
       buffers.push(m);
-      for (const { t, info } of mapped) { t.buffer = m; t.offset = file.dataOffset + info.offset; }
+      const seen = new Set<string>();
+      for (const { t, info } of mapped) {
+        t.buffer = m;
+        t.offset = file.dataOffset + info.offset;
+        if (!seen.has(info.name)) { seen.add(info.name); used.set(m, (used.get(m) ?? 0) + info.nbytes); }  // a tied head reads the embedding's bytes
+      }
     }
     if (upload.length) {
       buffers.push(...allocateWeights(dev, upload.map((w) => w.t), {
@@ -74,7 +84,7 @@ export async function placeWeights(dev: Device, weights: readonly PlacedWeight[]
         await step(info.nbytes);
       }
     }
-    return buffers;
+    return { buffers, used };
   } catch (e) {
     for (const b of buffers) b.dispose();
     throw e;

@@ -19,7 +19,7 @@ import { SplitState } from "../split/state.js";
 import { Tokenizer, TokenizeOptions, DetokenizeOptions } from "../tokenizer/tokenizer.js";
 import { HParams, WeightTable, readHParams, readWeightTable } from "./hparams.js";
 import { ForwardGraph, KvCacheLayout, LlamaWeights, buildForward, kvCacheTensors, weightTensors } from "./llama.js";
-import { PlacedWeight, isUploaded, placeWeights } from "./load.js";
+import { DeviceWeights, PlacedWeight, isUploaded, placeWeights } from "./load.js";
 import { Sampler, SamplingOptions } from "./sampling.js";
 
 export interface LoadProgress { phase: "map" | "load" | "upload" | "ready"; loaded: number; total: number }
@@ -123,7 +123,7 @@ export class Model {
   readonly #devices: Device[];
   #backends: Backend[] = [];
   #sched!: Scheduler;
-  #weights: Buffer[][] = [];
+  #weights: DeviceWeights[] = [];
   #w!: LlamaWeights;
   #kv!: KvCacheLayout;
   #kvBuffers: Buffer[] = [];
@@ -201,23 +201,25 @@ export class Model {
   get position(): number { return this.#pos; }
   /** Bytes of the KV cache (all devices). */
   get kvCacheBytes(): number { return this.#kvBuffers.reduce((s, b) => s + b.size, 0); }
-  /** Bytes the weights take on the devices (a tensor held by two devices counts twice). */
-  get weightBytes(): number { return this.#weights.flat().reduce((s, b) => s + b.size, 0); }
+  /** Bytes the weights take on the devices (a tensor held by two devices counts twice; of a
+   * mapped file, the tensors used from it). */
+  get weightBytes(): number { return this.memory().reduce((s, u) => s + u.weightBytes, 0); }
   /** The devices of the split (a meta device is one). */
   get devices(): string[] { return this.#devices.map((d) => d.name); }
 
   /** Memory per physical device: weights it holds, its KV cache, compute buffers of the cached graphs. */
   memory(): DeviceUsage[] {
     const rows = new Map<Device, DeviceUsage>();
-    const add = (b: Buffer, i: number, key: "weightBytes" | "kvBytes" | "computeBytes") => {
-      for (const [dev, n] of bytesByDevice(b)) {
+    const add = (b: Buffer, i: number, key: "weightBytes" | "kvBytes" | "computeBytes", used?: number) => {
+      for (const [dev, n] of used === undefined ? bytesByDevice(b) : [[b.bufferType.device, used] as const]) {
         let r = rows.get(dev);
         if (!r) { r = { device: dev.name, layers: this.layerRanges[i]!, weightBytes: 0, kvBytes: 0, computeBytes: 0 }; rows.set(dev, r); }
         r[key] += n;
       }
     };
     this.#devices.forEach((_, i) => {
-      for (const b of this.#weights[i] ?? []) add(b, i, "weightBytes");
+      const w = this.#weights[i];
+      for (const b of w?.buffers ?? []) add(b, i, "weightBytes", w!.used.get(b));
       if (this.#kvBuffers[i]) add(this.#kvBuffers[i]!, i, "kvBytes");
     });
     for (const g of this.#graphs.values())
@@ -340,7 +342,7 @@ export class Model {
     for (const g of this.#graphs.values()) g.sg.dispose();
     this.#graphs.clear();
     await Promise.all(this.#backends.map((b) => b.dispose()));
-    for (const b of [...this.#kvBuffers, ...this.#weights.flat()]) b.dispose();
+    for (const b of [...this.#kvBuffers, ...this.#weights.flatMap((w) => w.buffers)]) b.dispose();
   }
   [Symbol.asyncDispose](): Promise<void> { return this.dispose(); }
 }
