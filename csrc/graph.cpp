@@ -139,14 +139,17 @@ static const char* check_all_reduce(Plan& plan, Tensor& t, Tensor* a, Tensor*, T
   if (!(rank >= 0 && rank < g->size && rank == (double)(int)rank)) return "rank outside the group";
   if (mode == COLL_SUM) {
     if (!same_shape(t, *a)) return "shape mismatch";
-  } else if (mode == COLL_GATHER) {
+  } else if (mode == COLL_GATHER || mode == COLL_REDUCE_SCATTER) {
     const double inner = t.params[3], axis = t.params[4], off = t.params[5], len = t.params[6];
     auto whole = [](double v) { return v >= 0 && v <= 9007199254740991.0 && v == (double)(int64_t)v; };
-    if (!whole(inner) || !whole(axis) || !whole(off) || !whole(len) || inner < 1 || off + len > axis) return "bad gather slice";
-    const double nt = (double)nelements(t), na = (double)nelements(*a);
-    if (axis == 0 ? nt != 0 : std::fmod(nt, inner * axis) != 0) return "gather shape mismatch";
+    if (!whole(inner) || !whole(axis) || !whole(off) || !whole(len) || inner < 1 || off + len > axis) return "bad slice";
+    // the whole tensor and this rank's slice of it: which is which depends on the mode
+    const Tensor& full = mode == COLL_GATHER ? t : *a;
+    const Tensor& part = mode == COLL_GATHER ? *a : t;
+    const double nt = (double)nelements(full), na = (double)nelements(part);
+    if (axis == 0 ? nt != 0 : std::fmod(nt, inner * axis) != 0) return "slice shape mismatch";
     const double outer = axis == 0 ? 0 : nt / (inner * axis);
-    if (na != inner * len * outer) return "gather slice does not match its source";
+    if (na != inner * len * outer) return "the slice does not match the whole tensor";
   } else {
     return "unknown collective mode";
   }
@@ -658,17 +661,19 @@ static void op_all_reduce(Ctx& c, Tensor& t, int ith, int nth) {
   Tensor& a = c.plan->t[t.src[0]];
   Group& g = *t.group;
   const int rank = (int)t.params[1], n = g.size;
-  const bool gather = (int)t.params[2] == COLL_GATHER;
+  const int mode = (int)t.params[2];
+  const bool gather = mode == COLL_GATHER;
   if (ith == 0) {
-    g.slots[rank] = {a.data, t.data, (int64_t)t.params[5], (int64_t)t.params[6], nelements(t)};
+    // `elements`: the whole tensor's size, which every rank must agree on
+    g.slots[rank] = {a.data, t.data, (int64_t)t.params[5], (int64_t)t.params[6], mode == COLL_REDUCE_SCATTER ? nelements(a) : nelements(t)};
     if (!g.barrier.wait(now_ns() + COLL_DEADLINE_NS, coll_spin_ns())) {
       g.fail("another device of the group did not reach the all-reduce within 300 s");
       c.fail("all-reduce failed: " + g.why);
     } else {
       // every rank checks that the others agree on the shape (each checked its own at decode)
       for (int r = 0; r < n; ++r)
-        if (g.slots[r].elements != nelements(t)) { c.fail("all-reduce: the ranks' results differ in size"); break; }
-      if (gather && !c.failed->load()) {
+        if (g.slots[r].elements != g.slots[rank].elements) { c.fail("all-reduce: the ranks' tensors differ in size"); break; }
+      if (mode != COLL_SUM && !c.failed->load()) {
         int64_t covered = 0;
         for (int r = 0; r < n; ++r) covered += g.slots[r].length;
         if (covered != (int64_t)t.params[4]) c.fail("all-gather: the ranks' slices do not cover the axis");
@@ -679,7 +684,22 @@ static void op_all_reduce(Ctx& c, Tensor& t, int ith, int nth) {
   if (!c.failed->load()) {
     const char* srcs[64];
     for (int r = 0; r < n && r < 64; ++r) srcs[r] = g.slots[r].src;
-    if (!gather) {
+    if (mode == COLL_REDUCE_SCATTER) {
+      // this rank's slice of the sum, from every rank's whole partial, into its own result
+      const int64_t inner = (int64_t)t.params[3], axis = (int64_t)t.params[4];
+      const int64_t off = (int64_t)t.params[5], len = (int64_t)t.params[6];
+      const int64_t outer = axis ? nelements(a) / (inner * axis) : 0, row = len * inner;
+      int64_t e0, e1;
+      split(outer * row, ith, nth, e0, e1);
+      float* tmp = c.row_tmp(ith);
+      constexpr int64_t CH = 64;
+      for (int64_t e = e0; e < e1;) {
+        const int64_t o = e / row, i = e % row, m = std::min({CH, e1 - e, row - i});
+        tree_sum(srcs, 0, n, (o * axis + off) * inner + i, m, tmp, tmp + CH);
+        std::memcpy(t.data + e * 4, tmp, m * 4);
+        e += m;
+      }
+    } else if (!gather) {
       const int64_t L = nelements(t), lo = L * rank / n, hi = L * (rank + 1) / n;
       int64_t a0, a1;
       split(hi - lo, ith, nth, a0, a1);

@@ -21,9 +21,11 @@ enum Op : int32_t {
 };
 enum Unary : int32_t { UNARY_SILU = 0, UNARY_GELU = 1, UNARY_RELU = 2 };
 enum Glu : int32_t { GLU_SWIGLU = 0, GLU_GEGLU = 1 };
-// ALL_REDUCE params: [group, rank, mode, inner, axis, offset, length] (gather: this
-// rank's slice [offset, offset+length) of an axis of `axis` units of `inner` elements)
-enum CollectiveMode : int32_t { COLL_SUM = 0, COLL_GATHER = 1 };
+// ALL_REDUCE params: [group, rank, mode, inner, axis, offset, length]: this rank's slice
+// [offset, offset+length) of an axis of `axis` steps of `inner` elements. SUM: every rank
+// gets the whole sum; GATHER: every rank gets every slice (the source is this rank's
+// slice); REDUCE_SCATTER: each rank gets the sum of its own slice (the source is whole).
+enum CollectiveMode : int32_t { COLL_SUM = 0, COLL_GATHER = 1, COLL_REDUCE_SCATTER = 2 };
 
 const char* op_name(int32_t op);
 

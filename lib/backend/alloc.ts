@@ -30,56 +30,6 @@ export interface GraphAllocation {
   readonly total: number;
 }
 
-interface Block { offset: number; size: number }
-
-/** Best-fit free list over a growing arena. */
-class FreeList {
-  #free: Block[] = [];  // sorted by offset, never adjacent (merged)
-  end = 0;
-  constructor(private align: number) {}
-
-  #round(bytes: number): number { return Math.max(this.align, Math.ceil(bytes / this.align) * this.align); }
-
-  alloc(bytes: number): number {
-    const size = this.#round(bytes);
-    let best = -1;
-    for (let i = 0; i < this.#free.length; i++) {
-      const b = this.#free[i]!;
-      if (b.size >= size && (best < 0 || b.size < this.#free[best]!.size)) best = i;
-    }
-    if (best >= 0) {
-      const b = this.#free[best]!;
-      const off = b.offset;
-      if (b.size === size) this.#free.splice(best, 1);
-      else { b.offset += size; b.size -= size; }
-      return off;
-    }
-    // grow: a free block touching the end is extended rather than wasted
-    const last = this.#free[this.#free.length - 1];
-    if (last && last.offset + last.size === this.end) {
-      this.#free.pop();
-      this.end = last.offset + size;
-      return last.offset;
-    }
-    const off = this.end;
-    this.end += size;
-    return off;
-  }
-
-  release(offset: number, bytes: number): void {
-    const size = this.#round(bytes);
-    let i = 0;
-    while (i < this.#free.length && this.#free[i]!.offset < offset) i++;
-    this.#free.splice(i, 0, { offset, size });
-    // merge with the next, then with the previous block
-    const cur = this.#free[i]!;
-    const next = this.#free[i + 1];
-    if (next && cur.offset + cur.size === next.offset) { cur.size += next.size; this.#free.splice(i + 1, 1); }
-    const prev = this.#free[i - 1];
-    if (prev && prev.offset + prev.size === cur.offset) { prev.size += cur.size; this.#free.splice(i, 1); }
-  }
-}
-
 export interface PlanOptions {
   /** offset alignment (default 64) */
   alignment?: number;
@@ -89,10 +39,21 @@ export interface PlanOptions {
   inPlace?: boolean;
 }
 
-/** Plans the compute buffer of `graph`. Tensors that already have a buffer are left alone. */
+/** Tensors sharing one piece of memory (a node and the in-place nodes that took it over). */
+interface Slot { members: Tensor[]; size: number; from: number; to: number; offset: number }
+
+/**
+ * Plans the compute buffer of `graph`; tensors that already have a buffer are left alone.
+ * First the lifetimes: a tensor lives from the node that makes it to its last consumer
+ * (inputs and outputs: the whole graph), and an in-place node extends its source's slot.
+ * Then the offsets, largest slots first, each at the lowest offset that overlaps no slot
+ * alive at the same time (greedy by size, as TFLite's arena planner): holes left by
+ * short-lived tensors are filled instead of pushing the big ones past them.
+ */
 export function planGraphAllocation(graph: Graph, opts: PlanOptions = {}): GraphAllocation {
   const align = opts.alignment ?? COMPUTE_ALIGNMENT, inPlace = opts.inPlace ?? true;
   const bytes = opts.allocSize ?? ((t: Tensor) => t.nbytes);
+  const round = (n: number) => Math.max(align, Math.ceil(n / align) * align);
   const needs = (t: Tensor) => t.root().tensor === t && t.buffer === null;
   // pending consumers per root, counted over compute nodes (views consume nothing)
   const pending = new Map<Tensor, number>();
@@ -102,50 +63,63 @@ export function planGraphAllocation(graph: Graph, opts: PlanOptions = {}): Graph
     if (t.op === Op.NONE || VIEW_OPS.has(t.op)) continue;
     for (const s of t.src) { const r = s.root().tensor; pending.set(r, (pending.get(r) ?? 0) + 1); }
   }
-  const fl = new FreeList(align);
-  const offsets = new Map<Tensor, number>();
-  const moved = new Map<Tensor, Tensor>();  // parent -> the in-place node that took its memory
+  const slots: Slot[] = [];
+  const slotOf = new Map<Tensor, Slot>();
+  const END = Number.MAX_SAFE_INTEGER;
   let total = 0, shared = 0;
   for (const t of graph.leafs) {
     if (!needs(t)) continue;
-    offsets.set(t, fl.alloc(bytes(t)));
+    const sl: Slot = { members: [t], size: round(bytes(t)), from: -1, to: END, offset: 0 };  // inputs are written before each run: they stay put
+    slots.push(sl); slotOf.set(t, sl);
     total += bytes(t);
-    pinned.add(t);  // inputs are written before each run: they stay put
+    pinned.add(t);
   }
-  for (const t of graph.nodes) {
-    if (VIEW_OPS.has(t.op)) continue;
+  graph.nodes.forEach((t, step) => {
+    if (VIEW_OPS.has(t.op)) return;
     if (needs(t)) {
-      let placed = false;
+      let sl: Slot | undefined;
       if (inPlace && IN_PLACE_OPS.has(t.op) && t.isContiguous) {
         const p = t.src[0]!;
         const r = p.root().tensor;
-        if (offsets.has(r) && !pinned.has(r) && pending.get(r) === 1 && p.isContiguous && p.root().offset === 0 &&
+        const own = slotOf.get(r);
+        if (own && !pinned.has(r) && pending.get(r) === 1 && p.isContiguous && p.root().offset === 0 &&
             bytes(r) === bytes(t) && p.nbytes === t.nbytes) {
-          offsets.set(t, offsets.get(r)!);
+          sl = own;  // t runs in its source's memory
+          sl.members.push(t);
           pending.set(r, 0);
-          offsets.delete(r);  // ownership passes to t; r gets t's offset back at the end
-          moved.set(r, t);
-          placed = true;
           shared++;
         }
       }
-      if (!placed) offsets.set(t, fl.alloc(bytes(t)));
+      if (!sl) { sl = { members: [t], size: round(bytes(t)), from: step, to: step, offset: 0 }; slots.push(sl); }
+      slotOf.set(t, sl);
+      if (pinned.has(t)) sl.to = END;
       total += bytes(t);
     }
     for (const s of t.src) {
       const r = s.root().tensor;
-      const left = (pending.get(r) ?? 0) - 1;
-      pending.set(r, left);
-      if (left === 0 && offsets.has(r) && !pinned.has(r)) fl.release(offsets.get(r)!, bytes(r));
+      pending.set(r, (pending.get(r) ?? 0) - 1);
+      const sl = slotOf.get(r);
+      if (sl && sl.to !== END) sl.to = Math.max(sl.to, step);
     }
+  });
+  // largest first (ties: earlier first), each at the lowest offset free for its whole life
+  const order = [...slots].sort((a, b) => b.size - a.size || a.from - b.from);
+  const placed: Slot[] = [];
+  let end = 0;
+  for (const sl of order) {
+    const busy = placed.filter((o) => o.from <= sl.to && sl.from <= o.to).sort((a, b) => a.offset - b.offset);
+    let at = 0;
+    for (const o of busy) {
+      if (o.offset >= at + sl.size) break;
+      at = Math.max(at, o.offset + o.size);
+    }
+    sl.offset = at;
+    end = Math.max(end, at + sl.size);
+    placed.push(sl);
   }
-  // tensors that handed their memory to an in-place successor share its offset
-  for (const [from, to] of moved) {
-    let last = to;
-    while (moved.has(last) && !offsets.has(last)) last = moved.get(last)!;
-    offsets.set(from, offsets.get(last)!);
-  }
-  return { size: fl.end, offsets, inPlace: shared, total };
+  const offsets = new Map<Tensor, number>();
+  for (const sl of slots) for (const t of sl.members) offsets.set(t, sl.offset);
+  return { size: end, offsets, inPlace: shared, total };
 }
 
 /** Applies a plan: every planned tensor gets `buffer` and its offset. */

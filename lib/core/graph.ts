@@ -216,6 +216,20 @@ export function allGather(a: Tensor, full: readonly number[], axis: number, offs
   return node(Op.ALL_REDUCE, GgmlType.F32, ne, [a], [group, rank, CollectiveMode.GATHER, inner, ne[axis]!, offset, a.ne[axis]!]);
 }
 
+/**
+ * Sums `a` across the ranks of a group and keeps this rank's slice of the sum along
+ * `axis`: [offset, offset + size).
+ */
+export function reduceScatter(a: Tensor, axis: number, offset: number, size: number, group: number, rank: number): Tensor {
+  needF32("ALL_REDUCE", a);
+  if (!a.isContiguous) fail("ALL_REDUCE", "needs a contiguous tensor", a);
+  if (offset < 0 || size < 0 || offset + size > a.ne[axis]!) fail("ALL_REDUCE", `slice [${offset}, +${size}) is outside axis ${axis}`, a);
+  const ne = [...a.ne] as Shape4;
+  ne[axis] = size;
+  const inner = a.ne.slice(0, axis).reduce((x, y) => x * y, 1);
+  return node(Op.ALL_REDUCE, GgmlType.F32, ne, [a], [group, rank, CollectiveMode.REDUCE_SCATTER, inner, a.ne[axis]!, offset, size]);
+}
+
 // ---------------------------------------------------------------- graphs
 
 let nextGraphUid = 1;

@@ -17,8 +17,9 @@ export type UnaryOp = (typeof UnaryOp)[keyof typeof UnaryOp];
 export const GluOp = { SWIGLU: 0, GEGLU: 1 } as const;
 export type GluOp = (typeof GluOp)[keyof typeof GluOp];
 export const RopeMode = { NORMAL: 0, NEOX: 2 } as const;
-/** ALL_REDUCE's third parameter: sum the ranks' partials, or gather their slices */
-export const CollectiveMode = { SUM: 0, GATHER: 1 } as const;
+/** ALL_REDUCE's third parameter: sum the ranks' partials, gather their slices, or sum
+ * into each rank only its own slice (reduce-scatter) */
+export const CollectiveMode = { SUM: 0, GATHER: 1, REDUCE_SCATTER: 2 } as const;
 
 export type OpGroup = "leaf" | "view" | "elementwise" | "row" | "matmul" | "copy" | "attention" | "collective";
 

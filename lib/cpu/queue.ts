@@ -14,6 +14,7 @@ export class NativeQueue {
   #ctx: NativeContext | null;
   #sent = new Set<number>();
   #tail: Promise<void> = Promise.resolve();
+  #woken = -Infinity;
 
   constructor(threads: number, name: string) {
     this.threads = threads;
@@ -63,8 +64,10 @@ export class NativeQueue {
    */
   enqueue<T>(fn: () => T | Promise<T>): Promise<T> {
     if (!this.#ctx) return Promise.reject(weftError("DISPOSED", `${this.name} backend was disposed`));
-    // the device's threads wake now (tens of µs to ms from a sleep), overlapping the hand-off
-    native().wake(this.#ctx);
+    // the device's threads wake now (tens of µs to ms from a sleep), overlapping the
+    // hand-off; once per burst of work is enough (they then spin for 2 ms)
+    const now = performance.now();
+    if (now - this.#woken > 1) { this.#woken = now; native().wake(this.#ctx); }
     const p = this.#tail.then(fn, fn);
     this.#tail = p.then(() => undefined, () => undefined);
     return p;

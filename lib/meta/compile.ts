@@ -24,17 +24,17 @@ import type { Buffer, CollectiveGroup } from "../backend/interface.js";
 import { allocGraph, applyGraphAllocation, planGraphAllocation } from "../backend/alloc.js";
 import { tensorPlace } from "../backend/fallback.js";
 import { SPLIT_RULES, refuse } from "../split/rules.js";
-import { MIRRORED, SplitState, axisOffset, describeState, isAxis, localShape, sameState } from "../split/state.js";
+import { MIRRORED, SplitState, axisOffset, axisSize, describeState, isAxis, localShape, sameState } from "../split/state.js";
 import { splitView } from "../split/view.js";
 import type { MetaBuffer, Part } from "./buffer.js";
 import type { MetaDevice } from "./device.js";
 
 /** One collective of the step: per device, the partial (or slice) in and the result out. */
 interface Collective {
-  readonly kind: "sum" | "gather";
+  readonly kind: "sum" | "gather" | "scatter";
   readonly ins: readonly Tensor[];
   readonly outs: readonly Tensor[];
-  /** gather: the axis the slices are cut along */
+  /** gather, scatter: the axis the slices are cut along */
   readonly axis?: number;
 }
 
@@ -137,6 +137,15 @@ export function compileGraph(graph: Graph, meta: MetaDevice, out: MetaBuffer): P
     collectives.push({ kind: "gather", ins, outs, axis: s.axis });
     return { state: MIRRORED, locals: outs };
   };
+  /** PARTIAL straight to one cut: each device sums only its slice (its slice must be
+   * contiguous in the whole tensor: the cut axis is the outermost one) */
+  const scatter = (t: Tensor, p: Part, want: Extract<SplitState, { kind: "AXIS" }>): Part | null => {
+    if (want.segments.length > 1 || t.ne.slice(want.axis + 1).some((v) => v !== 1)) return null;
+    const ins = p.locals.map(contiguous);
+    const outs = each((d) => G.reduceScatter(ins[d]!, want.axis, axisOffset(want, d), axisSize(want, d), gid, d));
+    collectives.push({ kind: "scatter", ins, outs, axis: want.axis });
+    return { state: want, locals: outs };
+  };
   const slice = (t: Tensor, p: Part, want: Extract<SplitState, { kind: "AXIS" }>): Part => {
     if (want.segments.length > 1) throw weftError("UNSUPPORTED_OP", `cannot cut ${t.describe()} into ${describeState(want)}: several segments`);
     return {
@@ -155,6 +164,14 @@ export function compileGraph(graph: Graph, meta: MetaDevice, out: MetaBuffer): P
     const hit = cache.get(t)?.get(key);
     if (hit) return hit;
     if (want.kind === "PARTIAL") throw weftError("UNSUPPORTED_OP", `${t.describe()} cannot be made a partial sum`);
+    if (p.state.kind === "PARTIAL" && isAxis(want)) {
+      const r = scatter(t, p, want);
+      if (r) {
+        if (!cache.has(t)) cache.set(t, new Map());
+        cache.get(t)!.set(key, r);
+        return r;
+      }
+    }
     if (p.state.kind === "PARTIAL") p = cache.get(t)?.get("MIRRORED") ?? reduce(p);
     else if (isAxis(p.state)) p = cache.get(t)?.get("MIRRORED") ?? gather(t, p);
     if (!cache.has(t)) cache.set(t, new Map());
@@ -179,6 +196,8 @@ export function compileGraph(graph: Graph, meta: MetaDevice, out: MetaBuffer): P
     const srcs = t.src.map((s, i) => (rule.need?.[i] ? convert(s, rule.need[i]!) : part(s)).locals);
     let view: ReturnType<typeof splitView> | null = null;
     const viewOf = (d: number) => {
+      // a view of a gathered source: the same view of the whole, contiguous copy
+      if (VIEW_OPS.has(t.op) && rule.need?.[0]) return { ne: t.ne, nb: t.nb, offset: srcs[0]![d]!.root().offset + t.viewOffs };
       view ??= splitView(t, t.root().tensor, part(t.root().tensor).state, t.root().offset, n);
       return view.local(d);
     };
@@ -274,6 +293,7 @@ function genericSteps(meta: MetaDevice, graphs: readonly Graph[], collectives: r
     for (let from = 0; from < n; from++) {
       if (from === to) continue;
       if (c.kind === "sum") { const [a, b] = chunk(c.outs[0]!.nelements, to); bytes += up((b - a) * 4); }
+      else if (c.kind === "scatter") bytes += up(c.outs[to]!.nbytes);
       else bytes += up(c.ins[from]!.nbytes);
     }
     need[to] = Math.max(need[to]!, bytes);
@@ -307,11 +327,25 @@ function genericSteps(meta: MetaDevice, graphs: readonly Graph[], collectives: r
           if (other !== to) copiesOut.push({ from: to, to: other, src: aliasOf(c.outs[to]!, "sum", [len], a * 4), dst: aliasOf(c.outs[other]!, "sum", [len], a * 4) });
         return new Graph([G.cpy(treeSum(terms), aliasOf(c.outs[to]!, "sum", [len], a * 4))]);
       }
+      if (c.kind === "scatter") {
+        // this device's slice of every device's partial, summed into its own result
+        const mine = c.outs[to]!, len = mine.nelements;
+        if (len === 0) return null;
+        const at0 = (mine.params[5]! * mine.params[3]!) * 4;  // the slice's first byte in the whole tensor
+        const terms = meta.devices.map((__, from) => {
+          if (from === to) return aliasOf(c.ins[to]!, "own", [len], at0);
+          const dst = slot(to, at, [len]);
+          at += up(len * 4);
+          copiesIn.push({ from, to, src: aliasOf(c.ins[from]!, "partial", [len], at0), dst });
+          return dst;
+        });
+        return new Graph([G.cpy(treeSum(terms), aliasOf(mine, "slice", [len]))]);
+      }
       // gather: every slice into this device's whole tensor
       const whole = aliasOf(c.outs[to]!), axis = c.axis!;
       const cpys = meta.devices.map((__, from) => {
         const part = c.ins[from]!;
-        let src = part;
+        let src = aliasOf(part);  // read in place (the node itself would pull its whole graph in)
         if (from !== to) {
           if (part.nbytes === 0) return null;
           src = slot(to, at, part.ne);

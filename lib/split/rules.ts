@@ -7,11 +7,12 @@
  * source locally, for free). A graph the rules cannot handle is refused with a WeftError
  * naming the node, its op and its sources' states.
  */
-import { weftError } from "../core/errors.js";
+import { WeftError, weftError } from "../core/errors.js";
 import { Op, OpName, opName } from "../core/ops.js";
 import { Tensor } from "../core/tensor.js";
 import { AXIS, MIRRORED, PARTIAL, SplitState, describeState, isAxis, sameState, withAxis } from "./state.js";
 import { splitView } from "./view.js";
+import { cutOnce } from "./plan.js";
 
 export interface RuleContext {
   /** the state already derived for a tensor of the graph */
@@ -34,12 +35,34 @@ export function refuse(node: Tensor, ctx: RuleContext, why: string): never {
 }
 
 const st = (node: Tensor, ctx: RuleContext, i: number) => ctx.state(node.src[i]!);
+
+/**
+ * Sequence parallelism (Megatron's): from this many tokens, a partial sum added to the
+ * residual stream is reduce-scattered by tokens instead of all-reduced, so the residual
+ * adds and norms run on each device's tokens and the normed activations are all-gathered
+ * before the next matmuls: the same bytes as an all-reduce, half the mirrored memory and
+ * work. Smaller steps (one-token generation) keep a single all-reduce, the fewest waits.
+ */
+export const SEQUENCE_PARALLEL_TOKENS = 32;
+
+/** The token cut of sequence parallelism: equal shares, in whole tokens. */
+function tokenCut(n: number, devices: number): SplitState {
+  return AXIS(1, cutOnce(n, 1, Array<number>(devices).fill(1 / devices), Array<number>(devices).fill(0), 0));
+}
 const isPartial = (s: SplitState) => s.kind === "PARTIAL";
 
-/** A view (or a result aliasing its destination): the root's cut mapped through its strides. */
+/**
+ * A view (or a result aliasing its destination): the root's cut mapped through its strides.
+ * A view that cannot be cut (one token of a tensor cut by tokens) reads the gathered whole.
+ */
 const view: SplitRule = (node, ctx) => {
   const { tensor: root, offset } = node.root();
-  return { state: splitView(node, root, ctx.state(root), offset, ctx.n).state };
+  try {
+    return { state: splitView(node, root, ctx.state(root), offset, ctx.n).state };
+  } catch (e) {
+    if (!(e instanceof WeftError) || e.code !== "UNSUPPORTED_OP" || !node.src[0]!.isContiguous) throw e;
+    return { state: MIRRORED, need: [MIRRORED] };
+  }
 };
 
 /**
@@ -52,10 +75,19 @@ const elementwise = (linear: boolean): SplitRule => (node, ctx) => {
   if (node.src.length === 1) return isPartial(a) && !linear ? { state: MIRRORED, need: [MIRRORED] } : { state: a };
   let b = st(node, ctx, 1);
   if (isPartial(a) && isPartial(b) && linear) return { state: PARTIAL };
+  const [x, y] = node.src as [Tensor, Tensor];
+  if (node.op === Op.ADD && isPartial(a) !== isPartial(b) && node.ne[1] >= SEQUENCE_PARALLEL_TOKENS && node.ne[2] === 1 && node.ne[3] === 1) {
+    // a partial sum meets a whole (or token-cut) tensor: reduce-scatter by tokens
+    const [other, otherT] = isPartial(a) ? [b, y] : [a, x];
+    const cut = isAxis(other) && other.axis === 1 && other.segments.length === 1 ? other : !isAxis(other) ? tokenCut(node.ne[1], ctx.n) : null;
+    if (cut) {
+      const bring = sameState(other, cut) || otherT.ne[1] === 1 ? undefined : cut;
+      return { state: cut, need: isPartial(a) ? [cut, bring] : [bring, cut] };
+    }
+  }
   const need: Array<SplitState | undefined> = [undefined, undefined];
   if (isPartial(a)) { a = MIRRORED; need[0] = MIRRORED; }
   if (isPartial(b)) { b = MIRRORED; need[1] = MIRRORED; }
-  const [x, y] = node.src as [Tensor, Tensor];
   if (!isAxis(a) && !isAxis(b)) return { state: MIRRORED, need };
   if (isAxis(a)) {
     const k = a.axis;
