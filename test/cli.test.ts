@@ -146,11 +146,39 @@ test("--split-mode layer on several devices: same logits and text as one device"
 test("weft bench compares split modes, device sets and micro-batch sizes, with memory per device", () => {
   const out = join(dir, "tiny-bench.gguf");
   assert.is(weft("synth", "--preset", "tiny", "--type", "q8_0", "-o", out).status, 0);
-  const b = weft("bench", "-m", out, "-p", "32", "-n", "2", "-r", "1", "-t", "1", "--split-mode", "none,layer", "--device", "cpu:0,cpu:1", "-b", "32,8");
+  const b = weft("bench", "-m", out, "-p", "32", "-n", "2", "-r", "1", "-t", "1", "--split-mode", "none,layer,tensor", "--device", "cpu:0,cpu:1", "-b", "32,8");
   assert.is(b.status, 0, b.stderr);
   const rows = b.stdout.split("\n").filter((l) => / pp32 /.test(l));
-  assert.is(rows.length, 4, b.stdout);
+  assert.is(rows.length, 6, b.stdout);
   assert.match(b.stdout, /\| layer \| cpu:0,cpu:1 \| 8 \| cpu:0 [\d.]+\+[\d.]+\+[\d.]+, cpu:1 [\d.]+\+[\d.]+\+[\d.]+ \| pp32 \|/);
+  // tensor split: each device holds about half the weights (plus the mirrored embedding)
+  const mem = /\| tensor \| cpu:0,cpu:1 \| 32 \| cpu:0 ([\d.]+)\+([\d.]+)\+[\d.]+, cpu:1 ([\d.]+)\+([\d.]+)\+[\d.]+ \| pp32 \|/.exec(b.stdout);
+  const whole = /\| none \| cpu:0 \| 32 \| cpu:0 ([\d.]+)\+([\d.]+)\+[\d.]+ \| pp32 \|/.exec(b.stdout);
+  assert.ok(mem && whole, b.stdout);
+  assert.ok(Number(mem[1]) < 0.75 * Number(whole[1]) && Number(mem[3]) < 0.75 * Number(whole[1]), "weights per device");
+  assert.ok(Math.abs(Number(mem[2]) * 2 - Number(whole[2])) <= 0.1, `KV cache per device: ${mem[2]} MiB of ${whole[2]}`);
+});
+
+test("--split-mode tensor: weft logits and weft run give one device's answer; WEFT_PROFILE shows the all-reduce apart", () => {
+  if (!haveFixtures) return warnNoFixtures("CLI tensor split");
+  const g = JSON.parse(readFileSync(fixture("stories260K.golden.json"), "utf8"));
+  const args = ["-m", fixture("stories260K.gguf"), "--tokens", g.tokens.join(","), "-t", "1", "--kv-type", "f32"];
+  const one = JSON.parse(weft("logits", ...args).stdout);
+  for (const split of [["--split-mode", "tensor", "--device", "cpu:0,cpu:1"], ["--split-mode", "tensor", "--device", "cpu:0,cpu:1,cpu:2", "--tensor-split", "1,3,2"],
+    ["--split-mode", "layer", "--device", "cpu:0+cpu:1,cpu:2"]]) {
+    const r = weft("logits", ...args, ...split);
+    assert.is(r.status, 0, r.stderr);
+    const got = JSON.parse(r.stdout);
+    let num = 0, den = 0;
+    got.logits.forEach((row: number[], i: number) => row.forEach((v, j) => { num += (v - one.logits[i][j]) ** 2; den += one.logits[i][j] ** 2; }));
+    assert.ok(num / den < 1e-9, `${split.join(" ")}: NMSE ${num / den}`);
+  }
+  const r = spawnSync(process.execPath, [join(ROOT, "bin/weft.js"), "run", "-m", fixture("stories260K.gguf"), "-p", g.greedy.prompt, "-n", String(g.greedy.n_predict),
+    "--temp", "0", "-t", "1", "--split-mode", "tensor", "--device", "cpu:0,cpu:1"], { encoding: "utf8", env: { ...env, WEFT_PROFILE: "1" } });
+  assert.is(r.status, 0, r.stderr);
+  assert.is(r.stdout, g.greedy.text + "\n");
+  assert.match(r.stderr, /split mode tensor over cpu:0\+cpu:1/);
+  assert.match(r.stderr, /^\s+ALL_REDUCE +[\d.]+ ms/m);
 });
 
 test("flag errors are clear", () => {
