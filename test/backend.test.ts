@@ -8,9 +8,9 @@ import { GgmlType } from "../lib/core/types.js";
 import { CpuDevice, cpuDevice } from "../lib/cpu/index.js";
 import { copyTensorAsync, getTensorAsync, getTensorData, get2d, get2dAsync, recordEvent, set2d, set2dAsync, setTensorAsync, setTensorData, waitEvent } from "../lib/backend/fallback.js";
 import { Scheduler } from "../lib/backend/sched.js";
-import { allocateTensors } from "../lib/backend/alloc.js";
+import { allocGraph, allocateTensors } from "../lib/backend/alloc.js";
 import { loadModel } from "../lib/model/model.js";
-import { assertSameArray, fixture, haveFixtures, randomF32, rng, warnNoFixtures } from "./helpers.js";
+import { assertSameArray, fixture, haveFixtures, randomF32, rejectsWith, rng, warnNoFixtures } from "./helpers.js";
 
 const F32 = GgmlType.F32;
 const f32 = (u: Uint8Array) => new Float32Array(u.buffer.slice(u.byteOffset, u.byteOffset + u.byteLength));
@@ -103,6 +103,45 @@ for (const async of [true, false]) {
     b.dispose();
   });
 }
+
+test("a failed queued write makes the next synchronize and compute reject with that error, once", async () => {
+  const be = cpuDevice("cpu:1").initBackend({ threads: 1 });
+  const { g, buf } = slowGraph(32, 1);
+  const t = G.newTensor(F32, [4]);
+  const tb = allocateTensors([t]);
+  tb.dispose();  // the write below is queued against freed memory
+  await setTensorAsync(be, t, Float32Array.of(1, 2, 3, 4));
+  await rejectsWith(be.synchronize(), /used after dispose/);
+  await be.synchronize();  // reported once
+  await setTensorAsync(be, t, Float32Array.of(1, 2, 3, 4));
+  await rejectsWith(be.computeAsync(g), /used after dispose/);
+  await be.computeAsync(g);
+  await be.dispose(); buf.dispose();
+});
+
+test("freeing a buffer while a queued graph uses it is safe: the run completes on valid memory, later runs are refused", async () => {
+  const be = cpuDevice("cpu:1").initBackend({ threads: 1 });
+  const n = 512, steps = 40;
+  const w = G.newTensor(F32, [n, n]), x = G.newTensor(F32, [n, 64]);
+  let y = x;
+  for (let i = 0; i < steps; i++) y = G.scale(G.mulMat(w, y), 1.7 / Math.sqrt(n));
+  const g = G.buildGraph(y);
+  const wb = allocateTensors([w, x]);
+  const cb = allocGraph(cpuDevice("cpu:1").bufferType(), g);
+  setTensorData(w, randomF32(n * n, rng(1)));
+  setTensorData(x, randomF32(n * 64, rng(2)));
+  await be.computeAsync(g);
+  const want = f32(getTensorData(y));
+  let finished = false;
+  const run = be.computeAsync(g).then(() => { finished = true; });
+  await new Promise((r) => setTimeout(r, 5));
+  assert.not.ok(finished, "the run is still going");
+  wb.dispose();  // weights freed mid-run: natively the memory stays until the run ends
+  await run;
+  assertSameArray(f32(getTensorData(y)), want, "result of the run that was using the freed buffer");
+  await rejectsWith(be.computeAsync(g), /freed/);
+  await be.dispose(); cb.dispose();
+});
 
 test("dispose frees a device's threads at once, not at garbage collection", async () => {
   const threads = () => readdirSync("/proc/self/task").length;

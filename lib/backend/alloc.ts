@@ -185,6 +185,11 @@ export function allocateTensors(tensors: Iterable<Tensor>, opts: AllocateOptions
   return buf;
 }
 
+/** The memory a matrix only MUL_MAT reads goes to on a device (its weight layout, if it has one). */
+export function weightMemory(dev: Device, t: Tensor): BufferType {
+  return dev.weightBufferType?.(t) ?? dev.bufferType();
+}
+
 /**
  * Places weights on a device: matrices in `opts.matmulWeights` go to the device's weight
  * memory where it has one for them (Device.weightBufferType), the rest to its default
@@ -193,7 +198,7 @@ export function allocateTensors(tensors: Iterable<Tensor>, opts: AllocateOptions
 export function allocateWeights(dev: Device, tensors: Iterable<Tensor>, opts: AllocTensorsOptions = {}): Buffer[] {
   const groups = new Map<BufferType, Tensor[]>();
   for (const t of tensors) {
-    const bt = (opts.matmulWeights?.has(t) ? dev.weightBufferType?.(t) : null) ?? dev.bufferType();
+    const bt = opts.matmulWeights?.has(t) ? weightMemory(dev, t) : dev.bufferType();
     groups.set(bt, [...(groups.get(bt) ?? []), t]);
   }
   return [...groups].map(([bt, ts]) => allocateTensors(ts, { ...opts, bufferType: bt, usage: BufferUsage.WEIGHTS }));

@@ -7,7 +7,8 @@
  */
 import { weftError } from "../core/errors.js";
 import { Tensor, bytesOf } from "../core/tensor.js";
-import { Backend, Buffer, Event } from "./interface.js";
+import type { Graph } from "../core/graph.js";
+import { Backend, Buffer, BufferType, CollectiveGroup, Device, Event } from "./interface.js";
 
 /** The buffer a tensor's bytes are in and the byte position of its span there. */
 export function tensorPlace(t: Tensor): { buffer: Buffer; offset: number } {
@@ -138,4 +139,30 @@ export async function get2dAsync(be: Backend, b: Buffer, offset: number, rows: n
   if (be.get2dAsync) return be.get2dAsync(b, offset, rows, rowBytes, stride);
   await be.synchronize();
   return get2d(b, offset, rows, rowBytes, stride);
+}
+
+/** Bytes a buffer holds on each device (a meta buffer spreads over several). */
+export function deviceBytes(b: Buffer): ReadonlyArray<readonly [Device, number]> {
+  return b.deviceBytes?.() ?? [[b.bufferType.device, b.size]];
+}
+
+/** Whether this memory can map a file (weights then need no copy). */
+export function canMapFiles(bt: BufferType): boolean {
+  return !!bt.mapFile;
+}
+
+/** A file mapped read-only as a buffer of this memory (only where canMapFiles). */
+export function mapFile(bt: BufferType, path: string): Buffer {
+  if (!bt.mapFile) throw weftError("UNSUPPORTED_OP", `${bt.name} memory cannot map files`);
+  return bt.mapFile(path);
+}
+
+/** Drops a backend's cached form of a graph (where it keeps one). */
+export function forgetGraph(be: Backend, graph: Graph): void {
+  be.forget?.(graph);
+}
+
+/** A communicator among `devices` for in-graph all-reduces, or null where they share none. */
+export function collectiveGroup(devices: readonly Device[]): CollectiveGroup | null {
+  return devices[0]?.collectiveGroup?.(devices) ?? null;
 }

@@ -20,7 +20,7 @@ import { Op, OPS, OpInfo, VIEW_OPS, opName } from "../core/ops.js";
 import { Tensor, TensorFlag } from "../core/tensor.js";
 import { allocGraph } from "./alloc.js";
 import { Backend, Buffer, Event } from "./interface.js";
-import { copyTensorAsync, getTensorAsync, recordEvent, setTensorAsync, waitEvent } from "./fallback.js";
+import { copyTensorAsync, forgetGraph, getTensorAsync, recordEvent, setTensorAsync, waitEvent } from "./fallback.js";
 
 interface InputCopy {
   /** "queue": copyTensorAsync before the split; "graph": a CPY node at the split's start
@@ -112,7 +112,7 @@ export class ScheduledGraph {
   dispose(): void {
     if (this.#disposed) return;
     this.#disposed = true;
-    for (const s of this.splits) { s.backend.forget?.(s.graph); s.buffer.dispose(); }
+    for (const s of this.splits) { forgetGraph(s.backend, s.graph); s.buffer.dispose(); }
   }
 }
 

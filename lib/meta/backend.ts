@@ -14,7 +14,7 @@ import { Graph } from "../core/graph.js";
 import { Tensor } from "../core/tensor.js";
 import type { Backend, Event } from "../backend/interface.js";
 import { allocGraph } from "../backend/alloc.js";
-import { copyTensorAsync, enqueueCopy, getTensorAsync, recordEvent, setTensorAsync, tensorPlace, waitEvent } from "../backend/fallback.js";
+import { copyTensorAsync, enqueueCopy, forgetGraph, getTensorAsync, recordEvent, setTensorAsync, tensorPlace, waitEvent } from "../backend/fallback.js";
 import { MetaBuffer, joinSlices, sliceBytes, sumPartials, wholeOnly } from "./buffer.js";
 import type { Program } from "./compile.js";
 import type { MetaDevice } from "./device.js";
@@ -162,8 +162,8 @@ export class MetaBackend implements Backend {
     const own = this.#ownBuffers.get(graph);
     program ??= own?.program ?? null;
     if (!program) return;
-    program.graphs.forEach((g, d) => this.backends[d]!.forget?.(g));
-    for (const s of program.steps) if ("graph" in s) this.backends[s.device]!.forget?.(s.graph);
+    program.graphs.forEach((g, d) => forgetGraph(this.backends[d]!, g));
+    for (const s of program.steps) if ("graph" in s) forgetGraph(this.backends[s.device]!, s.graph);
     if (own) { own.dispose(); this.#ownBuffers.delete(graph); }
   }
 

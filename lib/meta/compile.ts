@@ -22,7 +22,7 @@ import { Tensor, TensorFlag } from "../core/tensor.js";
 import { GgmlType, TYPES } from "../core/types.js";
 import type { Buffer, CollectiveGroup } from "../backend/interface.js";
 import { allocGraph, applyGraphAllocation, planGraphAllocation } from "../backend/alloc.js";
-import { tensorPlace } from "../backend/fallback.js";
+import { collectiveGroup, tensorPlace } from "../backend/fallback.js";
 import { SPLIT_RULES, refuse } from "../split/rules.js";
 import { MIRRORED, SplitState, axisOffset, axisSize, describeState, isAxis, localShape, sameState } from "../split/state.js";
 import { splitView } from "../split/view.js";
@@ -105,7 +105,7 @@ export function compileGraph(graph: Graph, meta: MetaDevice, out: MetaBuffer): P
   const n = meta.size;
   let group: CollectiveGroup | null = null;
   if (meta.allReduce !== "generic") {
-    group = meta.devices[0]!.collectiveGroup?.(meta.devices) ?? null;
+    group = collectiveGroup(meta.devices);
     if (!group && meta.allReduce === "collective")
       throw weftError("UNSUPPORTED_OP", `${meta.name}: its devices share no communicator, so allReduce "collective" cannot be used (use "generic" or "auto")`);
   }

@@ -11,8 +11,8 @@ import { weftError } from "../core/errors.js";
 import { Tensor } from "../core/tensor.js";
 import type { Buffer, Device } from "../backend/interface.js";
 import { BufferUsage } from "../backend/interface.js";
-import { allocateWeights } from "../backend/alloc.js";
-import { setTensorData } from "../backend/fallback.js";
+import { allocateWeights, weightMemory } from "../backend/alloc.js";
+import { canMapFiles, mapFile, setTensorData } from "../backend/fallback.js";
 import type { GgufFile, GgufTensorInfo } from "../gguf/types.js";
 import type { SplitState } from "../split/state.js";
 
@@ -29,8 +29,8 @@ export interface PlaceOptions {
 
 /** Whether a weight is copied onto the device (else it is used in the mapped file). */
 export function isUploaded(dev: Device, t: Tensor, opts: PlaceOptions): boolean {
-  if (!dev.bufferType().mapFile) return true;
-  return opts.repack && opts.matmul.has(t) && (dev.weightBufferType?.(t) ?? null) !== null;
+  if (!canMapFiles(dev.bufferType())) return true;
+  return opts.repack && opts.matmul.has(t) && weightMemory(dev, t) !== dev.bufferType();
 }
 
 /** Reads a tensor's bytes from the file. */
@@ -63,7 +63,7 @@ export async function placeWeights(dev: Device, weights: readonly PlacedWeight[]
   let fd = -1;
   try {
     if (mapped.length) {
-      const m = dev.bufferType().mapFile!(file.path);
+      const m = mapFile(dev.bufferType(), file.path);
       m.usage = BufferUsage.WEIGHTS;
       buffers.push(m);
       const seen = new Set<string>();

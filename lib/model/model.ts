@@ -11,6 +11,7 @@ import { GgufFile } from "../gguf/types.js";
 import { Tensor } from "../core/tensor.js";
 import { Backend, Buffer, Device } from "../backend/interface.js";
 import { allocateTensors } from "../backend/alloc.js";
+import { canMapFiles, deviceBytes } from "../backend/fallback.js";
 import { ScheduledGraph, Scheduler, planLayerSplit } from "../backend/sched.js";
 import { cpuDevice, usableCores } from "../cpu/index.js";
 import { deviceFromSpec, isMeta, metaDevice } from "../meta/index.js";
@@ -88,11 +89,6 @@ interface CachedGraph { fg: ForwardGraph; sg: ScheduledGraph; mask: Float32Array
 
 /** Memory one physical device holds for the model. */
 export interface DeviceUsage { device: string; layers: [number, number]; weightBytes: number; kvBytes: number; computeBytes: number }
-
-/** Bytes a buffer holds on each device (a meta buffer spreads over several). */
-function bytesByDevice(b: Buffer): ReadonlyArray<readonly [Device, number]> {
-  return b.deviceBytes?.() ?? [[b.bufferType.device, b.size]];
-}
 
 /** The devices a load places work on, from the options (a tensor split is one meta device). */
 export function resolveDevices(opts: Pick<LoadModelOptions, "devices" | "splitMode" | "tensorSplit">): { devices: Device[]; mode: SplitMode } {
@@ -195,7 +191,7 @@ export class Model {
   }
 
   /** @internal whether some device uses the weights where they lie in the mapped file */
-  mapsFile(): boolean { return this.#devices.some((d) => !!d.bufferType().mapFile); }
+  mapsFile(): boolean { return this.#devices.some((d) => canMapFiles(d.bufferType())); }
 
   /** Tokens evaluated so far in the sequence (the next token's position). */
   get position(): number { return this.#pos; }
@@ -211,7 +207,7 @@ export class Model {
   memory(): DeviceUsage[] {
     const rows = new Map<Device, DeviceUsage>();
     const add = (b: Buffer, i: number, key: "weightBytes" | "kvBytes" | "computeBytes", used?: number) => {
-      for (const [dev, n] of used === undefined ? bytesByDevice(b) : [[b.bufferType.device, used] as const]) {
+      for (const [dev, n] of used === undefined ? deviceBytes(b) : [[b.bufferType.device, used] as const]) {
         let r = rows.get(dev);
         if (!r) { r = { device: dev.name, layers: this.layerRanges[i]!, weightBytes: 0, kvBytes: 0, computeBytes: 0 }; rows.set(dev, r); }
         r[key] += n;
