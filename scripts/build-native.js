@@ -31,14 +31,17 @@ function findNodeDir() {
 const nodeDir = findNodeDir();
 
 if (process.argv.includes("--emulate-avx512")) {
-  const probe = spawnSync("g++", ["-x", "c++", "-std=c++17", "-mavx2", "-E", "-o", "/dev/null", "-"], { input: "#include <simde/x86/avx512.h>\n", encoding: "utf8" });
-  if (probe.status !== 0) { console.error("the SIMDe headers (simde/x86/avx512.h) are not installed; Debian: apt install libsimde-dev"); process.exit(2); }
+  // WEFT_SIMDE_INCLUDE: the folder holding simde/ (default: the compiler's include path)
+  const simde = process.env.WEFT_SIMDE_INCLUDE;
+  const probe = simde ? { status: existsSync(join(simde, "simde", "x86", "avx512.h")) ? 0 : 1 }
+    : spawnSync("g++", ["-x", "c++", "-std=c++17", "-mavx2", "-E", "-o", "/dev/null", "-"], { input: "#include <simde/x86/avx512.h>\n", encoding: "utf8" });
+  if (probe.status !== 0) { console.error(`the SIMDe headers (simde/x86/avx512.h) are not installed${simde ? ` in ${simde}` : ""}; Debian: apt install libsimde-dev`); process.exit(2); }
   if (!nodeDir) { console.error("Node headers not found"); process.exit(2); }
   const out = join(root, "build", "avx512-emulated", "weft.node");
   const srcs = ["addon", "graph", "kernels", "quants"].map((f) => join(root, "csrc", `${f}.cpp`));
   const flags = ["-shared", "-fPIC", "-pthread", "-O2", "-std=c++17", "-fexceptions", "-ffp-contract=off", "-fno-math-errno", "-w",
     "-mavx2", "-mfma", "-mf16c", "-DWEFT_EMULATE_AVX512", "-DNAPI_VERSION=8", "-DNAPI_CPP_EXCEPTIONS", "-DBUILDING_NODE_EXTENSION",
-    `-I${join(nodeDir, "include", "node")}`, `-I${require("node-addon-api").include_dir.replace(/^"|"$/g, "")}`];
+    `-I${join(nodeDir, "include", "node")}`, `-I${require("node-addon-api").include_dir.replace(/^"|"$/g, "")}`, ...(simde ? [`-I${simde}`] : [])];
   spawnSync("mkdir", ["-p", dirname(out)]);
   const r = spawnSync("g++", [...flags, ...srcs, "-o", out], { cwd: root, stdio: ["ignore", "inherit", "inherit"] });
   if (r.status !== 0) process.exit(1);

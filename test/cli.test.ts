@@ -43,7 +43,7 @@ test("weft quantize writes a loadable file; errors name the problem", () => {
   assert.is(readGguf(out).tensors.length, 21);
   const bad = weft("quantize", join(dir, "missing.gguf"), out, "q8_0");
   assert.is(bad.status, 1);
-  assert.match(bad.stderr, /missing\.gguf.*\[IO\]/);
+  assert.match(bad.stderr, /missing\.gguf: no such file/);
   const badType = weft("quantize", fixture("nano-f32.gguf"), out, "q2_xs");
   assert.is(badType.status, 1);
   assert.match(badType.stderr, /unknown quantization type 'q2_xs'/);
@@ -80,7 +80,7 @@ test("weft run: greedy stories260K text equals llama.cpp's", () => {
   const g = JSON.parse(readFileSync(fixture("stories260K.golden.json"), "utf8"));
   const r = weft("run", "-m", fixture("stories260K.gguf"), "-p", g.greedy.prompt, "-n", String(g.greedy.n_predict), "--temp", "0", "-t", "1");
   assert.is(r.status, 0, r.stderr);
-  assert.is(r.stdout, g.greedy.text + "\n");
+  assert.is(r.stdout, g.greedy.text);  // piped: exactly the generated text
 });
 
 test("weft tokenize and weft logits print JSON matching the goldens", () => {
@@ -115,10 +115,9 @@ test("weft synth writes the preset's shapes and type mix; weft bench prints a ta
   assert.is(type("blk.1.attn_q.weight"), GgmlType.Q4_K);
   const b = weft("bench", "-m", out, "-p", "16", "-n", "4", "-r", "1", "-t", "1");
   assert.is(b.status, 0, b.stderr);
-  assert.match(b.stdout, /\| tiny\.gguf \| .* \| 1 \| pp16 \| [\d.]+ ± [\d.]+ \|/);
+  // llama-bench's table: model type as llama.cpp names it, size, params, backend, threads, test, t/s
+  assert.match(b.stdout, /\| llama 20M Q4_K - Medium \| [\d.]+ MiB \| 19\.\d+ M \| CPU \| 1 \| pp16 \| [\d.]+ ± [\d.]+ \|/);
   assert.match(b.stdout, /\| 1 \| tg4 \|/);
-  const j = weft("bench", "-m", out, "-p", "8", "-n", "0", "-r", "1", "-t", "1", "-o", "json");
-  assert.ok(JSON.parse(j.stdout.trim()).weft.mean > 0);
 });
 
 test("weft devices lists the CPU device with memory and capabilities", () => {
@@ -138,7 +137,7 @@ test("--split-mode layer on several devices: same logits and text as one device"
   const g = JSON.parse(readFileSync(fixture("stories260K.golden.json"), "utf8"));
   const r = weft("run", "-m", fixture("stories260K.gguf"), "-p", g.greedy.prompt, "-n", String(g.greedy.n_predict), "--temp", "0", "-t", "1", "--device", "cpu:0,cpu:1", "-b", "3");
   assert.is(r.status, 0, r.stderr);
-  assert.is(r.stdout, g.greedy.text + "\n");
+  assert.is(r.stdout, g.greedy.text);  // piped: exactly the generated text
   const bad = weft("run", "--split-mode", "rows");
   assert.match(bad.stderr, /--split-mode must be none, layer or tensor, got 'rows'/);
 });
@@ -146,14 +145,14 @@ test("--split-mode layer on several devices: same logits and text as one device"
 test("weft bench compares split modes, device sets and micro-batch sizes, with memory per device", () => {
   const out = join(dir, "tiny-bench.gguf");
   assert.is(weft("synth", "--preset", "tiny", "--type", "q8_0", "-o", out).status, 0);
-  const b = weft("bench", "-m", out, "-p", "32", "-n", "2", "-r", "1", "-t", "1", "--split-mode", "none,layer,tensor", "--device", "cpu:0,cpu:1", "-b", "32,8");
+  const b = weft("bench", "-m", out, "-p", "32", "-n", "2", "-r", "1", "-t", "1", "--split-mode", "none,layer,tensor", "--device", "cpu:0,cpu:1", "-ub", "32,8");
   assert.is(b.status, 0, b.stderr);
   const rows = b.stdout.split("\n").filter((l) => / pp32 /.test(l));
   assert.is(rows.length, 6, b.stdout);
-  assert.match(b.stdout, /\| layer \| cpu:0,cpu:1 \| 8 \| cpu:0 [\d.]+\+[\d.]+\+[\d.]+, cpu:1 [\d.]+\+[\d.]+\+[\d.]+ \| pp32 \|/);
+  assert.match(b.stdout, /\| layer \| cpu:0,cpu:1 \| 8 \| f16 \| cpu:0 [\d.]+\+[\d.]+\+[\d.]+, cpu:1 [\d.]+\+[\d.]+\+[\d.]+ \| pp32 \|/);
   // tensor split: each device holds about half the weights (plus the mirrored embedding)
-  const mem = /\| tensor \| cpu:0,cpu:1 \| 32 \| cpu:0 ([\d.]+)\+([\d.]+)\+[\d.]+, cpu:1 ([\d.]+)\+([\d.]+)\+[\d.]+ \| pp32 \|/.exec(b.stdout);
-  const whole = /\| none \| cpu:0 \| 32 \| cpu:0 ([\d.]+)\+([\d.]+)\+[\d.]+ \| pp32 \|/.exec(b.stdout);
+  const mem = /\| tensor \| cpu:0,cpu:1 \| 32 \| f16 \| cpu:0 ([\d.]+)\+([\d.]+)\+[\d.]+, cpu:1 ([\d.]+)\+([\d.]+)\+[\d.]+ \| pp32 \|/.exec(b.stdout);
+  const whole = /\| none \| cpu:0 \| 32 \| f16 \| cpu:0 ([\d.]+)\+([\d.]+)\+[\d.]+ \| pp32 \|/.exec(b.stdout);
   assert.ok(mem && whole, b.stdout);
   assert.ok(Number(mem[1]) < 0.75 * Number(whole[1]) && Number(mem[3]) < 0.75 * Number(whole[1]), "weights per device");
   assert.ok(Math.abs(Number(mem[2]) * 2 - Number(whole[2])) <= 0.1, `KV cache per device: ${mem[2]} MiB of ${whole[2]}`);
@@ -176,15 +175,15 @@ test("--split-mode tensor: weft logits and weft run give one device's answer; WE
   const r = spawnSync(process.execPath, [join(ROOT, "bin/weft.js"), "run", "-m", fixture("stories260K.gguf"), "-p", g.greedy.prompt, "-n", String(g.greedy.n_predict),
     "--temp", "0", "-t", "1", "--split-mode", "tensor", "--device", "cpu:0,cpu:1"], { encoding: "utf8", env: { ...env, WEFT_PROFILE: "1" } });
   assert.is(r.status, 0, r.stderr);
-  assert.is(r.stdout, g.greedy.text + "\n");
+  assert.is(r.stdout, g.greedy.text);  // piped: exactly the generated text
   assert.match(r.stderr, /split mode tensor over cpu:0\+cpu:1/);
   assert.match(r.stderr, /^\s+ALL_REDUCE +[\d.]+ ms/m);
 });
 
 test("flag errors are clear", () => {
   const r = weft("run", "--temperature", "1");
-  assert.is(r.status, 1);
-  assert.match(r.stderr, /Unknown option '--temperature'/);
+  assert.is(r.status, 2);
+  assert.match(r.stderr, /unknown option '--temperature'/);
   assert.match(weft("run", "-n", "x").stderr, /--n-predict needs an integer/);
   assert.match(weft("run", "-m", join(dir, "nope.gguf")).stderr, /nope\.gguf/);
   assert.match(weft("synth", "--preset", "huge", "--type", "q8_0", "-o", join(dir, "x.gguf")).stderr, /unknown preset 'huge'/);

@@ -4,6 +4,7 @@ import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { loadModel, Model } from "../lib/model/model.js";
+import { WeftError } from "../lib/core/errors.js";
 import { GgmlType } from "../lib/core/types.js";
 import { GgufValueType as V } from "../lib/gguf/types.js";
 import { fixture, haveFixtures, rejectsWith, warnNoFixtures } from "./helpers.js";
@@ -12,7 +13,7 @@ import { quantizeModel } from "../lib/quant/quantize.js";
 
 const dir = mkdtempSync(join(tmpdir(), "weft-model-"));
 const tiny = join(dir, "tiny.gguf");
-writeTinyModel(tiny);
+await writeTinyModel(tiny);
 
 function nmse(a: ArrayLike<number>, b: ArrayLike<number>): number {
   let num = 0, den = 0;
@@ -124,14 +125,18 @@ test("generate: seeded sampling is reproducible, maxTokens respected, text strea
   await m.dispose();
 });
 
-test("generate: an AbortSignal stops the stream with an AbortError", async () => {
+test("generate: an AbortSignal stops the stream with WeftError ABORTED carrying the signal's reason; stopReason says so", async () => {
   const m = await loadModel(tiny, { threads: 1 });
   const ac = new AbortController();
   let n = 0;
+  const why = new Error("enough");
+  const gen = m.generate("the", { temperature: 0, maxTokens: 100, signal: ac.signal });
   const err = await rejectsWith((async () => {
-    for await (const _ of m.generate("the", { temperature: 0, maxTokens: 100, signal: ac.signal })) if (++n === 3) ac.abort();
-  })(), /abort/i);
-  assert.is(err.name, "AbortError");
+    for await (const _ of gen) if (++n === 3) ac.abort(why);
+  })(), /aborted: enough/);
+  assert.is((err as WeftError).code, "ABORTED");
+  assert.is(err.cause, why);
+  assert.is(gen.stopReason, "aborted");
   assert.is(n, 3);
   // the model stays usable
   assert.ok((await m.evaluate([1])).length > 0);
@@ -190,7 +195,7 @@ test("qwen2 (NeoX RoPE, Q/K/V biases) and mistral load and run; the biases take 
   };
   const logitsOf = async (arch: string, mutate?: ReturnType<typeof withBias>) => {
     const p = join(dir, `${arch}-${mutate ? "b" : "n"}.gguf`);
-    writeTinyModel(p, { arch, mutate });
+    await writeTinyModel(p, { arch, mutate });
     const m = await loadModel(p, { threads: 1, kvType: "f32" });
     const l = await m.evaluate(m.tokenize("the tea"), { allLogits: true });
     await m.dispose();
@@ -227,7 +232,7 @@ const BAD: Array<[string, Parameters<typeof writeTinyModel>[1], RegExp]> = [
 for (const [what, opts, re] of BAD) {
   test(`refuses a model with ${what}`, async () => {
     const p = join(dir, `bad-${what.replace(/\W+/g, "-")}.gguf`);
-    writeTinyModel(p, opts);
+    await writeTinyModel(p, opts);
     await rejectsWith(loadModel(p), re);
   });
 }

@@ -23,7 +23,7 @@ export function tinyVocab(): { tokens: string[]; scores: number[]; types: number
   return { tokens, scores, types };
 }
 
-export function writeTinyModel(path: string, o: TinyModelOptions = {}): void {
+export async function writeTinyModel(path: string, o: TinyModelOptions = {}): Promise<void> {
   const nEmbd = o.nEmbd ?? 64, nLayer = o.nLayer ?? 2, nHead = o.nHead ?? 4, nHeadKv = o.nHeadKv ?? 2, nFf = o.nFf ?? 96, nCtx = o.nCtx ?? 128;
   const arch = o.arch ?? "llama";
   const hd = nEmbd / nHead;
@@ -67,5 +67,5 @@ export function writeTinyModel(path: string, o: TinyModelOptions = {}): void {
   }
   tensors.push(f32("output_norm.weight", [nEmbd], 0.2, 1), f32("output.weight", [nEmbd, nVocab], 2 * s));
   o.mutate?.(meta, tensors);
-  writeGguf(path, meta, tensors);
+  await writeGguf(path, meta, tensors);
 }

@@ -5,10 +5,11 @@
  * within one run and their ratio is measured under the same machine conditions.
  */
 import { spawn, spawnSync, ChildProcess } from "node:child_process";
-import { existsSync, mkdirSync, writeFileSync } from "node:fs";
+import { existsSync, renameSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { createInterface, Interface } from "node:readline";
 import { weftError } from "../core/errors.js";
+import { ensureDir, writeFileAtomicallySync } from "../core/files.js";
 import { cacheDir } from "../model/default.js";
 
 export const PEER_VERSION = "3.22.1";
@@ -58,19 +59,33 @@ if (model) await model.dispose();
 process.exit(0);
 `;
 
-/** Installs node-llama-cpp (CPU binary only) into peerDir() unless it is already there. */
+/**
+ * Installs node-llama-cpp (CPU binary only) into peerDir() unless it is already there. npm
+ * installs into a fresh folder beside it, moved into place only when complete: a failed
+ * or interrupted install leaves nothing half-installed.
+ */
 export function ensurePeerInstalled(log: (s: string) => void): string {
   const dir = peerDir();
   const platformPkg = `@node-llama-cpp/${process.platform}-${process.arch}`;
   if (!existsSync(join(dir, "node_modules", "node-llama-cpp", "package.json"))) {
-    mkdirSync(dir, { recursive: true });
-    writeFileSync(join(dir, "package.json"), JSON.stringify({ name: "weft-bench-peer", private: true, type: "module" }, null, 2));
-    log(`installing node-llama-cpp@${PEER_VERSION} (${platformPkg}, CPU only) into ${dir} ...`);
-    const r = spawnSync("npm", ["install", "--no-audit", "--no-fund", "--omit=optional", `node-llama-cpp@${PEER_VERSION}`, `${platformPkg}@${PEER_VERSION}`],
-      { cwd: dir, stdio: ["ignore", "inherit", "inherit"], env: { ...process.env, NODE_LLAMA_CPP_SKIP_DOWNLOAD: "true" } });
-    if (r.status !== 0) throw weftError("IO", `installing the node-llama-cpp peer into ${dir} failed (npm exit ${r.status}); check network access to the npm registry`);
+    ensureDir(dir, "create the node-llama-cpp peer's folder", "set WEFT_PEER_DIR to a folder weft may write");
+    const tmp = join(dir, `.install-${process.pid}`);
+    rmSync(tmp, { recursive: true, force: true });
+    try {
+      ensureDir(tmp);
+      writeFileAtomicallySync(join(tmp, "package.json"), JSON.stringify({ name: "weft-bench-peer", private: true, type: "module" }, null, 2));
+      log(`installing node-llama-cpp@${PEER_VERSION} (${platformPkg}, CPU only) into ${dir} ...`);
+      const r = spawnSync("npm", ["install", "--no-audit", "--no-fund", "--omit=optional", `node-llama-cpp@${PEER_VERSION}`, `${platformPkg}@${PEER_VERSION}`],
+        { cwd: tmp, stdio: ["ignore", "inherit", "inherit"], env: { ...process.env, NODE_LLAMA_CPP_SKIP_DOWNLOAD: "true" } });
+      if (r.status !== 0) throw weftError("IO", `installing the node-llama-cpp peer into ${dir} failed (npm exit ${r.status ?? r.signal}); check network access to the npm registry`);
+      rmSync(join(dir, "node_modules"), { recursive: true, force: true });
+      renameSync(join(tmp, "node_modules"), join(dir, "node_modules"));
+      renameSync(join(tmp, "package.json"), join(dir, "package.json"));
+    } finally {
+      rmSync(tmp, { recursive: true, force: true });
+    }
   }
-  writeFileSync(join(dir, "peer.mjs"), PEER_SCRIPT);
+  writeFileAtomicallySync(join(dir, "peer.mjs"), PEER_SCRIPT);
   return dir;
 }
 

@@ -1,116 +1,17 @@
-/** `weft run`, `weft tokenize`, `weft logits`, `weft synth`. */
+/** `weft run`, `weft tokenize`, `weft logits`, `weft devices`, `weft synth`. */
 import { weftError } from "../core/errors.js";
-import { TYPES } from "../core/types.js";
-import { LoadModelOptions, Model, SplitMode, loadModel, loadTokenizer } from "../model/model.js";
-import { defaultModelPath, cacheDir, DEFAULT_MODEL } from "../model/default.js";
+import { loadTokenizer } from "../model/model.js";
+import { DEFAULT_MODEL } from "../model/default.js";
 import { SYNTH_PRESETS, SYNTH_TYPES, synthModel } from "../model/synth.js";
-import { int, num, parse } from "./args.js";
 import { devices as listDevices } from "../backend/registry.js";
-import { native, usableCores } from "../cpu/index.js";
+import { int, num, parse } from "./args.js";
+import { Command, MODEL_FLAGS, MODEL_FLAGS_HELP, log, openModel, printProfile, resolveModel, stdoutWriter } from "./common.js";
 
-export interface Command {
-  summary: string;
-  usage: string;
-  run(args: string[]): Promise<number>;
-}
-
-const log = (s: string) => process.stderr.write(s + "\n");
-
-export const MODEL_FLAGS_HELP = `  -m, --model FILE     GGUF model (default: the embedded small Q8_0 model, synthesized once
-                       into ${cacheDir()}; set WEFT_CACHE_DIR to move it)
-  -t, --threads N      CPU threads per device (default: ${usableCores()}, the cores this process may use)
-  -c, --ctx-size N     context length (default: the model's, at most 4096)
-  --kv-type f16|f32    KV cache type (default f16)
-  -b, --ubatch N       most tokens per forward graph (default 512); with --split-mode layer a
-                       longer prompt is pipelined across the devices in micro-batches of N
-  --device LIST        devices, comma-separated (default cpu:0; see "weft devices"); a + group
-                       such as cpu:0+cpu:1 is one tensor-parallel device inside a layer split
-  --split-mode MODE    none: all on the first device; layer: contiguous layer ranges per device
-                       (pipelined); tensor: every weight matrix cut across the devices, partial
-                       results summed with all-reduce (default: layer for several devices)
-  --tensor-split LIST  share per device, e.g. 3,1: of the layers (layer) or of every matrix
-                       (tensor); default equal
-  --no-repack          keep Q4_0/Q8_0/Q4_K matrices in the file's row layout (default: copied
-                       at load into the CPU's eight-row layout, faster per token, as
-                       llama.cpp's CPU_REPACK buffers; the copy takes memory the size of
-                       those matrices)`;
-
-export const modelFlags = {
-  model: { type: "string", short: "m" },
-  threads: { type: "string", short: "t" },
-  "ctx-size": { type: "string", short: "c" },
-  "kv-type": { type: "string" },
-  ubatch: { type: "string", short: "b" },
-  device: { type: "string" },
-  "split-mode": { type: "string" },
-  "tensor-split": { type: "string" },
-  "no-repack": { type: "boolean" },
-} as const;
-
-export function loadOptions(v: Record<string, string | boolean | undefined>): LoadModelOptions {
-  const kv = v["kv-type"] as string | undefined;
-  if (kv !== undefined && kv !== "f16" && kv !== "f32") throw weftError("BAD_ARGUMENT", `--kv-type must be f16 or f32, got '${kv}'`);
-  const split = v["split-mode"] as string | undefined;
-  if (split !== undefined && split !== "none" && split !== "layer" && split !== "tensor")
-    throw weftError("BAD_ARGUMENT", `--split-mode must be none, layer or tensor, got '${split}'`);
-  const devices = (v.device as string | undefined)?.split(",").map((d) => d.trim());
-  return {
-    devices, splitMode: (split as SplitMode | undefined) ?? (devices && devices.length > 1 ? "layer" : "none"),
-    tensorSplit: v["tensor-split"] === undefined ? undefined : (v["tensor-split"] as string).split(",").map((x) => num(x, "--tensor-split", 0)),
-    threads: int(v.threads as string | undefined, "--threads", usableCores(), 1),
-    contextSize: v["ctx-size"] === undefined ? undefined : int(v["ctx-size"] as string, "--ctx-size", 0, 1),
-    batchSize: int(v.ubatch as string | undefined, "--ubatch", 512, 1),
-    kvType: kv as "f16" | "f32" | undefined,
-    repack: !v["no-repack"],
-  };
-}
-
-/** With WEFT_PROFILE=1: time per op since the last call, to stderr (then reset). */
-export function printProfile(label: string): void {
-  if (!process.env.WEFT_PROFILE || process.env.WEFT_PROFILE === "0") return;
-  const names = Object.fromEntries(Object.entries(TYPES).map(([id, t]) => [id, t.name]));
-  const rows = Object.entries(native().profileReport(true)).sort((a, b) => b[1][0] - a[1][0]);
-  const total = rows.reduce((s, [, [ms]]) => s + ms, 0);
-  log(`profile (${label}): ${total.toFixed(1)} ms in native ops`);
-  for (const [k, [ms, calls]] of rows) {
-    const name = k.startsWith("MUL_MAT/") ? `MUL_MAT ${names[k.slice(8)] ?? k.slice(8)}` : k;
-    log(`  ${name.padEnd(16)} ${ms.toFixed(1).padStart(9)} ms ${((100 * ms) / total).toFixed(1).padStart(5)} % ${String(calls).padStart(8)} calls`);
-  }
-}
-
-export async function resolveModel(path: string | undefined): Promise<string> {
-  return path ?? (await defaultModelPath(log));
-}
-
-function progressBar(label: string) {
-  let last = -1;
-  return ({ loaded, total, phase }: { loaded: number; total: number; phase: string }) => {
-    if (!process.stderr.isTTY) return;
-    const pct = total ? Math.floor((100 * loaded) / total) : 100;
-    if (pct === last && phase !== "ready") return;
-    last = pct;
-    process.stderr.write(`\r${label}: ${phase} ${pct}%   ${phase === "ready" ? "\n" : ""}`);
-  };
-}
-
-export async function openModel(v: Record<string, string | boolean | undefined>): Promise<Model> {
-  const path = await resolveModel(v.model as string | undefined);
-  const t0 = performance.now();
-  const m = await loadModel(path, { ...loadOptions(v), onProgress: progressBar("loading") });
-  const hp = m.hparams;
-  const types: Record<string, number> = {};
-  for (const t of m.file.tensors) { const n = TYPES[t.type as keyof typeof TYPES]?.name ?? String(t.type); types[n] = (types[n] ?? 0) + 1; }
-  log(`model: ${path}`);
-  log(`  ${hp.arch}, ${hp.nLayer} layers, n_embd ${hp.nEmbd}, heads ${hp.nHead}/${hp.nHeadKv}, ffn ${hp.nFf}, vocab ${hp.nVocab} (${m.tokenizer.kind.toUpperCase()}), ` +
-    `${(m.weightBytes / 2 ** 20).toFixed(1)} MiB [${Object.entries(types).map(([k, n]) => `${n}× ${k}`).join(", ")}]`);
-  log(`  context ${m.contextSize}, KV cache ${TYPES[m.kvType].name} ${(m.kvCacheBytes / 2 ** 20).toFixed(1)} MiB, ${m.threads} thread(s) per device, loaded in ${(performance.now() - t0).toFixed(0)} ms`);
-  const mem = m.memory();
-  if (mem.length > 1) {
-    log(`  split mode ${m.splitMode} over ${m.devices.join(", ")}:`);
-    for (const u of mem) log(`    ${u.device}: layers ${u.layers[0]}..${u.layers[1] - 1}, weights ${(u.weightBytes / 2 ** 20).toFixed(1)} MiB, KV ${(u.kvBytes / 2 ** 20).toFixed(1)} MiB`);
-  }
-  return m;
-}
+const STOPPED: Record<string, (n: number, limit: number, ctx: number) => string> = {
+  maxTokens: (n) => `(stopped after ${n} tokens: -n)`,
+  contextFull: (_n, _l, ctx) => `(stopped: the context of ${ctx} tokens is full; -c sets a larger one)`,
+  aborted: (n) => (n ? "(interrupted)" : "(interrupted during the prompt)"),
+};
 
 export const RUN_COMMANDS: Record<string, Command> = {
   run: {
@@ -118,80 +19,93 @@ export const RUN_COMMANDS: Record<string, Command> = {
     usage: `weft run [-m MODEL] -p TEXT [options]
 
 ${MODEL_FLAGS_HELP}
-  -p, --prompt TEXT    the prompt (default "Once upon a time")
-  -n, --n-predict N    most tokens to generate (default 128)
-  --temp T             temperature; 0 = greedy (default 0.8)
-  --top-k K            keep the K most likely tokens; 0 = all (default 40)
-  --top-p P            nucleus sampling threshold; 1 = off (default 0.95)
-  --min-p P            drop tokens below P × the top probability; 0 = off (default 0.05)
-  --repeat-penalty R   penalize the last 64 tokens; 1 = off (default 1)
-  -s, --seed S         RNG seed (default: random)
-  --echo               print the prompt before the generation
-Generation stops at an end-of-generation token or after -n tokens. Timings (load, prompt
-and generation tokens/s) go to stderr, so "weft run ... > out.txt" captures only the text.`,
-    async run(args) {
+  -p, --prompt TEXT        the prompt (default "Once upon a time")
+  -n, --n-predict N        most tokens to generate (default 128; -1: until the end token or a
+                           full context)
+  --temp T                 temperature; 0 = greedy (default 0.8)
+  --top-k K                keep the K most likely tokens; 0 = all (default 40)
+  --top-p P                nucleus sampling threshold; 1 = off (default 0.95)
+  --min-p P                drop tokens below P × the top probability; 0 = off (default 0.05)
+  --repeat-penalty R       penalize the last 64 tokens; 1 = off (default 1)
+  -s, --seed S             RNG seed (default or -1: random)
+  --special                special-token text in the prompt (<|start_header_id|>, <s>) becomes
+                           its token instead of plain text
+  --echo                   print the prompt before the generation
+Generation stops at an end-of-generation token, after -n tokens, or when the context is
+full; the reason goes to stderr unless it was the end token. Ctrl-C stops within one
+micro-batch, prints what was generated and exits with 130. Timings go to stderr, so
+"weft run ... > out.txt" captures exactly the generated text (a final newline is added only
+on a terminal).`,
+    async run(args, signal) {
       const { values: v } = parse(args, {
-        ...modelFlags,
-        prompt: { type: "string", short: "p" }, "n-predict": { type: "string", short: "n" },
-        temp: { type: "string" }, "top-k": { type: "string" }, "top-p": { type: "string" }, "min-p": { type: "string" },
-        "repeat-penalty": { type: "string" }, seed: { type: "string", short: "s" }, echo: { type: "boolean" },
+        ...MODEL_FLAGS,
+        prompt: { names: ["-p", "--prompt"] }, nPredict: { names: ["-n", "--n-predict"] },
+        temp: { names: ["--temp"] }, topK: { names: ["--top-k"] }, topP: { names: ["--top-p"] }, minP: { names: ["--min-p"] },
+        repeatPenalty: { names: ["--repeat-penalty"] }, seed: { names: ["-s", "--seed"] }, echo: { names: ["--echo"], switch: true },
+        special: { names: ["--special"], switch: true },
       });
       const prompt = v.prompt ?? "Once upon a time";
-      const maxTokens = int(v["n-predict"], "--n-predict", 128);
+      const n = int(v.nPredict, "--n-predict", 128, -1);
+      const seed = int(v.seed, "--seed", -1, -1);
       const sampling = {
-        temperature: num(v.temp, "--temp", 0.8), topK: int(v["top-k"], "--top-k", 40), topP: num(v["top-p"], "--top-p", 0.95),
-        minP: num(v["min-p"], "--min-p", 0.05), repeatPenalty: num(v["repeat-penalty"], "--repeat-penalty", 1),
-        seed: v.seed === undefined ? undefined : int(v.seed, "--seed", 0),
+        temperature: num(v.temp, "--temp", 0.8), topK: int(v.topK, "--top-k", 40), topP: num(v.topP, "--top-p", 0.95),
+        minP: num(v.minP, "--min-p", 0.05), repeatPenalty: num(v.repeatPenalty, "--repeat-penalty", 1),
+        seed: seed < 0 ? undefined : seed,
       };
-      const m = await openModel(v);
       const ac = new AbortController();
-      const onSig = () => ac.abort();
-      process.once("SIGINT", onSig);
+      const stop = () => ac.abort(weftError("ABORTED", "stdout closed"));
+      signal.addEventListener("abort", () => ac.abort(signal.reason), { once: true });
+      const write = stdoutWriter(stop);
+      let pipeClosed = false;
+      const m = await openModel(v, ac.signal);
       try {
-        const ids = m.tokenize(prompt);
-        if (v.echo) process.stdout.write(prompt);
-        let n = 0, tFirst = 0;
+        const ids = m.tokenize(prompt, { parseSpecial: v.special ?? false });
+        if (v.echo) write(prompt);
+        let count = 0, tFirst = 0;
         const t0 = performance.now();
+        const gen = m.generate(ids, { ...sampling, maxTokens: n, signal: ac.signal });
         try {
-          for await (const p of m.generate(ids, { ...sampling, maxTokens, signal: ac.signal })) {
-            if (n === 0) tFirst = performance.now();
-            if (p.token >= 0) n++;
-            process.stdout.write(p.text);
+          for await (const p of gen) {
+            if (count === 0) tFirst = performance.now();
+            if (p.token >= 0) count++;
+            write(p.text);
           }
         } catch (e) {
           if (!ac.signal.aborted) throw e;
-          log("\n(interrupted)");
+          pipeClosed = !signal.aborted;
         }
         const t1 = performance.now();
-        process.stdout.write("\n");
+        if (process.stdout.isTTY) write("\n");
+        const why = gen.stopReason && gen.stopReason !== "eog" && !pipeClosed ? STOPPED[gen.stopReason]?.(count, n, m.contextSize) : undefined;
+        if (why) log(why);
         const ppMs = (tFirst || t1) - t0;
-        log(`prompt: ${ids.length} tokens in ${ppMs.toFixed(0)} ms (${(ids.length / (ppMs / 1000)).toFixed(1)} t/s)`);
-        if (n > 1) log(`generation: ${n} tokens in ${(t1 - tFirst).toFixed(0)} ms (${((n - 1) / ((t1 - tFirst) / 1000)).toFixed(1)} t/s)`);
+        if (tFirst || !ac.signal.aborted) log(`prompt: ${ids.length} tokens in ${ppMs.toFixed(0)} ms (${(ids.length / (ppMs / 1000)).toFixed(1)} t/s)`);
+        if (count > 1) log(`generation: ${count} tokens in ${(t1 - tFirst).toFixed(0)} ms (${((count - 1) / ((t1 - tFirst) / 1000)).toFixed(1)} t/s)`);
         printProfile("prompt + generation");
         return 0;
       } finally {
-        process.off("SIGINT", onSig);
         await m.dispose();
       }
     },
   },
   tokenize: {
     summary: "print a text's token ids as a JSON array",
-    usage: `weft tokenize -m MODEL -p TEXT [--no-bos] [--parse-special]
+    usage: `weft tokenize -m MODEL -p TEXT [--no-bos] [--parse-special] [--pieces]
 
-  -m, --model FILE   GGUF model or vocab-only GGUF
+  -m, --model FILE   GGUF model or vocab-only GGUF (required)
   -p, --prompt TEXT  text to tokenize
   --no-bos           do not add BOS/EOS (llama_tokenize with add_special = false)
   --parse-special    turn special-token text such as <s> into its token
   --pieces           print [id, "piece"] pairs instead of ids`,
     async run(args) {
       const { values: v } = parse(args, {
-        model: { type: "string", short: "m" }, prompt: { type: "string", short: "p" },
-        "no-bos": { type: "boolean" }, "parse-special": { type: "boolean" }, pieces: { type: "boolean" },
+        model: { names: ["-m", "--model"] }, prompt: { names: ["-p", "--prompt"] },
+        noBos: { names: ["--no-bos"], switch: true }, parseSpecial: { names: ["--parse-special"], switch: true }, pieces: { names: ["--pieces"], switch: true },
       });
-      if (v.prompt === undefined) throw weftError("BAD_ARGUMENT", "-p TEXT is required");
+      if (v.model === undefined) throw weftError("USAGE", "-m MODEL is required (a model or a vocab-only GGUF)");
+      if (v.prompt === undefined) throw weftError("USAGE", "-p TEXT is required");
       const tok = loadTokenizer(await resolveModel(v.model));
-      const ids = tok.tokenize(v.prompt, { addSpecial: !v["no-bos"], parseSpecial: v["parse-special"] ?? false });
+      const ids = tok.tokenize(v.prompt, { addSpecial: !v.noBos, parseSpecial: v.parseSpecial ?? false });
       const dec = new TextDecoder();
       console.log(JSON.stringify(v.pieces ? ids.map((id) => [id, dec.decode(tok.tokenToPiece(id, true))]) : ids));
       return 0;
@@ -202,20 +116,21 @@ and generation tokens/s) go to stderr, so "weft run ... > out.txt" captures only
     usage: `weft logits [-m MODEL] (-p TEXT | --tokens 1,2,3) [options]
 
 ${MODEL_FLAGS_HELP}
-  -p, --prompt TEXT    tokenized with BOS as the vocabulary asks
-  --tokens LIST        comma-separated token ids instead of a prompt
-The whole sequence is evaluated as one batch; logits[i] is the distribution of the token
-after tokens[0..i].`,
-    async run(args) {
-      const { values: v } = parse(args, { ...modelFlags, prompt: { type: "string", short: "p" }, tokens: { type: "string" } });
-      if ((v.prompt === undefined) === (v.tokens === undefined)) throw weftError("BAD_ARGUMENT", "give exactly one of -p TEXT or --tokens LIST");
-      const m = await openModel({ ...v, ubatch: v.ubatch ?? String(1 << 30) });
+  -p, --prompt TEXT        tokenized with BOS as the vocabulary asks
+  --tokens LIST            comma-separated token ids instead of a prompt
+The whole sequence is evaluated as one batch (unless -ub is smaller); logits[i] is the
+distribution of the token after tokens[0..i].`,
+    async run(args, signal) {
+      const { values: v } = parse(args, { ...MODEL_FLAGS, prompt: { names: ["-p", "--prompt"] }, tokens: { names: ["--tokens"] } });
+      if ((v.prompt === undefined) === (v.tokens === undefined)) throw weftError("USAGE", "give exactly one of -p TEXT or --tokens LIST");
+      const tokens = v.tokens?.split(",").map((s) => int(s.trim(), "--tokens", 0));
+      const m = await openModel({ ...v, ubatch: v.ubatch ?? String(1 << 30), batch: v.batch ?? String(1 << 30) }, signal);
       try {
-        const tokens = v.tokens !== undefined ? v.tokens.split(",").map((s) => int(s.trim(), "--tokens", 0)) : m.tokenize(v.prompt!);
-        const lg = await m.evaluate(tokens, { allLogits: true });
+        const ids = tokens ?? m.tokenize(v.prompt!);
+        const lg = await m.evaluate(ids, { allLogits: true, signal });
         const V = m.hparams.nVocab;
-        const rows = tokens.map((_, i) => Array.from(lg.subarray(i * V, (i + 1) * V)));
-        process.stdout.write(JSON.stringify({ tokens, logits: rows }) + "\n");
+        const rows = ids.map((_, i) => Array.from(lg.subarray(i * V, (i + 1) * V)));
+        stdoutWriter(() => {})(JSON.stringify({ tokens: ids, logits: rows }) + "\n");
         return 0;
       } finally {
         await m.dispose();
@@ -226,9 +141,10 @@ after tokens[0..i].`,
     summary: "list the devices weft can use, with memory and capabilities",
     usage: `weft devices
 
-CPU devices cpu:0, cpu:1, … are separate queues with their own thread pools in this process
+CPU devices cpu:0 … cpu:63 are separate queues with their own thread pools in this process
 (--device cpu:0,cpu:1 -t 1 gives each one thread), so multi-device runs work on one machine.
-A + group (cpu:0+cpu:1) is one tensor-parallel (meta) device over its members.`,
+A + group (cpu:0+cpu:1) is one tensor-parallel (meta) device over its members. CUDA and RPC
+devices are not available in this build.`,
     async run(args) {
       parse(args, {});
       for (const d of listDevices()) {
@@ -236,9 +152,9 @@ A + group (cpu:0+cpu:1) is one tensor-parallel (meta) device over its members.`,
         console.log(`${d.name.padEnd(8)} ${d.type.padEnd(4)} ${d.description}; memory ${(mem.free / 2 ** 30).toFixed(1)} / ${(mem.total / 2 ** 30).toFixed(1)} GiB free; ` +
           `async ${d.caps.async ? "yes" : "no"}, events ${d.caps.events ? "yes" : "no"}, collectives ${d.caps.collectives ? "yes" : "no"}`);
       }
-      console.log("cpu:N    more CPU devices on the same cores (cpu:1, cpu:2, …): each its own queue and threads");
+      console.log("cpu:N    more CPU devices on the same cores (cpu:1 … cpu:63): each its own queue and threads");
       console.log("a+b      a tensor-parallel device over a and b (--split-mode tensor makes one over all --device)");
-      console.log("(no CUDA or RPC devices in this build yet)");
+      console.log("(no CUDA or RPC devices in this build)");
       return 0;
     },
   },
@@ -250,17 +166,17 @@ A + group (cpu:0+cpu:1) is one tensor-parallel (meta) device over its members.`,
   --type TYPE     ${Object.keys(SYNTH_TYPES).join(", ")}
                   (q4_0: Q4_0 with the output matrix in Q6_K; q4_k_m: llama.cpp's Q4_K_M mix)
   --seed S        weights seed (default 42)
-  -o, --out FILE  output GGUF
+  -o, --out FILE  output GGUF (written to a temporary beside it, renamed when complete)
 Shapes follow ../shared/BASELINES.md. Vocabularies: Llama 2's 32000-token SentencePiece
 vocabulary (tiny, small) and Llama 3's 128256-token BPE vocabulary (1b), from the npm
 packages llama-tokenizer-js and llama3-tokenizer-js. The default model of "weft run" is
 --preset ${DEFAULT_MODEL.preset} --type ${DEFAULT_MODEL.type} --seed ${DEFAULT_MODEL.seed}.`,
-    async run(args) {
-      const { values: v } = parse(args, { preset: { type: "string" }, type: { type: "string" }, seed: { type: "string" }, out: { type: "string", short: "o" } });
-      if (!v.preset || !v.type || !v.out) throw weftError("BAD_ARGUMENT", "--preset, --type and -o are required");
+    async run(args, signal) {
+      const { values: v } = parse(args, { preset: { names: ["--preset"] }, type: { names: ["--type"] }, seed: { names: ["--seed"] }, out: { names: ["-o", "--out"] } });
+      if (!v.preset || !v.type || !v.out) throw weftError("USAGE", "--preset, --type and -o are required");
       const t0 = performance.now();
       const r = await synthModel({
-        preset: v.preset, type: v.type, seed: int(v.seed, "--seed", 42), out: v.out,
+        preset: v.preset, type: v.type, seed: int(v.seed, "--seed", 42), out: v.out, signal,
         onProgress: (d, n, name) => { if (process.stderr.isTTY) process.stderr.write(`\r[${d}/${n}] ${name.padEnd(32)}`); },
       });
       if (process.stderr.isTTY) process.stderr.write("\n");

@@ -2,6 +2,7 @@
 export type WeftErrorCode =
   | "BAD_GGUF" // malformed or truncated GGUF file
   | "BAD_ARGUMENT" // a caller passed something unusable
+  | "USAGE" // a command line that cannot be parsed (the CLI exits with 2)
   | "SHAPE_MISMATCH" // graph construction with incompatible shapes
   | "UNSUPPORTED_OP" // an op a backend cannot run
   | "UNSUPPORTED_TYPE" // a tensor type weft does not handle

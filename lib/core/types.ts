@@ -1,3 +1,5 @@
+import { weftError } from "./errors.js";
+
 /** Tensor element types. Ids equal GGUF's / ggml's. */
 export const GgmlType = {
   F32: 0, F16: 1, Q4_0: 2, Q8_0: 8, Q4_K: 12, Q6_K: 14, Q8_K: 15,
@@ -33,13 +35,43 @@ export const TYPES: Readonly<Record<GgmlType, TypeTraits>> = {
   [GgmlType.F64]: { name: "f64", blockSize: 1, typeSize: 8, quantized: false, weight: false },
 };
 
+/**
+ * Every tensor type a GGUF file may hold (ggml's type table: id → name, elements per block,
+ * bytes per block), weft's own and the ones it cannot run, so that any file can be read,
+ * listed and refused by name. Only TYPES' types are computed with.
+ */
+export const GGML_TYPES: Readonly<Record<number, { name: string; blockSize: number; typeSize: number }>> = {
+  0: { name: "f32", blockSize: 1, typeSize: 4 }, 1: { name: "f16", blockSize: 1, typeSize: 2 },
+  2: { name: "q4_0", blockSize: 32, typeSize: 18 }, 3: { name: "q4_1", blockSize: 32, typeSize: 20 },
+  6: { name: "q5_0", blockSize: 32, typeSize: 22 }, 7: { name: "q5_1", blockSize: 32, typeSize: 24 },
+  8: { name: "q8_0", blockSize: 32, typeSize: 34 }, 9: { name: "q8_1", blockSize: 32, typeSize: 36 },
+  10: { name: "q2_K", blockSize: 256, typeSize: 84 }, 11: { name: "q3_K", blockSize: 256, typeSize: 110 },
+  12: { name: "q4_K", blockSize: 256, typeSize: 144 }, 13: { name: "q5_K", blockSize: 256, typeSize: 176 },
+  14: { name: "q6_K", blockSize: 256, typeSize: 210 }, 15: { name: "q8_K", blockSize: 256, typeSize: 292 },
+  16: { name: "iq2_xxs", blockSize: 256, typeSize: 66 }, 17: { name: "iq2_xs", blockSize: 256, typeSize: 74 },
+  18: { name: "iq3_xxs", blockSize: 256, typeSize: 98 }, 19: { name: "iq1_s", blockSize: 256, typeSize: 50 },
+  20: { name: "iq4_nl", blockSize: 32, typeSize: 18 }, 21: { name: "iq3_s", blockSize: 256, typeSize: 110 },
+  22: { name: "iq2_s", blockSize: 256, typeSize: 82 }, 23: { name: "iq4_xs", blockSize: 256, typeSize: 136 },
+  24: { name: "i8", blockSize: 1, typeSize: 1 }, 25: { name: "i16", blockSize: 1, typeSize: 2 },
+  26: { name: "i32", blockSize: 1, typeSize: 4 }, 27: { name: "i64", blockSize: 1, typeSize: 8 },
+  28: { name: "f64", blockSize: 1, typeSize: 8 }, 29: { name: "iq1_m", blockSize: 256, typeSize: 56 },
+  30: { name: "bf16", blockSize: 1, typeSize: 2 }, 34: { name: "tq1_0", blockSize: 256, typeSize: 54 },
+  35: { name: "tq2_0", blockSize: 256, typeSize: 66 }, 39: { name: "mxfp4", blockSize: 32, typeSize: 17 },
+};
+
+/** A type's name as llama.cpp prints it (Q5_K, IQ4_XS, BF16), or "type N" for an id ggml does not know. */
+export function typeName(t: number): string {
+  const g = GGML_TYPES[t];
+  return g ? g.name.toUpperCase() : `type ${t}`;
+}
+
 export function isKnownType(t: number): t is GgmlType {
   return Object.prototype.hasOwnProperty.call(TYPES, t);
 }
 
 export function typeTraits(t: number): TypeTraits {
   const tr = (TYPES as Record<number, TypeTraits>)[t];
-  if (!tr) throw new Error(`unknown tensor type id ${t}`);
+  if (!tr) throw weftError("UNSUPPORTED_TYPE", `tensor type ${typeName(t)} is not supported (weft computes with ${Object.values(TYPES).filter((x) => x.weight).map((x) => x.name.toUpperCase()).join(", ")})`);
   return tr;
 }
 

@@ -93,11 +93,15 @@ export class CpuDevice implements Device {
 }
 
 const devices = new Map<string, CpuDevice>();
+/** CPU devices per process: a collective group spans at most 64 devices */
+const MAX_CPU_DEVICES = 64;
 
 /** The canonical CPU device `cpu:N` (`cpu` = `cpu:0`). */
 export function cpuDevice(name = "cpu:0", opts: CpuDeviceOptions = {}): CpuDevice {
-  const m = /^cpu(?::(\d{1,2}))?$/.exec(name);
+  const m = /^cpu(?::(\d{1,3}))?$/.exec(name);
   if (!m) throw weftError("BAD_ARGUMENT", `'${name}' is not a CPU device name (cpu, cpu:0, cpu:1, …)`);
+  if (Number(m[1] ?? 0) >= MAX_CPU_DEVICES)
+    throw weftError("BAD_ARGUMENT", `${name}: CPU devices are numbered 0 to ${MAX_CPU_DEVICES - 1} (each is a queue with its own threads on this machine's ${usableCores()} core(s); see weft devices)`);
   const key = `cpu:${Number(m[1] ?? 0)}${opts.async === false ? "/sync" : ""}`;
   let d = devices.get(key);
   if (!d) { d = new CpuDevice(key, opts); devices.set(key, d); }

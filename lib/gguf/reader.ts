@@ -6,7 +6,8 @@
  */
 import { closeSync, fstatSync, openSync, readSync } from "node:fs";
 import { weftError } from "../core/errors.js";
-import { GgmlType, TYPES, isKnownType, rowSize } from "../core/types.js";
+import { ioError } from "../core/files.js";
+import { GGML_TYPES, typeName } from "../core/types.js";
 import {
   GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GgufArray, GgufFile, GgufScalar, GgufTensorInfo, GgufValue, GgufValueType, SCALAR_SIZE,
 } from "./types.js";
@@ -139,9 +140,11 @@ function readArray(c: Cursor, what: string, depth: number): GgufArray {
 /** Parses a GGUF file's header, metadata and tensor infos (not the tensor data). */
 export function readGguf(path: string): GgufFile {
   let fd: number;
-  try { fd = openSync(path, "r"); } catch (e) { throw weftError("IO", `cannot open ${path}: ${(e as Error).message}`, e); }
+  try { fd = openSync(path, "r"); } catch (e) { throw ioError("open", path, e); }
   try {
-    const size = fstatSync(fd).size;
+    const st = fstatSync(fd);
+    if (st.isDirectory()) throw weftError("IO", `cannot read ${path}: it is a directory, not a GGUF file`);
+    const size = st.size;
     const c = new Cursor(fd, size, path);
     if (size < 24) c.fail(`file is ${size} bytes, too short for a GGUF header`);
     const magic = c.u32("magic");
@@ -189,13 +192,14 @@ export function readGguf(path: string): GgufFile {
         nel *= v;
         if (nel > Number.MAX_SAFE_INTEGER) c.fail(`tensor '${name}' has too many elements`);
       }
-      const typeId = c.u32(`'${name}' type`);
-      if (!isKnownType(typeId) || !TYPES[typeId].weight) c.fail(`tensor '${name}' has unsupported type ${typeId}`);
-      const type = typeId as GgmlType;
+      // any ggml type is read (weft info lists it); a model that needs one weft cannot run is refused by name at load
+      const type = c.u32(`'${name}' type`);
+      const g = GGML_TYPES[type];
+      if (!g) c.fail(`tensor '${name}' has type id ${type}, which ggml does not define`);
       const offset = c.u64(`'${name}' offset`);
-      if (ne[0]! % TYPES[type].blockSize !== 0) c.fail(`tensor '${name}': row length ${ne[0]} is not a multiple of ${TYPES[type].name}'s block size`);
+      if (ne[0]! % g.blockSize !== 0) c.fail(`tensor '${name}': row length ${ne[0]} is not a multiple of ${typeName(type)}'s block size ${g.blockSize}`);
       if (offset % alignment !== 0) c.fail(`tensor '${name}': offset ${offset} is not aligned to ${alignment}`);
-      const nbytes = nel === 0 ? 0 : rowSize(type, ne[0]!) * (nel / ne[0]!);
+      const nbytes = nel === 0 ? 0 : (ne[0]! / g.blockSize) * g.typeSize * (nel / ne[0]!);
       tensors.push({ name, type, ne, offset, nbytes });
     }
     const dataOffset = Math.ceil(c.pos / alignment) * alignment;

@@ -5,7 +5,8 @@
  */
 import { closeSync, openSync, writeSync } from "node:fs";
 import { weftError } from "../core/errors.js";
-import { TYPES, isKnownType, rowSize } from "../core/types.js";
+import { writeAtomically } from "../core/files.js";
+import { GGML_TYPES, TYPES, isKnownType, typeName } from "../core/types.js";
 import { GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GgufArray, GgufScalar, GgufValue, GgufValueType } from "./types.js";
 
 export interface GgufTensorSpec {
@@ -61,7 +62,18 @@ function writeArray(w: ByteWriter, a: GgufArray, key: string): void {
   else for (let i = 0; i < a.values.length; i++) writeScalar(w, a.elemType, (a.values as ArrayLike<GgufScalar>)[i]!, key);
 }
 
-export function writeGguf(path: string, metadata: Map<string, GgufValue> | Iterable<[string, GgufValue]>, tensors: GgufTensorSpec[], alignment = GGUF_DEFAULT_ALIGNMENT): void {
+export interface WriteGgufOptions {
+  alignment?: number;
+  /** stops the write between tensors (the file is then removed, the target untouched) */
+  signal?: AbortSignal;
+}
+
+/**
+ * Writes a GGUF file, a tensor at a time (the event loop gets a turn between tensors), to
+ * a temporary beside `path` that is renamed into place when complete (lib/core/files.ts).
+ */
+export async function writeGguf(path: string, metadata: Map<string, GgufValue> | Iterable<[string, GgufValue]>, tensors: GgufTensorSpec[], opts: WriteGgufOptions = {}): Promise<void> {
+  const alignment = opts.alignment ?? GGUF_DEFAULT_ALIGNMENT;
   const meta = new Map(metadata);
   if (alignment !== GGUF_DEFAULT_ALIGNMENT) meta.set("general.alignment", { type: GgufValueType.UINT32, value: alignment });
   const h = new ByteWriter();
@@ -78,9 +90,12 @@ export function writeGguf(path: string, metadata: Map<string, GgufValue> | Itera
   let offset = 0;
   const sizes: number[] = [];
   for (const t of tensors) {
-    if (!isKnownType(t.type) || !TYPES[t.type].weight) throw weftError("UNSUPPORTED_TYPE", `tensor '${t.name}': type ${t.type} cannot be stored`);
+    // any ggml type can be stored (its bytes are given); weft itself writes only the ones it computes with
+    const g = GGML_TYPES[t.type];
+    if (!g || (isKnownType(t.type) && !TYPES[t.type].weight)) throw weftError("UNSUPPORTED_TYPE", `tensor '${t.name}': type ${typeName(t.type)} cannot be stored`);
+    if (t.ne[0]! % g.blockSize !== 0) throw weftError("BAD_ARGUMENT", `tensor '${t.name}': row length ${t.ne[0]} is not a multiple of ${typeName(t.type)}'s block size ${g.blockSize}`);
     if (t.ne.length < 1 || t.ne.length > 4) throw weftError("BAD_ARGUMENT", `tensor '${t.name}': 1 to 4 dimensions`);
-    const nbytes = rowSize(t.type, t.ne[0]!) * t.ne.slice(1).reduce((p, x) => p * x, 1);
+    const nbytes = (t.ne[0]! / g.blockSize) * g.typeSize * t.ne.slice(1).reduce((p, x) => p * x, 1);
     sizes.push(nbytes);
     h.str(t.name);
     h.u32(t.ne.length);
@@ -90,17 +105,22 @@ export function writeGguf(path: string, metadata: Map<string, GgufValue> | Itera
     offset += Math.ceil(nbytes / alignment) * alignment;
   }
   h.pad(alignment);
-  const fd = openSync(path, "w");
-  try {
-    writeSync(fd, h.bytes());
-    tensors.forEach((t, i) => {
-      const data = typeof t.data === "function" ? t.data() : t.data;
-      if (data.byteLength !== sizes[i]) throw weftError("BAD_ARGUMENT", `tensor '${t.name}': ${data.byteLength} bytes given, ${sizes[i]} expected`);
-      writeSync(fd, data);
-      const pad = (alignment - (data.byteLength % alignment)) % alignment;
-      if (pad) writeSync(fd, Buffer.alloc(pad));
-    });
-  } finally {
-    closeSync(fd);
-  }
+  await writeAtomically(path, async (tmp) => {
+    const fd = openSync(tmp, "w");
+    try {
+      writeSync(fd, h.bytes());
+      for (const [i, t] of tensors.entries()) {
+        opts.signal?.throwIfAborted();
+        const data = typeof t.data === "function" ? t.data() : t.data;
+        if (data.byteLength !== sizes[i]) throw weftError("BAD_ARGUMENT", `tensor '${t.name}': ${data.byteLength} bytes given, ${sizes[i]} expected`);
+        writeSync(fd, data);
+        const pad = (alignment - (data.byteLength % alignment)) % alignment;
+        if (pad) writeSync(fd, Buffer.alloc(pad));
+        await new Promise((r) => setImmediate(r));
+      }
+      opts.signal?.throwIfAborted();
+    } finally {
+      closeSync(fd);
+    }
+  });
 }

@@ -4,7 +4,7 @@
  * names it, before any memory is committed.
  */
 import { weftError } from "../core/errors.js";
-import { GgmlType, TYPES, isKnownType } from "../core/types.js";
+import { GgmlType, isKnownType, typeName } from "../core/types.js";
 import { metaNumber, metaString, metaValue } from "../gguf/reader.js";
 import { GgufFile, GgufTensorInfo } from "../gguf/types.js";
 import { RopeMode } from "../core/ops.js";
@@ -121,11 +121,11 @@ export function readWeightTable(f: GgufFile, hp: HParams): WeightTable {
     while (got.length > ne.length && got[got.length - 1] === 1) got.pop();
     if (got.length !== ne.length || got.some((v, i) => v !== ne[i]))
       bad(f, `tensor '${name}' has shape [${t.ne.join(", ")}], expected [${ne.join(", ")}]`);
-    if (!isKnownType(t.type)) throw weftError("UNSUPPORTED_TYPE", `${f.path}: tensor '${name}' has unsupported type id ${t.type}`);
     if (kind === "vector" && t.type !== GgmlType.F32)
-      throw weftError("UNSUPPORTED_TYPE", `${f.path}: tensor '${name}' is ${TYPES[t.type].name}; norm and bias vectors must be F32`);
-    if (kind === "matrix" && !MATRIX_TYPES.has(t.type))
-      throw weftError("UNSUPPORTED_TYPE", `${f.path}: tensor '${name}' has type ${TYPES[t.type].name}, which weft cannot multiply`);
+      throw weftError("UNSUPPORTED_TYPE", `${f.path}: tensor '${name}' is ${typeName(t.type)}; norm and bias vectors must be F32`);
+    if (kind === "matrix" && (!isKnownType(t.type) || !MATRIX_TYPES.has(t.type)))
+      throw weftError("UNSUPPORTED_TYPE", `${f.path}: tensor '${name}' has type ${typeName(t.type)}, which weft cannot multiply ` +
+        `(it runs ${[...MATRIX_TYPES].map(typeName).join(", ")}; weft quantize converts from F32/F16/BF16)`);
     return t;
   };
   const { nEmbd, nVocab, headDim, nHead, nHeadKv, nFf } = hp;

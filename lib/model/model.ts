@@ -4,7 +4,7 @@
  * shape and cached with their compute buffers; a step only writes the inputs and sends
  * the graph's uid to the devices.
  */
-import { weftError } from "../core/errors.js";
+import { WeftError, weftError } from "../core/errors.js";
 import { GgmlType } from "../core/types.js";
 import { readGguf } from "../gguf/reader.js";
 import { GgufFile } from "../gguf/types.js";
@@ -63,11 +63,28 @@ export interface EvaluateOptions {
 }
 
 export interface GenerateOptions extends SamplingOptions {
-  /** most tokens to generate (default 128) */
+  /** most tokens to generate (default 128; -1 or Infinity: until the end token or a full context) */
   maxTokens?: number;
   /** add BOS etc. to the prompt as the vocabulary asks (default true) */
   addSpecial?: boolean;
+  /** turn special-token text in the prompt (`<|start_header_id|>`) into its token (default false) */
+  parseSpecial?: boolean;
   signal?: AbortSignal;
+}
+
+/** Why a generation stopped: an end-of-generation token, maxTokens, a full context, or the signal. */
+export type StopReason = "eog" | "maxTokens" | "contextFull" | "aborted";
+
+/** The token stream of generate(); `stopReason` is set once it has stopped. */
+export interface Generation extends AsyncGenerator<GeneratedPiece, void, undefined> {
+  readonly stopReason: StopReason | null;
+}
+
+/** The error an aborted call throws: code ABORTED, the signal's reason as its cause. */
+export function abortError(signal: AbortSignal): WeftError {
+  const r = signal.reason as unknown;
+  const why = r instanceof Error ? r.message : r === undefined ? "" : String(r);
+  return weftError("ABORTED", `aborted${why ? `: ${why}` : ""}`, r);
 }
 
 export interface GeneratedPiece {
@@ -264,37 +281,48 @@ export class Model {
     try {
       const all = opts.allLogits ?? false;
       const out = new Float32Array(all ? tokens.length * nV : nV);
+      // One device: a micro-batch is queued when the previous one is done (it could not
+      // overlap anyway), so an abort stops within one micro-batch. Several devices: up to
+      // PIPELINE_SLOTS micro-batches in flight, device k on micro-batch i while k+1 is on i−1.
       const slots = this.#backends.length > 1 ? PIPELINE_SLOTS : 1;
       const pending: Promise<unknown>[] = [];
-      // Every micro-batch is only enqueued here: on several devices they pipeline.
-      for (let start = 0, mb = 0; start < tokens.length; start += this.batchSize, mb++) {
-        opts.signal?.throwIfAborted();
-        const chunk = tokens.slice(start, start + this.batchSize);
-        const n = chunk.length;
-        const p0 = this.#pos;
-        const kvLen = Math.min(this.contextSize, Math.ceil((p0 + n) / KV_BUCKET) * KV_BUCKET);
-        const last = start + n >= tokens.length;
-        const { fg, sg, mask } = this.#graph(n, kvLen, all, mb % slots);
-        const pos = new Int32Array(n);
-        for (let i = 0; i < n; i++) pos[i] = p0 + i;
-        mask.fill(-Infinity);
-        for (let i = 0; i < n; i++) mask.fill(0, i * kvLen, i * kvLen + p0 + i + 1);
-        await sg.setInput(fg.tokens, Int32Array.from(chunk));
-        await sg.setInput(fg.positions, pos);
-        await sg.setInput(fg.mask, mask);
-        await sg.setInput(fg.slots, BigInt64Array.from(pos, (p) => BigInt(p)));
-        pending.push((await sg.enqueue()).done);
-        this.#pos += n;
-        if (all || last) {
-          const at = start;
-          pending.push(sg.getOutput(fg.logits).then((bytes) => {
-            const rows = new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
-            if (all) out.set(rows, at * nV);
-            else out.set(rows.subarray(rows.length - nV));
-          }));
+      const inFlight: Promise<unknown>[] = [];
+      try {
+        for (let start = 0, mb = 0; start < tokens.length; start += this.batchSize, mb++) {
+          while (inFlight.length >= slots) await inFlight.shift();
+          if (opts.signal?.aborted) break;
+          const chunk = tokens.slice(start, start + this.batchSize);
+          const n = chunk.length;
+          const p0 = this.#pos;
+          const kvLen = Math.min(this.contextSize, Math.ceil((p0 + n) / KV_BUCKET) * KV_BUCKET);
+          const last = start + n >= tokens.length;
+          const { fg, sg, mask } = this.#graph(n, kvLen, all, mb % slots);
+          const pos = new Int32Array(n);
+          for (let i = 0; i < n; i++) pos[i] = p0 + i;
+          mask.fill(-Infinity);
+          for (let i = 0; i < n; i++) mask.fill(0, i * kvLen, i * kvLen + p0 + i + 1);
+          await sg.setInput(fg.tokens, Int32Array.from(chunk));
+          await sg.setInput(fg.positions, pos);
+          await sg.setInput(fg.mask, mask);
+          await sg.setInput(fg.slots, BigInt64Array.from(pos, (p) => BigInt(p)));
+          const done = (await sg.enqueue()).done;
+          pending.push(done);
+          inFlight.push(done.catch(() => {}));
+          this.#pos += n;
+          if (all || last) {
+            const at = start;
+            pending.push(sg.getOutput(fg.logits).then((bytes) => {
+              const rows = new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
+              if (all) out.set(rows, at * nV);
+              else out.set(rows.subarray(rows.length - nV));
+            }));
+          }
         }
+      } finally {
+        await Promise.allSettled(pending);  // nothing of this call is still running when it returns or throws
       }
       await Promise.all(pending);
+      if (opts.signal?.aborted) throw abortError(opts.signal);
       return out;
     } finally {
       this.#busy = false;
@@ -304,28 +332,43 @@ export class Model {
   /**
    * Generates a continuation of `prompt` (the sequence is reset first), yielding each
    * token with the text it completes. Stops at an end-of-generation token, after
-   * maxTokens, or when the signal aborts (the iterator then throws an AbortError).
+   * maxTokens, when the context is full, or when the signal aborts (the iterator then
+   * throws a WeftError with code ABORTED); `stopReason` says which, once it has stopped.
    */
-  async *generate(prompt: string | readonly number[], opts: GenerateOptions = {}): AsyncGenerator<GeneratedPiece, void, undefined> {
-    const ids = typeof prompt === "string" ? this.tokenize(prompt, { addSpecial: opts.addSpecial ?? true }) : [...prompt];
+  generate(prompt: string | readonly number[], opts: GenerateOptions = {}): Generation {
+    const state: { reason: StopReason | null } = { reason: null };
+    const gen = this.#generate(prompt, opts, state);
+    return Object.defineProperty(gen, "stopReason", { get: () => state.reason, enumerable: true }) as Generation;
+  }
+
+  async *#generate(prompt: string | readonly number[], opts: GenerateOptions, state: { reason: StopReason | null }): AsyncGenerator<GeneratedPiece, void, undefined> {
+    const ids = typeof prompt === "string" ? this.tokenize(prompt, { addSpecial: opts.addSpecial ?? true, parseSpecial: opts.parseSpecial ?? false }) : [...prompt];
     if (ids.length === 0) throw weftError("BAD_ARGUMENT", "the prompt is empty and the vocabulary adds no BOS token: nothing to continue from");
     const maxTokens = opts.maxTokens ?? 128;
-    if (!Number.isInteger(maxTokens) || maxTokens < 0) throw weftError("BAD_ARGUMENT", `maxTokens must be a non-negative integer, got ${maxTokens}`);
+    if (!(maxTokens === Infinity || maxTokens === -1 || (Number.isInteger(maxTokens) && maxTokens >= 0)))
+      throw weftError("BAD_ARGUMENT", `maxTokens must be a non-negative integer (or -1 / Infinity: until the end token or a full context), got ${maxTokens}`);
+    const limit = maxTokens < 0 ? Infinity : maxTokens;
     const sampler = new Sampler(opts);
     sampler.accept(ids);
     this.reset();
     const decoder = new TextDecoder("utf-8");
-    let logits = await this.evaluate(ids, { signal: opts.signal });
-    for (let i = 0; i < maxTokens; i++) {
-      opts.signal?.throwIfAborted();
-      const tok = sampler.sample(logits);
-      if (this.tokenizer.isEog(tok)) break;
-      sampler.accept([tok]);
-      yield { token: tok, text: decoder.decode(this.tokenizer.tokenToPiece(tok), { stream: true }) };
-      if (i + 1 < maxTokens) {
-        if (this.#pos >= this.contextSize) break;
+    const stop = (r: StopReason) => { state.reason = r; };
+    try {
+      let logits = await this.evaluate(ids, { signal: opts.signal });
+      for (let i = 0; ; i++) {
+        if (i >= limit) { stop("maxTokens"); break; }
+        if (opts.signal?.aborted) throw abortError(opts.signal);
+        const tok = sampler.sample(logits);
+        if (this.tokenizer.isEog(tok)) { stop("eog"); break; }
+        sampler.accept([tok]);
+        yield { token: tok, text: decoder.decode(this.tokenizer.tokenToPiece(tok), { stream: true }) };
+        if (i + 1 >= limit) { stop("maxTokens"); break; }
+        if (this.#pos >= this.contextSize) { stop("contextFull"); break; }
         logits = await this.evaluate([tok], { signal: opts.signal });
       }
+    } catch (e) {
+      if (e instanceof WeftError && e.code === "ABORTED") stop("aborted");
+      throw e;
     }
     const rest = decoder.decode();
     if (rest) yield { token: -1, text: rest };
@@ -347,6 +390,8 @@ export class Model {
 export async function loadModel(path: string, opts: LoadModelOptions = {}): Promise<Model> {
   const report = opts.onProgress ?? (() => {});
   const file = readGguf(path);
+  if (file.tensors.length === 0)
+    throw weftError("BAD_GGUF", `${path} holds no tensors: it is a vocabulary-only GGUF, usable with weft tokenize (loadTokenizer), not as a model`);
   const hp = readHParams(file);
   const table = readWeightTable(file, hp);
   const tokenizer = new Tokenizer(file);

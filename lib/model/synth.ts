@@ -39,6 +39,8 @@ export interface SynthOptions {
   seed?: number;
   out: string;
   onProgress?: (done: number, total: number, tensor: string) => void;
+  /** stops between tensors; the output is then not written */
+  signal?: AbortSignal;
 }
 
 interface Vocab { tokens: string[]; scores?: number[]; types: number[]; merges?: string[]; model: "llama" | "gpt2"; bos: number; eos: number; unk?: number }
@@ -157,7 +159,7 @@ export async function synthModel(o: SynthOptions): Promise<{ path: string; param
       },
     };
   });
-  writeGguf(o.out, meta, specs);
+  await writeGguf(o.out, meta, specs, { signal: o.signal });
   return { path: o.out, params, types };
 }
 

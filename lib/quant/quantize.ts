@@ -3,8 +3,11 @@
  * tensors are quantized, the per-tensor type mix of each scheme, and the bytes of each
  * block (the native quantizers reproduce ggml's reference quantizers exactly).
  */
+import { statSync } from "node:fs";
+import { resolve } from "node:path";
 import { fromNative, weftError } from "../core/errors.js";
-import { GgmlType, TYPES, rowSize } from "../core/types.js";
+import { ioError } from "../core/files.js";
+import { GgmlType, TYPES, isKnownType, rowSize, typeName } from "../core/types.js";
 import { cpuDevice } from "../cpu/index.js";
 import { native } from "../cpu/native.js";
 import { readGguf } from "../gguf/reader.js";
@@ -74,16 +77,37 @@ export function planQuantTypes(file: GgufFile, scheme: QuantScheme, pure: boolea
 
 export interface QuantizeOptions {
   pure?: boolean;
+  /** allow an input whose matrices are already quantized (as llama-quantize's
+   * --allow-requantize): quantizing twice loses more than quantizing once */
+  allowRequantize?: boolean;
   onProgress?: (done: number, total: number, tensor: string) => void;
+  /** stops between tensors; the output is then not written */
   signal?: AbortSignal;
+}
+
+/** Refuses to write over the input (the same path, or another name of the same file). */
+function checkNotInput(inPath: string, outPath: string): void {
+  let a, b;
+  try { a = statSync(inPath); } catch (e) { throw ioError("read", inPath, e); }
+  try { b = statSync(outPath); } catch { return; }  // the output does not exist yet
+  if (resolve(inPath) === resolve(outPath) || (a.dev === b.dev && a.ino === b.ino))
+    throw weftError("BAD_ARGUMENT", `the output ${outPath} is the input file: write the quantized model to another path`);
 }
 
 /** Reads IN, writes OUT with every matrix converted per the scheme. */
 export async function quantizeModel(inPath: string, outPath: string, schemeName: string, opts: QuantizeOptions = {}): Promise<Map<string, GgmlType>> {
   const scheme = QUANT_SCHEMES[schemeName.toLowerCase()];
   if (!scheme) throw weftError("BAD_ARGUMENT", `unknown quantization type '${schemeName}' (known: ${Object.keys(QUANT_SCHEMES).join(", ")})`);
+  checkNotInput(inPath, outPath);
   const file = readGguf(inPath);
   const plan = planQuantTypes(file, scheme, opts.pure ?? false);
+  const unreadable = file.tensors.filter((t) => !isKnownType(t.type));
+  if (unreadable.length)
+    throw weftError("UNSUPPORTED_TYPE", `${inPath}: weft cannot read ${[...new Set(unreadable.map((t) => typeName(t.type)))].join(", ")} tensors (e.g. '${unreadable[0]!.name}')`);
+  const quantized = file.tensors.filter((t) => isKnownType(t.type) && TYPES[t.type as GgmlType].quantized);
+  if (quantized.length && !opts.allowRequantize)
+    throw weftError("BAD_ARGUMENT", `${inPath} is already quantized (${[...new Set(quantized.map((t) => TYPES[t.type as GgmlType].name))].join(", ")} matrices): ` +
+      "quantizing again loses more than quantizing once from F32/F16/BF16; pass --allow-requantize (allowRequantize) to do it anyway");
   const mapped = cpuDevice("cpu:0").bufferType().mapFile(inPath);
   try {
     const meta = new Map(file.metadata);
@@ -111,7 +135,7 @@ export async function quantizeModel(inPath: string, outPath: string, schemeName:
         },
       };
     });
-    writeGguf(outPath, meta, specs, file.alignment);
+    await writeGguf(outPath, meta, specs, { alignment: file.alignment, signal: opts.signal });
     return plan;
   } finally {
     mapped.dispose();
