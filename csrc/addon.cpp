@@ -52,6 +52,7 @@ bool lookup_buffer(int64_t id, BufferInfo* out) {
   if (it == g_bufs.end() || it->second.dead) return false;
   out->base = it->second.base;
   out->size = it->second.size;
+  out->read_only = it->second.mapped;
   return true;
 }
 

@@ -225,6 +225,8 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
       if (t.packed) extent = std::max(extent, offs + (double)t.ne[1] * (double)repacked_row_bytes(t.type, t.ne[0]));
       if (extent > (double)bi.size) return fail("tensor extends beyond its buffer");
     }
+    // a mapped file is mapped read-only: a node there would fault instead of failing
+    if (bi.read_only && op_def(t.op).run) return fail("writes into a read-only (mapped file) buffer");
     t.data = bi.base + (int64_t)offs;
     auto S = [&](int k) -> Tensor* { return t.src[k] >= 0 ? &plan->t[t.src[k]] : nullptr; };
     for (int k = 0; k < MAX_SRC; ++k)

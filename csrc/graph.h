@@ -59,7 +59,7 @@ struct Plan {
   size_t tile_scratch = 0;     // per-thread bytes for weight rows decoded before tiling
 };
 
-struct BufferInfo { char* base; size_t size; };
+struct BufferInfo { char* base; size_t size; bool read_only; };
 // Looks up a live buffer by id (addon.cpp owns the registry); false if unknown or freed.
 bool lookup_buffer(int64_t id, BufferInfo* out);
 // Looks up a collective group by id (addon.cpp owns the registry).

@@ -25,11 +25,15 @@ export { synthModel, SYNTH_PRESETS, SYNTH_TYPES, type SynthOptions } from "./mod
 export { defaultModelPath, cacheDir, DEFAULT_MODEL } from "./model/default.js";
 export { planGraphAllocation, applyGraphAllocation, type GraphAllocation } from "./backend/alloc.js";
 
+export { startRpcServer, RpcServer, RpcDevice, RpcConnection, readToken, DEFAULT_RPC_PORT, type RpcServerOptions, type RpcConnectOptions } from "./rpc/index.js";
+
 import { device, devices } from "./backend/registry.js";
+import { addRpcServer, closeRpcServers } from "./rpc/index.js";
 import { deviceFromSpec, metaDevice } from "./meta/index.js";
 /**
  * Devices: `backend.device("cpu:0")`, `backend.devices()`, and `backend.meta([d0, d1], {
  * tensorSplit })`, a virtual device that cuts every tensor across its devices (tensor
- * parallelism); `backend.fromSpec("cpu:0+cpu:1")` reads the command line's spelling.
+ * parallelism); `backend.fromSpec("cpu:0+cpu:1")` reads the command line's spelling;
+ * `await backend.addRpcServer("host:port", { token })` adds a server's devices as rpc:N.
  */
-export const backend = { device, devices, meta: metaDevice, fromSpec: deviceFromSpec } as const;
+export const backend = { device, devices, meta: metaDevice, fromSpec: deviceFromSpec, addRpcServer, closeRpcServers } as const;

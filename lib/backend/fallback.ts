@@ -5,10 +5,11 @@
  * gathers, a repacked CPU buffer converts), else as the bytes of the tensor's span. The
  * fallback for a queued operation is: wait for the queue to drain, then the blocking call.
  */
+import { closeSync, openSync, readSync } from "node:fs";
 import { weftError } from "../core/errors.js";
 import { Tensor, bytesOf } from "../core/tensor.js";
 import type { Graph } from "../core/graph.js";
-import { Backend, Buffer, BufferType, CollectiveGroup, Device, Event } from "./interface.js";
+import { Backend, Buffer, BufferType, CollectiveGroup, Device, Event, FileTensor } from "./interface.js";
 
 /** The buffer a tensor's bytes are in and the byte position of its span there. */
 export function tensorPlace(t: Tensor): { buffer: Buffer; offset: number } {
@@ -165,4 +166,33 @@ export function forgetGraph(be: Backend, graph: Graph): void {
 /** A communicator among `devices` for in-graph all-reduces, or null where they share none. */
 export function collectiveGroup(devices: readonly Device[]): CollectiveGroup | null {
   return devices[0]?.collectiveGroup?.(devices) ?? null;
+}
+
+/** Reads bytes [offset, offset + size) of an open file. */
+export function readFileRange(fd: number, path: string, offset: number, size: number): Uint8Array {
+  const out = globalThis.Buffer.allocUnsafe(size);
+  let got = 0;
+  while (got < size) {
+    const r = readSync(fd, out, got, size - got, offset + got);
+    if (r <= 0) throw weftError("BAD_GGUF", `${path}: bytes [${offset}, +${size}) run past the end of the file`);
+    got += r;
+  }
+  return out;
+}
+
+/**
+ * Fills tensors of one buffer from a file: the buffer's own way where it has one (a remote
+ * device may find the bytes on its side), else read here and written a tensor at a time.
+ */
+export async function loadFromFile(b: Buffer, file: string, tensors: readonly FileTensor[], step: (bytes: number) => Promise<void>): Promise<void> {
+  if (b.loadFromFile) return b.loadFromFile(file, tensors, step);
+  const fd = openSync(file, "r");
+  try {
+    for (const x of tensors) {
+      setTensorData(x.t, readFileRange(fd, file, x.offset, x.size));
+      await step(x.size);
+    }
+  } finally {
+    closeSync(fd);
+  }
 }

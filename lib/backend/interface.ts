@@ -48,9 +48,17 @@ export interface Buffer {
   /** (optional) bytes held on each device (a meta buffer spreads over several);
    * default: all `size` bytes on bufferType.device */
   deviceBytes?(): ReadonlyArray<readonly [Device, number]>;
+  /** (optional) fills tensors placed in this buffer from a file, where the device can find
+   * the bytes without them crossing from here (a remote server's weight cache or its own
+   * copy of the file); `step` runs after each tensor with its bytes and may throw to stop;
+   * default: each tensor read here and written with setTensor */
+  loadFromFile?(file: string, tensors: readonly FileTensor[], step: (bytes: number) => Promise<void>): Promise<void>;
   clear(value: number): void;
   dispose(): void;
 }
+
+/** A tensor's bytes in a file: [offset, offset + size) (loadFromFile). */
+export interface FileTensor { readonly t: Tensor; readonly offset: number; readonly size: number }
 
 export interface AllocTensorsOptions {
   /** tensors that only MUL_MAT reads as its weight: a device may keep them in its faster

@@ -1,12 +1,12 @@
 /**
  * The registry of devices (DESIGN §2): `device(name)` and `devices()`. Each kind of device
  * is one entry of KINDS, keyed by the prefix of its names. The CPU backend (lib/cpu) is
- * always there: it is the fallback for ops other devices refuse. Kinds with costly
- * dependencies (RPC sockets, CUDA through FFI) are loaded with import() when first asked
- * for, never at startup.
+ * always there: it is the fallback for ops other devices refuse. Remote devices appear
+ * as RPC servers are added (lib/rpc: addRpcServer).
  */
 import { weftError } from "../core/errors.js";
 import { cpuDevice, cpuDevices } from "../cpu/index.js";
+import { rpcDevice, rpcDevices } from "../rpc/index.js";
 import { Device } from "./interface.js";
 
 interface DeviceKind {
@@ -18,6 +18,7 @@ interface DeviceKind {
 
 const KINDS: Record<string, DeviceKind> = {
   cpu: { list: cpuDevices, get: (name) => cpuDevice(name) },
+  rpc: { list: rpcDevices, get: rpcDevice },
 };
 
 /** Every device weft can use now (more appear as RPC servers are added). */
@@ -30,7 +31,7 @@ export function device(name: string): Device {
   const kind = KINDS[name.split(":")[0]!.toLowerCase()];
   if (!kind) {
     throw weftError("BAD_ARGUMENT", `unknown device '${name}': this build has ${Object.keys(KINDS).map((k) => `${k}:N`).join(", ")} devices` +
-      ` (weft devices lists them; CUDA and RPC devices are not available yet)`);
+      ` (weft devices lists them; CUDA devices are not available yet)`);
   }
   return kind.get(name);
 }

@@ -13,7 +13,7 @@ import { typeName } from "../core/types.js";
 import { Model, SplitMode, loadModel } from "../model/model.js";
 import { native, usableCores, KERNEL_LEVELS } from "../cpu/index.js";
 import { LLAMA_IGNORED, int, parse } from "./args.js";
-import { Command, VERSION, log, printProfile, resolveModel } from "./common.js";
+import { Command, RPC_FLAGS, VERSION, connectRpc, log, printProfile, resolveModel } from "./common.js";
 import { Peer, ensurePeerInstalled } from "./peer.js";
 
 const mean = (a: number[]) => (a.length ? a.reduce((s, x) => s + x, 0) / a.length : 0);
@@ -48,7 +48,7 @@ export const BENCH_COMMAND: Command = {
   summary: "measure prompt processing (pp) and generation (tg) tokens/s, like llama-bench",
   usage: `weft bench [-m MODEL[,MODEL…]] [-p 128] [-n 64] [-pg PP,TG] [-d 0] [-r 3] [-t 1,2] [-o md|json|jsonl|csv]
            [-sm none,layer,tensor] [-dev cpu:0,cpu:1 [-dev …]] [-ts 1,1] [-ub 512,64] [-b 2048] [-ctk f16,f32]
-           [--no-repack] [--peer node-llama-cpp]
+           [--no-repack] [--rpc HOST:PORT,…] [--peer node-llama-cpp]
 
   -m, --model LIST          GGUF model(s), comma-separated or repeated (default: the embedded
                             small Q8_0 model); every one is checked before anything runs
@@ -68,6 +68,9 @@ export const BENCH_COMMAND: Command = {
   -ts, --tensor-split LIST  share per device: of the layers (layer), of every matrix (tensor)
   -ctk, --cache-type-k LIST KV cache types, f16 and/or f32 (default f16; -ctv: the same)
   --no-repack               keep Q4_0/Q8_0/Q4_K matrices in rows (default: repacked, as weft run)
+  --rpc LIST                weft rpc-servers (host:port, comma-separated): their devices are
+                            rpc:0, rpc:1, … for -dev; rows name the devices they ran on
+  --token-file FILE         the servers' shared token (default: WEFT_RPC_TOKEN)
   -o, --output FORMAT       md (table, default), json (one array), jsonl (an object a line), csv
   --peer node-llama-cpp     also run the same tests through node-llama-cpp (installed on first use
                             into WEFT_PEER_DIR or <cache>/peer, CPU binary only), alternating with
@@ -87,7 +90,7 @@ weft's (devices, memory per device as weights, kv and compute bytes, peer_avg_ts
       splitMode: { names: ["-sm", "--split-mode"], multiple: true }, device: { names: ["-dev", "--device"], multiple: true },
       tensorSplit: { names: ["-ts", "--tensor-split"] }, cacheTypeK: { names: ["-ctk", "--cache-type-k"], multiple: true },
       cacheTypeV: { names: ["-ctv", "--cache-type-v"], multiple: true }, noRepack: { names: ["--no-repack"], switch: true },
-      ...LLAMA_IGNORED,
+      ...RPC_FLAGS, ...LLAMA_IGNORED,
     });
     const list = (xs: string[] | undefined) => xs?.flatMap((x) => x.split(",").map((s) => s.trim())).filter((s) => s !== "");
     const ints = (xs: string[] | undefined, flag: string, fallback: number[], min: number) => (xs ? list(xs)!.map((s) => int(s, flag, 0, min)) : fallback);
@@ -121,6 +124,7 @@ weft's (devices, memory per device as weights, kv and compute bytes, peer_avg_ts
     const models: string[] = [];
     for (const m of list(v.model) ?? [undefined as unknown as string]) models.push(await resolveModel(m ?? undefined, signal));
     const files = models.map((p) => readGguf(p));
+    await connectRpc(v, signal);
     const configs: Config[] = [];
     for (const th of threads) for (const sm of splitModes) for (const devs of deviceSets) for (const ub of ubatches) for (const b of batches) for (const kv of kvs)
       if (sm !== "none" || devs === deviceSets[0] || deviceSets.length === 1)
@@ -193,6 +197,8 @@ weft's (devices, memory per device as weights, kv and compute bytes, peer_avg_ts
             const ts = samples[i]!, peerTs = peerSamples.get(c.th) ?? [];
             const memory = m.memory();
             const testName = `${t.name}${t.depth ? ` @ d${t.depth}` : ""}`;
+            // llama-bench's backend column: the kinds of device the row ran on
+            const kinds = [...new Set(c.devs.flatMap((d) => d.split("+")).map((d) => (d.startsWith("rpc") ? "RPC" : "CPU")))].join(",");
             const rec: Record<string, unknown> = {
               ...common, model_filename: path, model_type: modelType(file, params), model_size: file.tensors.reduce((s, x) => s + x.nbytes, 0),
               model_n_params: params, n_batch: c.b, n_ubatch: c.ub, n_threads: c.th, type_k: c.kv, type_v: c.kv, n_gpu_layers: 0,
@@ -200,12 +206,12 @@ weft's (devices, memory per device as weights, kv and compute bytes, peer_avg_ts
               use_mmap: true, embeddings: false, n_prompt: t.nPrompt, n_gen: t.nGen, n_depth: t.depth, test_time: new Date().toISOString(),
               avg_ns: Math.round(mean(ts.map((x) => ((t.nPrompt + t.nGen) / x) * 1e9))), stddev_ns: Math.round(sd(ts.map((x) => ((t.nPrompt + t.nGen) / x) * 1e9))),
               avg_ts: mean(ts), stddev_ts: sd(ts), samples_ns: ts.map((x) => Math.round(((t.nPrompt + t.nGen) / x) * 1e9)), samples_ts: ts,
-              devices: c.devs, repack: !v.noRepack,
+              backends: kinds, devices: c.devs, repack: !v.noRepack,
               memory: memory.map((u) => ({ device: u.device, weights: u.weightBytes, kv: u.kvBytes, compute: u.computeBytes })),
               ...(peerTs.length ? { peer: "node-llama-cpp", peer_avg_ts: mean(peerTs), peer_stddev_ts: sd(peerTs), peer_samples_ts: peerTs, ratio: mean(ts) / mean(peerTs) } : {}),
             };
             const mib = (b: number) => (b / 2 ** 20).toFixed(1);
-            emit(rec, [modelType(file, params), bytesText(m.weightBytes), paramsText(params), "CPU", String(c.th),
+            emit(rec, [modelType(file, params), bytesText(m.weightBytes), paramsText(params), kinds, String(c.th),
               ...(multi ? [c.sm, c.devs.join(","), String(c.ub), c.kv, memory.map((u) => `${u.device} ${mib(u.weightBytes)}+${mib(u.kvBytes)}+${mib(u.computeBytes)}`).join(", ")] : []),
               testName, fmt(ts), ...(peerDir ? [fmt(peerTs), peerTs.length ? (mean(ts) / mean(peerTs)).toFixed(2) : "-"] : [])]);
           });

@@ -10,6 +10,7 @@ import { LoadModelOptions, Model, SplitMode, loadModel } from "../model/model.js
 import { defaultModelPath, cacheDir } from "../model/default.js";
 import { native, usableCores } from "../cpu/index.js";
 import { LLAMA_IGNORED, Values, int, num } from "./args.js";
+import { addRpcServer, readToken } from "../rpc/index.js";
 
 export interface Command {
   summary: string;
@@ -22,7 +23,18 @@ export const log = (s: string) => process.stderr.write(s + "\n");
 
 export const VERSION = (JSON.parse(readFileSync(new URL("../../../package.json", import.meta.url), "utf8")) as { version: string }).version;
 
+/** Remote devices: --rpc adds each server's devices as rpc:0, rpc:1, … */
+export const RPC_FLAGS = {
+  rpc: { names: ["--rpc"] },
+  tokenFile: { names: ["--token-file"] },
+} as const;
+
+export const RPC_FLAGS_HELP = `  --rpc LIST               weft rpc-servers, host:port comma-separated: their devices become
+                           rpc:0, rpc:1, … in this order (use them in --device)
+  --token-file FILE        the shared token of those servers (default: WEFT_RPC_TOKEN)`;
+
 export const MODEL_FLAGS = {
+  ...RPC_FLAGS,
   model: { names: ["-m", "--model"] },
   threads: { names: ["-t", "--threads"] },
   threadsBatch: { names: ["-tb", "--threads-batch"] },
@@ -38,6 +50,20 @@ export const MODEL_FLAGS = {
   noRepack: { names: ["--no-repack"], switch: true },
   ...LLAMA_IGNORED,
 } as const;
+
+/** Connects to the --rpc servers (their devices become rpc:N); nothing without --rpc. */
+export async function connectRpc(v: Values<typeof RPC_FLAGS>, signal?: AbortSignal): Promise<void> {
+  const endpoints = v.rpc?.split(",").map((s) => s.trim()).filter(Boolean) ?? [];
+  if (!endpoints.length) {
+    if (v.tokenFile) log("weft: --token-file without --rpc has no effect");
+    return;
+  }
+  const token = readToken(v.tokenFile);
+  for (const e of endpoints) {
+    const devs = await addRpcServer(e, { token, signal });
+    log(`rpc: ${e}: ${devs.map((d) => `${d.name} = ${d.description}`).join("; ")}`);
+  }
+}
 
 export const MODEL_FLAGS_HELP = `  -m, --model FILE         GGUF model (default: the embedded small Q8_0 model, synthesized
                            once into ${cacheDir()}; set WEFT_CACHE_DIR to move it)
@@ -61,6 +87,7 @@ export const MODEL_FLAGS_HELP = `  -m, --model FILE         GGUF model (default:
   --no-repack              keep Q4_0/Q8_0/Q4_K matrices in the file's row layout (default:
                            copied at load into the CPU's eight-row layout, faster per token,
                            as llama.cpp's CPU_REPACK buffers; the copy takes memory)
+${RPC_FLAGS_HELP}
   -ngl, -fa, -mg, --mlock, --no-mmap, --numa
                            llama.cpp flags with no effect in weft yet (accepted, with a note)`;
 
@@ -132,6 +159,7 @@ function progressBar(label: string) {
 /** Loads the model the flags name, with progress on a terminal; prints what was loaded and warnings. */
 export async function openModel(v: ModelValues, signal?: AbortSignal): Promise<Model> {
   const path = await resolveModel(v.model, signal);
+  await connectRpc(v, signal);
   const t0 = performance.now();
   const opts = loadOptions(v);
   const m = await loadModel(path, { ...opts, onProgress: progressBar("loading"), signal });

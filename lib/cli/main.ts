@@ -10,6 +10,8 @@ import { parse } from "./args.js";
 import { Command, VERSION, log, onInterrupt } from "./common.js";
 import { RUN_COMMANDS } from "./run.js";
 import { BENCH_COMMAND } from "./bench.js";
+import { RPC_SERVER_COMMAND } from "./rpc.js";
+import { closeRpcServers } from "../rpc/index.js";
 
 function describeValue(v: GgufValue): string {
   if (v.type === 9) {
@@ -23,6 +25,7 @@ function describeValue(v: GgufValue): string {
 const COMMANDS: Record<string, Command> = {
   ...RUN_COMMANDS,
   bench: BENCH_COMMAND,
+  "rpc-server": RPC_SERVER_COMMAND,
   quantize: {
     summary: "re-quantize a GGUF model (like llama-quantize)",
     usage: `weft quantize IN.gguf OUT.gguf TYPE [--pure] [--allow-requantize]
@@ -104,9 +107,11 @@ environment:
   WEFT_PROFILE=1                time every op in the native backend (see README)
   WEFT_SPIN_US=N                how long a waiting thread spins before it sleeps (default 50)
   WEFT_DEBUG=1                  print the stack of an unexpected error
+  WEFT_RPC_TOKEN=TOKEN          the shared token of weft rpc-server and --rpc (or --token-file)
 Flags follow llama.cpp where it has them (-m, -p, -n, -t, -c, -b, -ub, -sm, -ts, -dev,
 -ctk, -ctv, -s); llama.cpp flags with no meaning in weft yet (-ngl, -fa, --mlock) are
-accepted with a note. CUDA and RPC devices are not available in this build.
+accepted with a note. Devices of other machines: weft rpc-server there, --rpc here.
+CUDA devices are not available in this build.
 `;
 }
 
@@ -131,5 +136,6 @@ export async function main(argv: string[]): Promise<number> {
     return 1;
   } finally {
     interrupt.dispose();
+    closeRpcServers();  // the servers free what this run held there; the process can exit
   }
 }

@@ -5,7 +5,7 @@ import { DEFAULT_MODEL } from "../model/default.js";
 import { SYNTH_PRESETS, SYNTH_TYPES, synthModel } from "../model/synth.js";
 import { devices as listDevices } from "../backend/registry.js";
 import { int, num, parse } from "./args.js";
-import { Command, MODEL_FLAGS, MODEL_FLAGS_HELP, log, openModel, printProfile, resolveModel, stdoutWriter } from "./common.js";
+import { Command, MODEL_FLAGS, MODEL_FLAGS_HELP, RPC_FLAGS, RPC_FLAGS_HELP, connectRpc, log, openModel, printProfile, resolveModel, stdoutWriter } from "./common.js";
 
 const STOPPED: Record<string, (n: number, limit: number, ctx: number) => string> = {
   maxTokens: (n) => `(stopped after ${n} tokens: -n)`,
@@ -139,14 +139,17 @@ distribution of the token after tokens[0..i].`,
   },
   devices: {
     summary: "list the devices weft can use, with memory and capabilities",
-    usage: `weft devices
+    usage: `weft devices [--rpc LIST] [--token-file FILE]
 
+${RPC_FLAGS_HELP}
 CPU devices cpu:0 … cpu:63 are separate queues with their own thread pools in this process
 (--device cpu:0,cpu:1 -t 1 gives each one thread), so multi-device runs work on one machine.
-A + group (cpu:0+cpu:1) is one tensor-parallel (meta) device over its members. CUDA and RPC
-devices are not available in this build.`,
-    async run(args) {
-      parse(args, {});
+A + group (cpu:0+cpu:1) is one tensor-parallel (meta) device over its members. With --rpc,
+the devices of those weft rpc-servers are listed as rpc:0, rpc:1, … with their memory.
+CUDA devices are not available in this build.`,
+    async run(args, signal) {
+      const { values: v } = parse(args, RPC_FLAGS);
+      await connectRpc(v, signal);
       for (const d of listDevices()) {
         const mem = d.memory();
         console.log(`${d.name.padEnd(8)} ${d.type.padEnd(4)} ${d.description}; memory ${(mem.free / 2 ** 30).toFixed(1)} / ${(mem.total / 2 ** 30).toFixed(1)} GiB free; ` +
@@ -154,7 +157,8 @@ devices are not available in this build.`,
       }
       console.log("cpu:N    more CPU devices on the same cores (cpu:1 … cpu:63): each its own queue and threads");
       console.log("a+b      a tensor-parallel device over a and b (--split-mode tensor makes one over all --device)");
-      console.log("(no CUDA or RPC devices in this build)");
+      if (!v.rpc) console.log("rpc:N    devices of weft rpc-servers: weft devices --rpc host:port lists them");
+      console.log("(no CUDA devices in this build)");
       return 0;
     },
   },

@@ -15,7 +15,18 @@ export type WeftErrorCode =
   | "ABORTED"
   | "IO"
   | "NATIVE_MISSING" // the addon was not built
-  | "BUSY";
+  | "BUSY"
+  | "RPC_CLOSED" // the connection to an RPC server is gone (it died, the link dropped, or it went silent)
+  | "RPC_PROTOCOL" // a malformed frame or an unexpected message
+  | "RPC_AUTH" // the shared token did not match, or one side requires one the other lacks
+  | "RPC_LIMIT"; // a frame, allocation or count over what the server allows
+
+/** Every code, for checking a code that came over the network. */
+export const ERROR_CODES: ReadonlySet<string> = new Set<WeftErrorCode>([
+  "BAD_GGUF", "BAD_ARGUMENT", "USAGE", "SHAPE_MISMATCH", "UNSUPPORTED_OP", "UNSUPPORTED_TYPE", "BAD_PLAN",
+  "COMPUTE_FAILED", "OUT_OF_MEMORY", "OUT_OF_RANGE", "READ_ONLY", "DISPOSED", "ABORTED", "IO", "NATIVE_MISSING",
+  "BUSY", "RPC_CLOSED", "RPC_PROTOCOL", "RPC_AUTH", "RPC_LIMIT",
+]);
 
 export class WeftError extends Error {
   readonly code: WeftErrorCode;

@@ -242,9 +242,23 @@ export class Graph {
   /** every tensor (leafs and nodes), sources before users */
   readonly order: readonly Tensor[];
 
-  constructor(outputs: readonly Tensor[]) {
-    const order: Tensor[] = [];
-    const seen = new Set<Tensor>();
+  /**
+   * The graph computing `outputs`. With `inOrder`, `outputs` is already every tensor in
+   * execution order (as an RPC client sends a graph): it is checked (each source comes
+   * before its user) and kept, and nothing is marked as an output.
+   */
+  constructor(outputs: readonly Tensor[], opts: { inOrder?: boolean } = {}) {
+    if (opts.inOrder) {
+      const seen = new Set<Tensor>();
+      for (const t of outputs) {
+        for (const s of t.viewSrc ? [...t.src, t.viewSrc] : t.src)
+          if (!seen.has(s)) throw weftError("SHAPE_MISMATCH", `node ${t.describe()} reads a tensor that does not come before it`);
+        if (seen.has(t)) throw weftError("SHAPE_MISMATCH", `tensor ${t.describe()} is listed twice`);
+        seen.add(t);
+      }
+    }
+    const order: Tensor[] = opts.inOrder ? [...outputs] : [];
+    const seen = new Set<Tensor>(order);
     const stack: Array<{ t: Tensor; i: number }> = [];
     for (const out of outputs) {
       if (seen.has(out)) continue;
@@ -262,7 +276,7 @@ export class Graph {
         }
       }
     }
-    for (const o of outputs) o.flags |= 2;
+    if (!opts.inOrder) for (const o of outputs) o.flags |= 2;
     this.order = order;
     this.nodes = order.filter((t) => t.op !== Op.NONE);
     this.leafs = order.filter((t) => t.op === Op.NONE);

@@ -8,6 +8,7 @@ import { fromNative, weftError } from "../core/errors.js";
 import { Tensor, bytesOf } from "../core/tensor.js";
 import type { Buffer, BufferType, BufferUsage } from "../backend/interface.js";
 import { native } from "./native.js";
+import { repackedBytes } from "./repack.js";
 
 export class CpuBuffer implements Buffer {
   readonly size: number;
@@ -50,6 +51,10 @@ export class CpuBuffer implements Buffer {
     for (let r = 0; r < rows; r++) out.set(this.get(offset + r * stride, rowBytes), r * rowBytes);
     return out;
   }
+  /** The bytes as they lie in memory, whatever the layout (an RPC server caches repacked weights so). */
+  readLayout(): Uint8Array {
+    try { return native().bufferGet(this.id, 0, this.size); } catch (e) { throw fromNative(e); }
+  }
   /** Faults in the pages of a range (a mapped file becomes resident). */
   touch(offset: number, length: number): void {
     try { native().bufferTouch(this.id, offset, length); } catch (e) { throw fromNative(e); }
@@ -79,6 +84,13 @@ export class RepackedBuffer extends CpuBuffer {
     if (offset !== 0 || data.byteLength !== t.nbytes || t.viewSrc)
       throw weftError("BAD_ARGUMENT", `tensor ${t.describe()} is repacked for MUL_MAT: only whole-matrix writes are possible`);
     try { native().repackRows(t.type, bytesOf(data), 0, t.nb[1], this.id, at, t.ne[0], t.ne[1]); } catch (e) { throw fromNative(e); }
+  }
+  /** Rows [firstRow, …) of matrix t (placed at byte `at`), in whole groups of eight (a weight arriving in pieces). */
+  writeRows(t: Tensor, data: ArrayBufferView, firstRow: number, at: number): void {
+    const rows = data.byteLength / t.nb[1];
+    if (!Number.isInteger(rows) || rows % 8 || firstRow % 8 || firstRow + rows > t.ne[1])
+      throw weftError("BAD_ARGUMENT", `tensor ${t.describe()}: repacked rows are written in groups of eight`);
+    try { native().repackRows(t.type, bytesOf(data), 0, t.nb[1], this.id, at + firstRow * (repackedBytes(t) / t.ne[1]), t.ne[0], rows); } catch (e) { throw fromNative(e); }
   }
   override readTensor(t: Tensor): Uint8Array {
     throw weftError("BAD_ARGUMENT", `tensor ${t.describe()} is repacked for MUL_MAT; its rows cannot be read or written`);

@@ -49,6 +49,13 @@ export class CpuRepackBufferType implements BufferType {
   alloc(size: number): RepackedBuffer {
     try { return new RepackedBuffer(this, native().bufferAlloc(size), size, false); } catch (e) { throw fromNative(e); }
   }
+  /** maps a file of repacked groups read-only (an RPC server's weight cache) */
+  mapFile(path: string): RepackedBuffer {
+    try {
+      const m = native().mapFile(path);
+      return new RepackedBuffer(this, m.id, m.size, true);
+    } catch (e) { throw fromNative(e); }
+  }
 }
 
 export interface CpuDeviceOptions {
@@ -84,6 +91,8 @@ export class CpuDevice implements Device {
   bufferType(): CpuBufferType { return this.#bt; }
   /** Q4_0, Q8_0 and Q4_K matrices: the repacked eight-row layout */
   weightBufferType(t: Tensor): BufferType | null { return canRepack(t) ? this.#repack : null; }
+  /** the repacked weight memory itself (an RPC server places clients' weights there) */
+  repackBufferType(): CpuRepackBufferType { return this.#repack; }
   collectiveGroup(devices: readonly Device[]): CollectiveGroup | null {
     const ok = devices.every((d) => d instanceof CpuDevice && d.caps.collectives) && new Set(devices).size === devices.length;
     return ok && devices.includes(this) && devices.length <= 64 ? new CpuGroup(devices.length) : null;

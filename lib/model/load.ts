@@ -6,13 +6,11 @@
  * gives each of its devices its slices) and written from the file, a tensor at a time,
  * with progress.
  */
-import { closeSync, openSync, readSync } from "node:fs";
-import { weftError } from "../core/errors.js";
 import { Tensor } from "../core/tensor.js";
-import type { Buffer, Device } from "../backend/interface.js";
+import type { Buffer, Device, FileTensor } from "../backend/interface.js";
 import { BufferUsage } from "../backend/interface.js";
 import { allocateWeights, weightMemory } from "../backend/alloc.js";
-import { canMapFiles, mapFile, setTensorData } from "../backend/fallback.js";
+import { canMapFiles, loadFromFile, mapFile, tensorPlace } from "../backend/fallback.js";
 import type { GgufFile, GgufTensorInfo } from "../gguf/types.js";
 import type { SplitState } from "../split/state.js";
 
@@ -33,18 +31,6 @@ export function isUploaded(dev: Device, t: Tensor, opts: PlaceOptions): boolean 
   return opts.repack && opts.matmul.has(t) && weightMemory(dev, t) !== dev.bufferType();
 }
 
-/** Reads a tensor's bytes from the file. */
-function readTensor(fd: number, file: GgufFile, info: GgufTensorInfo): Uint8Array {
-  const out = Buffer.allocUnsafe(info.nbytes);
-  let got = 0;
-  while (got < info.nbytes) {
-    const r = readSync(fd, out, got, info.nbytes - got, file.dataOffset + info.offset + got);
-    if (r <= 0) throw weftError("BAD_GGUF", `${file.path}: tensor '${info.name}' ends past the end of the file`);
-    got += r;
-  }
-  return out;
-}
-
 /** What a device holds for its weights: buffers, and how many bytes of each it uses (a
  * mapped file is counted by the tensors read from it, not its whole size). */
 export interface DeviceWeights { readonly buffers: Buffer[]; readonly used: Map<Buffer, number> }
@@ -60,7 +46,6 @@ export async function placeWeights(dev: Device, weights: readonly PlacedWeight[]
   const used = new Map<Buffer, number>();
   const upload = weights.filter((w) => isUploaded(dev, w.t, opts));
   const mapped = weights.filter((w) => !isUploaded(dev, w.t, opts));
-  let fd = -1;
   try {
     if (mapped.length) {
       const m = mapFile(dev.bufferType(), file.path);
@@ -78,17 +63,17 @@ export async function placeWeights(dev: Device, weights: readonly PlacedWeight[]
         matmulWeights: opts.repack ? opts.matmul : undefined,
         splitState: opts.splitState ? (t) => opts.splitState!(t) : undefined,
       }));
-      fd = openSync(file.path, "r");
+      // per buffer, so that a device that can find the bytes itself (a remote server) does
+      const byBuffer = new Map<Buffer, FileTensor[]>();
       for (const { t, info } of upload) {
-        setTensorData(t, readTensor(fd, file, info));
-        await step(info.nbytes);
+        const b = tensorPlace(t).buffer;
+        byBuffer.set(b, [...(byBuffer.get(b) ?? []), { t, offset: file.dataOffset + info.offset, size: info.nbytes }]);
       }
+      for (const [b, ts] of byBuffer) await loadFromFile(b, file.path, ts, step);
     }
     return { buffers, used };
   } catch (e) {
     for (const b of buffers) b.dispose();
     throw e;
-  } finally {
-    if (fd >= 0) closeSync(fd);
   }
 }

@@ -1,0 +1,211 @@
+/**
+ * The queue of a remote device (DESIGN §6). Work is sent as it is enqueued and the server
+ * runs one client's requests in order, so the socket is the queue: nothing waits for a
+ * reply it does not need. Events are native: recordEvent sends a PING whose reply marks
+ * the point. Waiting on another queue's event holds back what is enqueued here after it
+ * (on this side, without blocking the caller) until that event is done; a copy from
+ * another device is relayed the same way: its bytes are read from the source queue and
+ * sent on here when they arrive. The scheduler therefore pipelines micro-batches across
+ * RPC devices as across local ones.
+ */
+import { WeftError, weftError } from "../core/errors.js";
+import { Graph } from "../core/graph.js";
+import { Tensor, bytesOf } from "../core/tensor.js";
+import { getTensorAsync } from "../backend/fallback.js";
+import type { Backend, Buffer, Event } from "../backend/interface.js";
+import type { RpcConnection } from "./client.js";
+import type { RpcDevice, RpcMemory } from "./device.js";
+import { encodeGraph } from "./graph.js";
+import { CmdName, Reply, Writer } from "./protocol.js";
+
+class RpcEvent implements Event {
+  constructor(readonly backend: RpcBackend, readonly done: Promise<void>) {}
+}
+
+/** An item of the hold-back queue: a request to send, or a wait (whose value may produce one). */
+type Item = { send: () => void } | { wait: Promise<unknown>; then?: (v: unknown) => void };
+
+/** The remote memory a tensor lies in, on this connection. */
+function remoteOf(t: Tensor, conn: RpcConnection): RpcMemory | null {
+  const b = t.root().tensor.buffer as (Buffer & { conn?: RpcConnection; locate?: unknown }) | null;
+  return b && b.conn === conn && typeof b.locate === "function" ? (b as unknown as RpcMemory) : null;
+}
+
+function tensorAt(t: Tensor): number {
+  const { tensor, offset } = t.root();
+  return tensor.offset + offset;
+}
+
+export class RpcBackend implements Backend {
+  readonly #conn: RpcConnection;
+  /** graph uid → the connection session it was sent in */
+  readonly #sent = new Map<number, number>();
+  readonly #items: Item[] = [];
+  #pumping = false;
+  #failure: WeftError | null = null;
+  #disposed = false;
+
+  constructor(readonly device: RpcDevice) { this.#conn = device.conn; }
+  get name(): string { return this.device.name; }
+
+  #check(): void {
+    if (this.#disposed) throw weftError("DISPOSED", `${this.name} backend was disposed`);
+  }
+  /** sends now, or after what is held back */
+  #submit(send: () => void): void {
+    if (this.#items.length === 0) send();
+    else this.#items.push({ send });
+  }
+  #hold(wait: Promise<unknown>, then?: (v: unknown) => void): void {
+    this.#items.push({ wait, then });
+    if (!this.#pumping) void this.#pump();
+  }
+  async #pump(): Promise<void> {
+    this.#pumping = true;
+    try {
+      while (this.#items.length) {
+        const it = this.#items[0]!;
+        if ("send" in it) it.send();
+        else {
+          try {
+            const v = await it.wait;
+            it.then?.(v);
+          } catch (e) {
+            this.#failure ??= e instanceof WeftError ? e : weftError("COMPUTE_FAILED", String(e), e);
+          }
+        }
+        this.#items.shift();
+      }
+    } finally {
+      this.#pumping = false;
+    }
+  }
+  /** a request in queue order; resolves to its reply */
+  #request(cmd: CmdName, body: Uint8Array | Uint8Array[]): Promise<Reply> {
+    return new Promise<Reply>((resolve, reject) => this.#submit(() => { this.#conn.request(cmd, body).then(resolve, reject); }));
+  }
+  /** a request in queue order whose reply nobody awaits (its failure: at the next synchronize) */
+  #post(cmd: CmdName, body: Uint8Array | Uint8Array[]): void {
+    this.#request(cmd, body).catch((e: WeftError) => { this.#failure ??= e; });
+  }
+  #takeFailure(): WeftError | null {
+    const f = this.#failure ?? this.#conn.takeFailure();
+    this.#failure = null;
+    return f;
+  }
+  #memory(t: Tensor): RpcMemory {
+    const m = remoteOf(t, this.#conn);
+    if (!m) throw weftError("BAD_ARGUMENT", `tensor ${t.describe()} is not in ${this.#conn.endpoint}'s memory`);
+    return m;
+  }
+
+  computeAsync(graph: Graph): Promise<void> {
+    try {
+      this.#check();
+      const fresh = this.#sent.get(graph.uid) !== this.#conn.session;
+      const head = new Writer().u32(this.device.index).u64(graph.uid).u8(fresh ? 1 : 0).body().slice();
+      const body = fresh ? [head, encodeGraph(graph, (t) => {
+        const m = remoteOf(t, this.#conn);
+        if (!m) throw weftError("BAD_ARGUMENT", `${this.name} cannot compute ${t.describe()}: it is not in this device's memory`);
+        return m.locate(tensorAt(t), t.nbytes);
+      })] : [head];
+      if (fresh) this.#sent.set(graph.uid, this.#conn.session);
+      return this.#request("COMPUTE", body).then(() => {
+        const f = this.#takeFailure();
+        if (f) throw f;
+      }, (e: WeftError) => {
+        this.#sent.delete(graph.uid);  // the server dropped it: send it again next time
+        throw e;
+      });
+    } catch (e) {
+      return Promise.reject(e);
+    }
+  }
+
+  setTensorAsync(t: Tensor, data: ArrayBufferView, offset: number): void {
+    this.#check();
+    this.#post("SET", this.#memory(t).setBody(t, bytesOf(data).slice(), tensorAt(t) + offset));
+  }
+  async getTensorAsync(t: Tensor, offset: number, size: number): Promise<Uint8Array> {
+    this.#check();
+    const p = this.#memory(t).locate(tensorAt(t) + offset, size);
+    const r = (await this.#request("GET", new Writer().u32(p.id).u64(p.offset).u64(size).body())).r;
+    return r.buf.slice(r.buf.length - r.left);
+  }
+  set2dAsync(b: Buffer, offset: number, data: ArrayBufferView, rows: number, rowBytes: number, stride: number): void {
+    this.#check();
+    const m = b as RpcMemory;
+    if (m.conn !== this.#conn) throw weftError("BAD_ARGUMENT", `${b.bufferType.name} memory is not ${this.name}'s`);
+    const p = m.locate(offset, rows ? (rows - 1) * stride + rowBytes : 0);
+    const bytes = bytesOf(data).slice();
+    this.#post("SET2D", [new Writer().u32(p.id).u64(p.offset).u64(rows).u64(rowBytes).u64(stride).u64(bytes.length).body(), bytes]);
+  }
+  async get2dAsync(b: Buffer, offset: number, rows: number, rowBytes: number, stride: number): Promise<Uint8Array> {
+    this.#check();
+    const m = b as RpcMemory;
+    if (m.conn !== this.#conn) throw weftError("BAD_ARGUMENT", `${b.bufferType.name} memory is not ${this.name}'s`);
+    const p = m.locate(offset, rows ? (rows - 1) * stride + rowBytes : 0);
+    const r = (await this.#request("GET2D", new Writer().u32(p.id).u64(p.offset).u64(rows).u64(rowBytes).u64(stride).body())).r;
+    return r.buf.slice(r.buf.length - r.left);
+  }
+
+  /**
+   * A copy into this device: on the server when both sides are its memory, else relayed
+   * (read from the source's queue, written here in this queue's order when the bytes come).
+   */
+  copyTensorAsync(src: Backend, from: Tensor, to: Tensor): boolean {
+    if (this.#disposed || !to.isContiguous || !from.isContiguous) return false;
+    const dst = remoteOf(to, this.#conn);
+    if (!dst) return false;
+    const local = remoteOf(from, this.#conn);
+    if (local && (src === this || src instanceof RpcBackend)) {
+      // same server: it runs one client's requests in order, once the source's held-back work is sent
+      if (src !== this) { const sent = (src as RpcBackend).sent(); if (sent) this.#hold(sent); }
+      const a = local.locate(tensorAt(from), from.nbytes), b = dst.locate(tensorAt(to), to.nbytes);
+      this.#post("COPY", new Writer().u32(a.id).u64(a.offset).u32(b.id).u64(b.offset).u64(from.nbytes).body());
+      return true;
+    }
+    const bytes = getTensorAsync(src, from);
+    this.#hold(bytes, (v) => {
+      this.#conn.post("SET", dst.setBody(to, v as Uint8Array, tensorAt(to)));
+    });
+    return true;
+  }
+
+  /** @internal resolves once everything enqueued so far has been sent (null: it has) */
+  sent(): Promise<void> | null {
+    if (this.#items.length === 0) return null;
+    return new Promise<void>((r) => this.#items.push({ send: r }));
+  }
+
+  recordEvent(): Event {
+    const done = this.#request("PING", new Uint8Array(0)).then(() => undefined);
+    done.catch(() => {});
+    return new RpcEvent(this, done);
+  }
+  waitEvent(e: Event): void {
+    // this server already runs its client's requests in order
+    if (e.backend instanceof RpcBackend && e.backend.#conn === this.#conn) {
+      const sent = e.backend.sent();
+      if (sent) this.#hold(sent);
+      return;
+    }
+    this.#hold(e.done);
+  }
+
+  async synchronize(): Promise<void> {
+    await this.#request("PING", new Uint8Array(0));
+    const f = this.#takeFailure();
+    if (f) throw f;
+  }
+  forget(graph: Graph): void {
+    if (this.#sent.get(graph.uid) === this.#conn.session && !this.#conn.closed) this.#post("FORGET", new Writer().u64(graph.uid).body());
+    this.#sent.delete(graph.uid);
+  }
+  async dispose(): Promise<void> {
+    if (this.#disposed) return;
+    try { if (!this.#conn.closed) await this.synchronize(); } catch { /* its failures were reported to the work's callers */ }
+    this.#disposed = true;
+  }
+  [Symbol.asyncDispose](): Promise<void> { return this.dispose(); }
+}

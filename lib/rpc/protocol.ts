@@ -1,0 +1,248 @@
+/**
+ * weft's RPC protocol (DESIGN §6): framing, commands and statuses, one writer and one
+ * reader. A frame is a 20-byte header — magic u32, kind u8, command u8, reserved u16,
+ * request id u32, body length u64 — and the body. Every request gets a reply with the same
+ * id: status u8, error code and message (strings), then the command's payload. Numbers
+ * are little-endian; sizes and shapes are 64-bit. The reader checks every length against
+ * what is left, so a hostile frame can only produce an RPC_PROTOCOL error.
+ */
+import { createHash, createHmac, timingSafeEqual } from "node:crypto";
+import { OP_NAMES } from "../core/ops.js";
+import { TYPES } from "../core/types.js";
+import { weftError, WeftError } from "../core/errors.js";
+
+export const PROTOCOL_VERSION = 1;
+export const MAGIC = 0x31465457; // "WTF1"
+export const HEADER_BYTES = 20;
+/** largest frame body before authentication (HELLO, AUTH) */
+export const PREAUTH_MAX_BODY = 4096;
+/** default largest frame body (a weight is sent in pieces of at most this) */
+export const DEFAULT_MAX_FRAME = 256 << 20;
+
+export const Kind = { REQUEST: 0, REPLY: 1, NOTICE: 2 } as const;
+
+/** Requests, by id. The server's dispatch table has one handler per name. */
+export const Cmd = {
+  HELLO: 1, AUTH: 2, ALLOC: 3, FREE: 4, FILL: 5, SET: 6, GET: 7, SET2D: 8, GET2D: 9, COPY: 10,
+  COMPUTE: 11, FORGET: 12, WEIGHT: 13, WEIGHT_DATA: 14, PING: 15, MEMORY: 16,
+} as const;
+export type CmdName = keyof typeof Cmd;
+export const CMD_NAMES: Record<number, CmdName> = Object.fromEntries(Object.entries(Cmd).map(([k, v]) => [v, k as CmdName]));
+
+/** Buffer layouts: rows as in a GGUF file, or the CPU's eight-row repacked groups. */
+export const Layout = { PLAIN: 0, REPACKED: 1 } as const;
+
+/** Where WEIGHT found a tensor's bytes on the server. */
+export const WeightSource = { CACHE: 1, FILE: 2 } as const;
+
+/** Largest piece of a weight in one WEIGHT_DATA frame. */
+export const WEIGHT_CHUNK = 64 << 20;
+
+/** Notices the server sends on its own: still working on a request (liveness). */
+export const Notice = { HEARTBEAT: 1 } as const;
+
+export const Status = { OK: 0, ERROR: 1, MISSING: 2 } as const;
+
+/** A malformed frame or field: names what was wrong. */
+export function protocolError(what: string): WeftError {
+  return weftError("RPC_PROTOCOL", what);
+}
+
+const MAX_SAFE = Number.MAX_SAFE_INTEGER;
+
+/** Builds a frame body (and the frame). */
+export class Writer {
+  #buf = new Uint8Array(256);
+  #view = new DataView(this.#buf.buffer);
+  #len = 0;
+
+  #room(n: number): void {
+    if (this.#len + n <= this.#buf.length) return;
+    let cap = this.#buf.length * 2;
+    while (cap < this.#len + n) cap *= 2;
+    const b = new Uint8Array(cap);
+    b.set(this.#buf.subarray(0, this.#len));
+    this.#buf = b;
+    this.#view = new DataView(b.buffer);
+  }
+  u8(v: number): this { this.#room(1); this.#view.setUint8(this.#len, v); this.#len += 1; return this; }
+  u16(v: number): this { this.#room(2); this.#view.setUint16(this.#len, v, true); this.#len += 2; return this; }
+  u32(v: number): this { this.#room(4); this.#view.setUint32(this.#len, v >>> 0, true); this.#len += 4; return this; }
+  i32(v: number): this { this.#room(4); this.#view.setInt32(this.#len, v, true); this.#len += 4; return this; }
+  u64(v: number): this { this.#room(8); this.#view.setBigUint64(this.#len, BigInt(v), true); this.#len += 8; return this; }
+  i64(v: number): this { this.#room(8); this.#view.setBigInt64(this.#len, BigInt(v), true); this.#len += 8; return this; }
+  f64(v: number): this { this.#room(8); this.#view.setFloat64(this.#len, v, true); this.#len += 8; return this; }
+  str(s: string): this { const b = Buffer.from(s, "utf8"); this.u32(b.length); this.#room(b.length); this.#buf.set(b, this.#len); this.#len += b.length; return this; }
+  /** a byte string: u64 length, then the bytes */
+  bytes(b: Uint8Array): this { this.u64(b.length); this.#room(b.length); this.#buf.set(b, this.#len); this.#len += b.length; return this; }
+  get length(): number { return this.#len; }
+  body(): Uint8Array { return this.#buf.subarray(0, this.#len); }
+}
+
+/** The header of a frame around `body` (a separate buffer: a big body is not copied). */
+export function frameHeader(kind: number, cmd: number, id: number, bodyLength: number): Buffer {
+  const h = Buffer.allocUnsafe(HEADER_BYTES);
+  h.writeUInt32LE(MAGIC, 0);
+  h.writeUInt8(kind, 4);
+  h.writeUInt8(cmd, 5);
+  h.writeUInt16LE(0, 6);
+  h.writeUInt32LE(id >>> 0, 8);
+  h.writeBigUInt64LE(BigInt(bodyLength), 12);
+  return h;
+}
+
+export interface FrameHeader { kind: number; cmd: number; id: number; length: number }
+
+/** Parses a header; throws RPC_PROTOCOL for a bad magic or a body longer than `maxBody`. */
+export function parseHeader(h: Uint8Array, maxBody: number): FrameHeader {
+  const v = new DataView(h.buffer, h.byteOffset, HEADER_BYTES);
+  if (v.getUint32(0, true) !== MAGIC) throw protocolError("not a weft RPC frame (bad magic): is this a weft rpc-server / client?");
+  const kind = v.getUint8(4), cmd = v.getUint8(5);
+  const length = v.getBigUint64(12, true);
+  if (length > BigInt(maxBody)) throw weftError("RPC_LIMIT", `frame of ${length} bytes is larger than the ${maxBody} allowed`);
+  return { kind, cmd, id: v.getUint32(8, true), length: Number(length) };
+}
+
+/** Reads a frame body; every read is checked against what is left. */
+export class Reader {
+  #v: DataView;
+  #at = 0;
+  constructor(readonly buf: Uint8Array) { this.#v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength); }
+  #need(n: number, what: string): void {
+    if (this.#at + n > this.buf.length) throw protocolError(`${what}: the frame ends ${this.buf.length - this.#at} bytes short of ${n}`);
+  }
+  get left(): number { return this.buf.length - this.#at; }
+  u8(what: string): number { this.#need(1, what); return this.#v.getUint8(this.#at++); }
+  u16(what: string): number { this.#need(2, what); const x = this.#v.getUint16(this.#at, true); this.#at += 2; return x; }
+  u32(what: string): number { this.#need(4, what); const x = this.#v.getUint32(this.#at, true); this.#at += 4; return x; }
+  i32(what: string): number { this.#need(4, what); const x = this.#v.getInt32(this.#at, true); this.#at += 4; return x; }
+  u64(what: string, max = MAX_SAFE): number {
+    this.#need(8, what);
+    const x = this.#v.getBigUint64(this.#at, true);
+    this.#at += 8;
+    if (x > BigInt(max)) throw protocolError(`${what} is ${x}, more than ${max}`);
+    return Number(x);
+  }
+  i64(what: string): number {
+    this.#need(8, what);
+    const x = this.#v.getBigInt64(this.#at, true);
+    this.#at += 8;
+    if (x > BigInt(MAX_SAFE) || x < -BigInt(MAX_SAFE)) throw protocolError(`${what} is out of range`);
+    return Number(x);
+  }
+  f64(what: string): number { this.#need(8, what); const x = this.#v.getFloat64(this.#at, true); this.#at += 8; return x; }
+  str(what: string, max = 1 << 16): string {
+    const n = this.u32(`${what} length`);
+    if (n > max) throw protocolError(`${what} is ${n} bytes, more than ${max}`);
+    this.#need(n, what);
+    const s = Buffer.from(this.buf.buffer, this.buf.byteOffset + this.#at, n).toString("utf8");
+    this.#at += n;
+    return s;
+  }
+  /** a byte string (a view into the frame, not a copy) */
+  bytes(what: string): Uint8Array {
+    const n = this.u64(`${what} length`);
+    this.#need(n, what);
+    const b = this.buf.subarray(this.#at, this.#at + n);
+    this.#at += n;
+    return b;
+  }
+  end(what: string): void { if (this.left !== 0) throw protocolError(`${what}: ${this.left} unexpected bytes at the end`); }
+}
+
+/** A reply body: status, error code and message, then the payload. */
+export function replyBody(status: number, code = "", message = "", payload?: Uint8Array): Uint8Array {
+  const w = new Writer().u8(status).str(code).str(message);
+  const head = w.body();
+  if (!payload?.length) return head;
+  const out = new Uint8Array(head.length + payload.length);
+  out.set(head);
+  out.set(payload, head.length);
+  return out;
+}
+
+/** Bytes of a frame: header, then the body's pieces (big data is not copied into one buffer). */
+export function frame(kind: number, cmd: number, id: number, body: Uint8Array | readonly Uint8Array[]): Uint8Array[] {
+  const parts = body instanceof Uint8Array ? [body] : [...body];
+  return [frameHeader(kind, cmd, id, parts.reduce((n, p) => n + p.length, 0)), ...parts];
+}
+
+/**
+ * Cuts a byte stream into frames. A body that arrives whole in one chunk is handed out as
+ * a view of it; a longer one is copied once, chunk by chunk, into its own buffer (made
+ * when its header arrives, at most `maxBody` bytes). `maxBody` is asked for each header,
+ * so the limit can tighten before authentication.
+ */
+export class FrameReader {
+  readonly #head = new Uint8Array(HEADER_BYTES);
+  #headLen = 0;
+  #header: FrameHeader | null = null;
+  #body: Uint8Array | null = null;
+  #bodyLen = 0;
+  constructor(private readonly maxBody: () => number) {}
+
+  /** bytes received of a frame not yet complete */
+  get buffered(): number { return this.#headLen + this.#bodyLen; }
+
+  /** Adds bytes; returns the frames they complete (throws RPC_PROTOCOL / RPC_LIMIT for a bad header). */
+  push(chunk: Uint8Array): Array<{ h: FrameHeader; body: Uint8Array }> {
+    const out: Array<{ h: FrameHeader; body: Uint8Array }> = [];
+    let at = 0;
+    while (at < chunk.length) {
+      if (this.#body) {
+        const k = Math.min(chunk.length - at, this.#body.length - this.#bodyLen);
+        this.#body.set(chunk.subarray(at, at + k), this.#bodyLen);
+        this.#bodyLen += k;
+        at += k;
+        if (this.#bodyLen === this.#body.length) {
+          out.push({ h: this.#header!, body: this.#body });
+          this.#header = null; this.#body = null; this.#bodyLen = 0;
+        }
+        continue;
+      }
+      const k = Math.min(HEADER_BYTES - this.#headLen, chunk.length - at);
+      this.#head.set(chunk.subarray(at, at + k), this.#headLen);
+      this.#headLen += k;
+      at += k;
+      if (this.#headLen < HEADER_BYTES) break;
+      this.#headLen = 0;
+      const h = parseHeader(this.#head, this.maxBody());
+      if (chunk.length - at >= h.length) {
+        out.push({ h, body: chunk.subarray(at, at + h.length) });
+        at += h.length;
+      } else {
+        this.#header = h;
+        this.#body = Buffer.allocUnsafe(h.length);
+      }
+    }
+    return out;
+  }
+}
+
+/** A reply as the client sees it: its status, and the payload to read. */
+export interface Reply { status: number; r: Reader }
+
+/** Reads a reply body's head; the reader is left at the payload. */
+export function readReply(body: Uint8Array): { status: number; code: string; message: string; r: Reader } {
+  const r = new Reader(body);
+  const status = r.u8("reply status");
+  const code = r.str("error code", 64);
+  const message = r.str("error message", 1 << 16);
+  return { status, code, message, r };
+}
+
+// Authentication: HMAC-SHA256 over both sides' random nonces with the shared token as the
+// key. The client proves it knows the token first; the server's proof then shows the client
+// that it talks to a holder of the token too. The token itself never crosses the wire.
+export const NONCE_BYTES = 32;
+export function authProof(token: string, who: "client" | "server", first: Uint8Array, second: Uint8Array): Uint8Array {
+  return createHmac("sha256", Buffer.from(token, "utf8")).update(`weft-rpc-${who}`).update(first).update(second).digest();
+}
+export function proofsEqual(a: Uint8Array, b: Uint8Array): boolean {
+  return a.length === b.length && timingSafeEqual(a, b);
+}
+
+/** A fingerprint of the op and type tables: both sides must number ops and types alike. */
+export function tablesDigest(): string {
+  return createHash("sha256").update(OP_NAMES.join(",")).update(Object.keys(TYPES).join(",")).digest("hex").slice(0, 16);
+}

@@ -1,0 +1,668 @@
+/**
+ * weft's RPC server (`weft rpc-server`, DESIGN §6): serves this machine's devices to
+ * clients over TCP. Structured as porsager/postgres's connection (STYLE §4): a connection
+ * is in one of a few named states (HELLO → AUTH → READY → CLOSED), inbound frames go
+ * through one dispatch table keyed by command (a handler per command, named after it),
+ * and every reply is written by one framing writer.
+ *
+ * Every byte from the network is hostile: frames are size-capped (4 KiB before
+ * authentication), every field is range-checked by the Reader, buffers are checked by id
+ * and bounds, graphs are decoded with op and type allow-lists and bounds checks and then
+ * validated again by the native decoder, and a client may hold at most --max-memory bytes.
+ * A bad request gets an error reply and the server stays up; a malformed frame ends that
+ * one connection. Each client has its own buffers, graphs and device queues, freed when
+ * it disconnects; requests of one client run in order, clients run independently.
+ */
+import { createServer, Server, Socket } from "node:net";
+import { Hash, createHash, randomBytes } from "node:crypto";
+import { open } from "node:fs/promises";
+import { existsSync, fstatSync, readFileSync, statSync } from "node:fs";
+import { join } from "node:path";
+import { totalmem } from "node:os";
+import { ERROR_CODES, WeftError, fromNative, weftError } from "../core/errors.js";
+import { Graph } from "../core/graph.js";
+import { OP_NAMES, Op } from "../core/ops.js";
+import { Tensor, toShape4 } from "../core/tensor.js";
+import { GgmlType, TYPES, isKnownType, typeName } from "../core/types.js";
+import { ensureDir, writeAtomically } from "../core/files.js";
+import { CpuBackend, CpuBuffer, CpuDevice, cpuDevice, usableCores } from "../cpu/index.js";
+import { canRepack, repackedBytes } from "../cpu/repack.js";
+import type { RepackedBuffer } from "../cpu/buffer.js";
+import { decodeGraph } from "./graph.js";
+import {
+  CMD_NAMES, Cmd, CmdName, DEFAULT_MAX_FRAME, FrameReader, Kind, Layout, NONCE_BYTES, Notice, PREAUTH_MAX_BODY,
+  PROTOCOL_VERSION, Reader, Status, WeightSource, Writer, authProof, frame, proofsEqual, protocolError, replyBody, tablesDigest,
+} from "./protocol.js";
+
+export const DEFAULT_RPC_PORT = 50052;
+
+export interface RpcServerOptions {
+  /** address to listen on (default 127.0.0.1); anything but loopback needs a token or `insecure` */
+  host?: string;
+  /** TCP port (default 50052; 0: any free port) */
+  port?: number;
+  /** shared secret clients must prove they hold (HMAC challenge-response); null: none */
+  token?: string | null;
+  /** allow a non-loopback address without a token */
+  insecure?: boolean;
+  /** devices to serve (default ["cpu:0"]) */
+  devices?: readonly string[];
+  /** threads per device queue (default: the cores this process may use) */
+  threads?: number;
+  /** most bytes one client may allocate (default: this machine's memory) */
+  maxMemory?: number;
+  /** largest frame body after authentication (default 256 MiB) */
+  maxFrame?: number;
+  /** content-hash cache of uploaded weights (null: none) */
+  cacheDir?: string | null;
+  /** folder of GGUF files clients may name instead of uploading (null: none) */
+  modelsDir?: string | null;
+  /** most clients at once (default 16) */
+  maxClients?: number;
+  /** one line per client event (default: none) */
+  log?: (line: string) => void;
+}
+
+/** The shared token from a file (trimmed), or from WEFT_RPC_TOKEN; null when neither is set. */
+export function readToken(file?: string): string | null {
+  if (file) {
+    let text: string;
+    try { text = readFileSync(file, "utf8"); } catch (e) {
+      throw weftError("IO", `cannot read the token file ${file}: ${(e as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (e as Error).message}`, e);
+    }
+    const t = text.trim();
+    if (!t) throw weftError("RPC_AUTH", `the token file ${file} is empty`);
+    return t;
+  }
+  const env = process.env.WEFT_RPC_TOKEN?.trim();
+  return env ? env : null;
+}
+
+export function isLoopback(host: string): boolean {
+  return host === "localhost" || host === "::1" || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host);
+}
+
+
+type State = "HELLO" | "AUTH" | "READY" | "CLOSED";
+type Out = void | Uint8Array | { status: number; payload?: Uint8Array };
+type Handler = (s: Session, r: Reader) => Out | Promise<Out>;
+
+interface ServedBuffer { readonly cpu: CpuBuffer; readonly size: number; readonly layout: number; readonly charged: number }
+/** A weight being uploaded in pieces, written straight into its buffer (hashed on the way where it is cached). */
+interface Staging { readonly t: Tensor; readonly layout: number; readonly hash: string; readonly buf: CpuBuffer; readonly size: number; readonly hasher: Hash | null; got: number }
+interface ServedGraph { readonly graph: Graph; readonly device: number; readonly buffers: Set<number> }
+
+/** ops a served CPU device runs for a client (ALL_REDUCE needs peers: not over this link) */
+function allowedOp(d: CpuDevice, op: Op): boolean {
+  return op !== Op.ALL_REDUCE && d.supportsOp(new Tensor({ type: GgmlType.F32, ne: [1, 1, 1, 1], op }));
+}
+
+const MAX_GRAPHS = 1024;
+const MAX_BUFFERS = 1 << 16;
+const PREAUTH_TIMEOUT_MS = 10_000;
+
+/** One connected client. */
+class Session {
+  state: State = "HELLO";
+  readonly nonce = randomBytes(NONCE_BYTES);
+  readonly buffers = new Map<number, ServedBuffer>();
+  readonly backends = new Map<number, CpuBackend>();
+  readonly graphs = new Map<number, ServedGraph>();
+  readonly staging = new Map<number, Staging>();
+  used = 0;
+  /** requests received and not yet answered, and their bytes */
+  pending = 0;
+  queuedBytes = 0;
+  tail: Promise<void> = Promise.resolve();
+  readonly reader: FrameReader;
+  readonly name: string;
+  constructor(readonly core: RpcServer, readonly socket: Socket) {
+    this.reader = new FrameReader(() => (this.state === "READY" ? core.maxFrame : PREAUTH_MAX_BODY));
+    this.name = `${socket.remoteAddress}:${socket.remotePort}`;
+  }
+
+  send(kind: number, cmd: number, id: number, body: Uint8Array | Uint8Array[]): void {
+    if (this.socket.destroyed) return;
+    const parts = frame(kind, cmd, id, body);
+    this.socket.cork();
+    for (const p of parts) this.socket.write(p);
+    this.socket.uncork();
+  }
+  reply(cmd: number, id: number, out: Out): void {
+    if (out instanceof Uint8Array) return this.send(Kind.REPLY, cmd, id, [replyBody(Status.OK), out]);
+    if (out && typeof out === "object") return this.send(Kind.REPLY, cmd, id, [replyBody(out.status), out.payload ?? new Uint8Array(0)]);
+    this.send(Kind.REPLY, cmd, id, replyBody(Status.OK));
+  }
+  fail(cmd: number, id: number, e: unknown): void {
+    const err = e instanceof WeftError ? e : fromNative(e);
+    const code = ERROR_CODES.has(err.code) ? err.code : "COMPUTE_FAILED";
+    this.send(Kind.REPLY, cmd, id, replyBody(Status.ERROR, code, err.message.slice(0, 4000)));
+  }
+
+  buffer(id: number): ServedBuffer {
+    const b = this.buffers.get(id);
+    if (!b) throw weftError("BAD_ARGUMENT", `no buffer ${id} (never allocated, or freed)`);
+    return b;
+  }
+  device(i: number): CpuDevice {
+    const d = this.core.devices[i];
+    if (!d) throw weftError("BAD_ARGUMENT", `no device ${i} (this server has ${this.core.devices.length})`);
+    return d;
+  }
+  backend(i: number): CpuBackend {
+    let be = this.backends.get(i);
+    if (!be) { be = this.device(i).initBackend({ threads: this.core.threads }); this.backends.set(i, be); }
+    return be;
+  }
+  charge(bytes: number): void {
+    if (this.used + bytes > this.core.maxMemory)
+      throw weftError("RPC_LIMIT", `this client would hold ${mib(this.used + bytes)} MiB, more than the server's --max-memory ${mib(this.core.maxMemory)} MiB`);
+    if (this.buffers.size + this.staging.size >= MAX_BUFFERS) throw weftError("RPC_LIMIT", `more than ${MAX_BUFFERS} buffers`);
+    this.used += bytes;
+  }
+  newBufferId(id: number): void {
+    if (this.buffers.has(id) || this.staging.has(id)) throw weftError("BAD_ARGUMENT", `buffer id ${id} is in use`);
+  }
+  addBuffer(id: number, cpu: CpuBuffer, layout: number, charged: number): void {
+    this.buffers.set(id, { cpu, size: cpu.size, layout, charged });
+  }
+  /** frees a buffer and forgets the graphs that use it (a later run of them must resend) */
+  freeBuffer(id: number): void {
+    const b = this.buffer(id);
+    for (const [gid, g] of this.graphs) if (g.buffers.has(id)) this.forgetGraph(gid);
+    b.cpu.dispose();
+    this.buffers.delete(id);
+    this.used -= b.charged;
+  }
+  forgetGraph(gid: number): void {
+    const g = this.graphs.get(gid);
+    if (!g) return;
+    this.backends.get(g.device)?.forget(g.graph);
+    this.graphs.delete(gid);
+  }
+
+  /** everything this client holds, freed (it disconnected); runs after its last request */
+  async release(): Promise<void> {
+    await Promise.allSettled([...this.backends.values()].map((b) => b.dispose()));
+    this.backends.clear();
+    this.graphs.clear();
+    for (const b of this.buffers.values()) b.cpu.dispose();
+    this.buffers.clear();
+    for (const st of this.staging.values()) st.buf.dispose();
+    this.staging.clear();
+    this.used = 0;
+  }
+}
+
+function mib(n: number): string { return (n / 2 ** 20).toFixed(1); }
+
+/** A weight's description as WEIGHT and WEIGHT_DATA carry it. */
+function readWeightDesc(s: Session, r: Reader): { id: number; device: number; layout: number; t: Tensor; size: number; hash: string } {
+  const id = r.u32("buffer id");
+  const device = r.u32("device");
+  s.device(device);
+  const layout = r.u8("layout");
+  const type = r.u16("type");
+  if (!isKnownType(type)) throw weftError("UNSUPPORTED_TYPE", `weight type ${typeName(type)} is not supported`);
+  const ne = toShape4([0, 1, 2, 3].map((k) => r.u64(`ne[${k}]`)), "weight shape");
+  const tr = TYPES[type];
+  if (ne[0] % tr.blockSize) throw protocolError(`weight row length ${ne[0]} is not a multiple of ${tr.name}'s block size`);
+  const t = new Tensor({ type, ne });
+  if (!Number.isSafeInteger(t.nbytes)) throw protocolError("weight too large");
+  if (layout !== Layout.PLAIN && layout !== Layout.REPACKED) throw protocolError(`unknown layout ${layout}`);
+  if (layout === Layout.REPACKED && !canRepack(t)) throw weftError("BAD_ARGUMENT", `a ${tr.name} [${ne.join(", ")}] weight cannot be repacked`);
+  const hash = r.bytes("hash");
+  if (hash.length !== 32) throw protocolError(`a weight hash is 32 bytes, got ${hash.length}`);
+  return { id, device, layout, t, size: layout === Layout.REPACKED ? repackedBytes(t) : t.nbytes, hash: Buffer.from(hash).toString("hex") };
+}
+
+function sha256(b: Uint8Array): string { return createHash("sha256").update(b).digest("hex"); }
+
+/** The dispatch table: one handler per command, named after it. */
+const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH">, Handler> = {
+  ALLOC(s, r) {
+    const id = r.u32("buffer id"), device = r.u32("device"), layout = r.u8("layout"), size = r.u64("size");
+    r.end("ALLOC");
+    s.device(device);
+    s.newBufferId(id);
+    s.charge(size);
+    try {
+      const bt = layout === Layout.REPACKED ? s.core.repackType(device) : layout === Layout.PLAIN ? s.device(device).bufferType() : null;
+      if (!bt) throw protocolError(`unknown layout ${layout}`);
+      s.addBuffer(id, bt.alloc(size), layout, size);
+    } catch (e) { s.used -= size; throw e; }
+  },
+  FREE(s, r) {
+    const id = r.u32("buffer id");
+    r.end("FREE");
+    const st = s.staging.get(id);
+    if (st) {
+      s.staging.delete(id);
+      st.buf.dispose();
+      s.used -= st.size;
+      return;
+    }
+    s.freeBuffer(id);
+  },
+  FILL(s, r) {
+    const id = r.u32("buffer id"), offset = r.u64("offset"), length = r.u64("length"), value = r.u8("value");
+    r.end("FILL");
+    const b = s.buffer(id);
+    if (b.layout === Layout.REPACKED) throw weftError("BAD_ARGUMENT", "a repacked weight buffer cannot be filled");
+    b.cpu.memset(offset, length, value);
+  },
+  SET(s, r) {
+    const id = r.u32("buffer id"), offset = r.u64("offset");
+    const whole = r.u8("tensor flag");
+    let t: Tensor | null = null;
+    if (whole) {
+      const type = r.u16("type");
+      if (!isKnownType(type)) throw weftError("UNSUPPORTED_TYPE", `type ${typeName(type)} is not supported`);
+      t = new Tensor({ type, ne: toShape4([r.u64("ne0"), r.u64("ne1")]) });
+    }
+    const data = r.bytes("data");
+    r.end("SET");
+    const b = s.buffer(id);
+    if (b.layout === Layout.REPACKED) {
+      if (!t || !canRepack(t) || data.length !== t.nbytes || offset + repackedBytes(t) > b.size)
+        throw weftError("BAD_ARGUMENT", "a repacked weight buffer is written a whole matrix at a time");
+      b.cpu.writeTensor(t, data, 0, offset);
+    } else b.cpu.set(offset, data);
+  },
+  GET(s, r) {
+    const id = r.u32("buffer id"), offset = r.u64("offset"), length = r.u64("length", s.core.maxFrame - 64);
+    r.end("GET");
+    const b = s.buffer(id);
+    if (b.layout === Layout.REPACKED) throw weftError("BAD_ARGUMENT", "a repacked weight buffer cannot be read back");
+    return b.cpu.get(offset, length);
+  },
+  SET2D(s, r) {
+    const id = r.u32("buffer id"), offset = r.u64("offset"), rows = r.u64("rows"), rowBytes = r.u64("row bytes"), stride = r.u64("stride");
+    const data = r.bytes("data");
+    r.end("SET2D");
+    if (rows * rowBytes !== data.length) throw protocolError(`SET2D: ${rows} rows of ${rowBytes} bytes, but ${data.length} bytes sent`);
+    const b = s.buffer(id);
+    if (b.layout === Layout.REPACKED) throw weftError("BAD_ARGUMENT", "a repacked weight buffer is written a whole matrix at a time");
+    checkStrided(b, offset, rows, rowBytes, stride);
+    b.cpu.set2d(offset, data, rows, rowBytes, stride);
+  },
+  GET2D(s, r) {
+    const id = r.u32("buffer id"), offset = r.u64("offset"), rows = r.u64("rows"), rowBytes = r.u64("row bytes"), stride = r.u64("stride");
+    r.end("GET2D");
+    if (rows * rowBytes > s.core.maxFrame - 64) throw weftError("RPC_LIMIT", `GET2D of ${rows * rowBytes} bytes is more than one frame`);
+    const b = s.buffer(id);
+    if (b.layout === Layout.REPACKED) throw weftError("BAD_ARGUMENT", "a repacked weight buffer cannot be read back");
+    checkStrided(b, offset, rows, rowBytes, stride);
+    return b.cpu.get2d(offset, rows, rowBytes, stride);
+  },
+  COPY(s, r) {
+    const src = r.u32("source buffer"), srcOff = r.u64("source offset"), dst = r.u32("destination buffer"), dstOff = r.u64("destination offset");
+    const length = r.u64("length");
+    r.end("COPY");
+    const a = s.buffer(src), b = s.buffer(dst);
+    if (length === 0) return;
+    if (!b.cpu.copyFrom(a.cpu, srcOff, dstOff, length)) throw weftError("BAD_ARGUMENT", "repacked weight buffers cannot be copied");
+  },
+  async COMPUTE(s, r) {
+    const device = r.u32("device"), gid = r.u64("graph id"), has = r.u8("graph flag");
+    const d = s.device(device);
+    let g = s.graphs.get(gid);
+    if (has) {
+      s.forgetGraph(gid);
+      if (s.graphs.size >= MAX_GRAPHS) throw weftError("RPC_LIMIT", `more than ${MAX_GRAPHS} graphs cached for one client (FORGET old ones)`);
+      const { graph, buffers } = decodeGraph(r, (id) => ({ buffer: s.buffer(id).cpu, size: s.buffer(id).size }), (op) => allowedOp(d, op));
+      g = { graph, device, buffers };
+      s.graphs.set(gid, g);
+    } else r.end("COMPUTE");
+    if (!g) throw weftError("BAD_ARGUMENT", `no graph ${gid}: send it with its first COMPUTE (it was never sent, or was forgotten)`);
+    if (g.device !== device) throw weftError("BAD_ARGUMENT", `graph ${gid} was sent for device ${g.device}, not ${device}`);
+    try {
+      await s.backend(device).computeAsync(g.graph);
+    } catch (e) {
+      s.forgetGraph(gid);  // the native side may have dropped it; the client resends
+      throw e;
+    }
+  },
+  FORGET(s, r) {
+    const gid = r.u64("graph id");
+    r.end("FORGET");
+    s.forgetGraph(gid);
+  },
+  async WEIGHT(s, r) {
+    const w = readWeightDesc(s, r);
+    const hasSource = r.u8("source flag");
+    const file = hasSource ? r.str("file name", 255) : null;
+    const fileOffset = hasSource ? r.u64("file offset") : 0;
+    r.end("WEIGHT");
+    s.newBufferId(w.id);
+    s.charge(w.size);
+    let placed = false;
+    try {
+      // 1. the content-hash cache: map the stored device-layout bytes (no copy, shared by clients)
+      const cached = s.core.cachedWeight(w.hash, w.t, w.layout, w.size);
+      if (cached) {
+        s.addBuffer(w.id, w.layout === Layout.REPACKED ? s.core.repackType(w.device).mapFile(cached) : s.device(w.device).bufferType().mapFile(cached), w.layout, w.size);
+        placed = true;
+        return { status: Status.OK, payload: new Writer().u8(WeightSource.CACHE).body() };
+      }
+      // 2. the server's own copy of the model (else: the client uploads it)
+      const bytes = file !== null && s.core.modelsDir ? await s.core.readModelTensor(file, fileOffset, w.t.nbytes, w.hash) : null;
+      if (bytes) {
+        await place(s, w, bytes);
+        placed = true;
+        return { status: Status.OK, payload: new Writer().u8(WeightSource.FILE).body() };
+      }
+      // 3. the client uploads it (WEIGHT_DATA, in pieces of whole row groups), straight into its buffer
+      s.staging.set(w.id, { t: w.t, layout: w.layout, hash: w.hash, buf: weightType(s, w).alloc(w.size), size: w.size, hasher: s.core.caches ? createHash("sha256") : null, got: 0 });
+      placed = true;
+      return { status: Status.MISSING };
+    } finally {
+      if (!placed) s.used -= w.size;
+    }
+  },
+  async WEIGHT_DATA(s, r) {
+    const id = r.u32("buffer id"), at = r.u64("offset");
+    const data = r.bytes("data");
+    r.end("WEIGHT_DATA");
+    const st = s.staging.get(id);
+    if (!st) throw weftError("BAD_ARGUMENT", `no weight ${id} is waiting for data (send WEIGHT first)`);
+    try {
+      if (at !== st.got || at + data.length > st.t.nbytes)
+        throw protocolError(`weight ${id}: bytes at ${at} (+${data.length}), expected them at ${st.got} of ${st.t.nbytes}`);
+      if (st.layout === Layout.REPACKED) (st.buf as RepackedBuffer).writeRows(st.t, data, at / st.t.nb[1], 0);
+      else st.buf.set(at, data);
+      st.hasher?.update(data);
+      st.got += data.length;
+      if (st.got < st.t.nbytes) return;
+      // only what goes into the cache (and is served to other clients) must be what its hash says
+      if (st.hasher && st.hasher.digest("hex") !== st.hash) throw weftError("BAD_ARGUMENT", `weight ${id}: the bytes do not match the hash sent with WEIGHT`);
+    } catch (e) {
+      s.staging.delete(id);
+      st.buf.dispose();
+      s.used -= st.size;
+      throw e;
+    }
+    s.staging.delete(id);
+    s.addBuffer(id, st.buf, st.layout, st.size);
+    await s.core.storeWeight(st.hash, st.t, st.layout, () => st.buf.readLayout());
+  },
+  PING(_s, r) { r.end("PING"); },
+  MEMORY(s, r) {
+    r.end("MEMORY");
+    const w = new Writer().u32(s.core.devices.length);
+    for (const d of s.core.devices) { const m = d.memory(); w.u64(m.free).u64(m.total); }
+    return w.u64(s.used).body();
+  },
+};
+
+function checkStrided(b: ServedBuffer, offset: number, rows: number, rowBytes: number, stride: number): void {
+  if (rows === 0) return;
+  const end = offset + (rows - 1) * stride + rowBytes;
+  if (!Number.isSafeInteger(end) || end > b.size) throw weftError("OUT_OF_RANGE", `rows reach byte ${end} of a ${b.size}-byte buffer`);
+}
+
+type WeightDesc = { id: number; device: number; layout: number; t: Tensor; size: number; hash: string };
+function weightType(s: Session, w: WeightDesc) {
+  return w.layout === Layout.REPACKED ? s.core.repackType(w.device) : s.device(w.device).bufferType();
+}
+
+/** Puts verified weight bytes in a new buffer of the weight's layout (and in the cache). */
+async function place(s: Session, w: WeightDesc, bytes: Uint8Array): Promise<void> {
+  const buf = weightType(s, w).alloc(w.size);
+  try {
+    buf.writeTensor(w.t, bytes, 0, 0);
+    if (s.core.caches) await s.core.storeWeight(w.hash, w.t, w.layout, () => (w.layout === Layout.REPACKED ? buf.readLayout() : bytes));
+  } catch (e) { buf.dispose(); throw e; }
+  if (s.state === "CLOSED") { buf.dispose(); return; }
+  s.addBuffer(w.id, buf, w.layout, w.size);
+}
+
+export class RpcServer {
+  readonly devices: CpuDevice[];
+  readonly threads: number;
+  readonly maxMemory: number;
+  readonly maxFrame: number;
+  readonly token: string | null;
+  readonly cacheDir: string | null;
+  readonly modelsDir: string | null;
+  readonly #server: Server;
+  readonly #sessions = new Set<Session>();
+  readonly #log: (line: string) => void;
+  readonly #maxClients: number;
+  readonly #hashes = new Map<string, string>();
+  #heartbeat: NodeJS.Timeout | null = null;
+  #host = "";
+  #port = 0;
+
+  /** @internal use startRpcServer */
+  constructor(opts: RpcServerOptions, server: Server) {
+    this.devices = (opts.devices?.length ? opts.devices : ["cpu:0"]).map((n) => cpuDevice(n));
+    if (new Set(this.devices).size !== this.devices.length) throw weftError("BAD_ARGUMENT", "a device is listed twice");
+    this.threads = opts.threads ?? usableCores();
+    this.maxMemory = opts.maxMemory ?? totalmem();
+    this.maxFrame = opts.maxFrame ?? DEFAULT_MAX_FRAME;
+    this.token = opts.token ?? null;
+    this.cacheDir = opts.cacheDir ?? null;
+    this.modelsDir = opts.modelsDir ?? null;
+    this.#maxClients = opts.maxClients ?? 16;
+    this.#log = opts.log ?? (() => {});
+    this.#server = server;
+    if (this.cacheDir) ensureDir(join(this.cacheDir, "weights"), "create the weight cache");
+    if (this.modelsDir && !(existsSync(this.modelsDir) && statSync(this.modelsDir).isDirectory()))
+      throw weftError("IO", `--models ${this.modelsDir}: no such directory`);
+  }
+
+  /** whether uploaded weights are kept (in --cache) */
+  get caches(): boolean { return this.cacheDir !== null; }
+  get host(): string { return this.#host; }
+  get port(): number { return this.#port; }
+  get endpoint(): string { return `${this.#host.includes(":") ? `[${this.#host}]` : this.#host}:${this.#port}`; }
+  get clients(): number { return this.#sessions.size; }
+  /** bytes the connected clients hold */
+  get clientBytes(): number { let n = 0; for (const s of this.#sessions) n += s.used; return n; }
+
+  /** @internal */
+  async listen(host: string, port: number): Promise<void> {
+    await new Promise<void>((resolve, reject) => {
+      this.#server.once("error", reject);
+      this.#server.listen(port, host, () => { this.#server.off("error", reject); resolve(); });
+    }).catch((e: NodeJS.ErrnoException) => {
+      throw weftError("IO", `cannot listen on ${host}:${port}: ${e.code === "EADDRINUSE" ? "the port is in use (another rpc-server? pick --port)" : e.code === "EADDRNOTAVAIL" ? "no such address on this machine" : e.message}`, e);
+    });
+    const a = this.#server.address();
+    if (a && typeof a === "object") { this.#host = a.address; this.#port = a.port; }
+    this.#server.on("connection", (sock) => this.#accept(sock));
+    // liveness: a client with work pending hears from the server at least every second
+    this.#heartbeat = setInterval(() => {
+      for (const s of this.#sessions) if (s.state === "READY" && (s.pending > 0 || s.reader.buffered > 0)) s.send(Kind.NOTICE, Notice.HEARTBEAT, 0, new Uint8Array(0));
+    }, 1000);
+    this.#heartbeat.unref();
+  }
+
+  /** @internal the repacked weight memory of a device */
+  repackType(device: number) {
+    const d = this.devices[device]!;
+    return d.repackBufferType();
+  }
+
+  #cachePath(hash: string, t: Tensor, layout: number): string {
+    return join(this.cacheDir!, "weights", `${hash}-${TYPES[t.type].name}-${t.ne.join("x")}-${layout === Layout.REPACKED ? "r8v1" : "rows"}.bin`);
+  }
+  /** @internal the cache file holding this weight in this layout, if there is a whole one */
+  cachedWeight(hash: string, t: Tensor, layout: number, size: number): string | null {
+    if (!this.cacheDir || size === 0) return null;
+    const p = this.#cachePath(hash, t, layout);
+    try { return statSync(p).size === size ? p : null; } catch { return null; }
+  }
+  /** @internal stores verified device-layout bytes under their content hash */
+  async storeWeight(hash: string, t: Tensor, layout: number, bytes: () => Uint8Array): Promise<void> {
+    if (!this.cacheDir || t.nbytes === 0) return;
+    const p = this.#cachePath(hash, t, layout);
+    if (existsSync(p)) return;
+    try {
+      await writeAtomically(p, async (tmp) => { const f = await open(tmp, "w"); try { await f.writeFile(bytes()); } finally { await f.close(); } });
+    } catch (e) { this.#log(`weight cache: ${(e as Error).message} (continuing without storing it)`); }
+  }
+  /**
+   * @internal a tensor's bytes from a GGUF in --models, checked against the client's hash;
+   * null where the server has no such file or other bytes there (the client then uploads)
+   */
+  async readModelTensor(name: string, offset: number, length: number, hash: string): Promise<Uint8Array | null> {
+    if (!this.modelsDir || !/^[^/\\\0]{1,255}$/.test(name) || name === "." || name === "..") return null;
+    const path = join(this.modelsDir, name);
+    let f;
+    try { f = await open(path, "r"); } catch { return null; }
+    try {
+      const st = fstatSync(f.fd);
+      if (!st.isFile() || offset + length > st.size) return null;
+      const out = new Uint8Array(length);
+      let got = 0;
+      while (got < length) {
+        const { bytesRead } = await f.read(out, got, length - got, offset + got);
+        if (bytesRead <= 0) throw weftError("IO", `'${name}' ended early`);
+        got += bytesRead;
+      }
+      // a file's bytes are hashed once per server run (until it changes)
+      const key = `${st.dev}:${st.ino}:${st.size}:${st.mtimeMs}:${offset}:${length}`;
+      let h = this.#hashes.get(key);
+      if (!h) { h = sha256(out); this.#hashes.set(key, h); }
+      if (h !== hash) { this.#log(`--models ${name}: other bytes at ${offset} than the client's file (another version?); the client uploads them`); return null; }
+      return out;
+    } finally {
+      await f.close();
+    }
+  }
+
+  #accept(sock: Socket): void {
+    sock.setNoDelay(true);
+    const s = new Session(this, sock);
+    if (this.#sessions.size >= this.#maxClients) {
+      this.#log(`client ${s.name} refused: ${this.#maxClients} clients already`);
+      sock.destroy();
+      return;
+    }
+    this.#sessions.add(s);
+    const preauth = setTimeout(() => { if (s.state !== "READY") { this.#log(`client ${s.name}: no handshake within ${PREAUTH_TIMEOUT_MS / 1000} s`); sock.destroy(); } }, PREAUTH_TIMEOUT_MS);
+    preauth.unref();
+    sock.on("data", (chunk: Buffer) => {
+      let frames;
+      try { frames = s.reader.push(chunk); } catch (e) { return this.#drop(s, 0, 0, e); }
+      for (const { h, body } of frames) {
+        if (s.state === "CLOSED") return;
+        if (h.kind !== Kind.REQUEST) return this.#drop(s, h.cmd, h.id, protocolError(`frame kind ${h.kind} from a client`));
+        const name = CMD_NAMES[h.cmd];
+        if (s.state !== "READY") { this.#handshake(s, h.cmd, h.id, body); continue; }
+        if (!name || name === "HELLO" || name === "AUTH") { s.fail(h.cmd, h.id, protocolError(`unknown or repeated command ${h.cmd}`)); continue; }
+        this.#enqueue(s, name, h.cmd, h.id, body);
+      }
+    });
+    sock.on("error", () => {});
+    sock.on("close", () => {
+      clearTimeout(preauth);
+      const was = s.state;
+      s.state = "CLOSED";
+      // whatever is running finishes first (its memory is pinned), then everything goes
+      void s.tail.then(() => s.release()).finally(() => {
+        this.#sessions.delete(s);
+        if (was === "READY") this.#log(`client ${s.name} left`);
+      });
+    });
+  }
+
+  /** HELLO, then AUTH where a token is set; anything else before that ends the connection. */
+  #handshake(s: Session, cmd: number, id: number, body: Uint8Array): void {
+    try {
+      const r = new Reader(body);
+      if (s.state === "HELLO" && cmd === Cmd.HELLO) {
+        const version = r.u32("protocol version");
+        const client = r.str("client name", 256);
+        const digest = r.str("tables digest", 64);
+        r.end("HELLO");
+        if (version !== PROTOCOL_VERSION) throw weftError("RPC_PROTOCOL", `this server speaks weft RPC protocol ${PROTOCOL_VERSION}, the client ${version}: run the same weft version on both`);
+        if (digest !== tablesDigest()) throw weftError("RPC_PROTOCOL", "the client's weft numbers ops or types differently: run the same weft version on both");
+        const w = new Writer().u32(PROTOCOL_VERSION).str(`weft rpc-server`).u8(this.token ? 1 : 0).bytes(s.nonce)
+          .u64(this.maxFrame).u64(this.maxMemory).u32(this.devices.length);
+        for (const d of this.devices) {
+          const m = d.memory();
+          w.str(d.name).str(d.description).u64(m.total).u64(m.free).u8(1);
+          const ops = OP_NAMES.map((_, i) => i).filter((i) => allowedOp(d, i as Op));
+          w.u32(ops.length);
+          for (const o of ops) w.u16(o);
+        }
+        s.state = this.token ? "AUTH" : "READY";
+        s.reply(cmd, id, w.body());
+        if (s.state === "READY") this.#log(`client ${s.name} (${client}) connected`);
+        return;
+      }
+      if (s.state === "AUTH" && cmd === Cmd.AUTH) {
+        const clientNonce = r.bytes("client nonce");
+        const proof = r.bytes("proof");
+        r.end("AUTH");
+        if (clientNonce.length !== NONCE_BYTES || !proofsEqual(proof, authProof(this.token!, "client", s.nonce, clientNonce))) {
+          this.#log(`client ${s.name}: wrong token`);
+          throw weftError("RPC_AUTH", "the token does not match the server's");
+        }
+        s.state = "READY";
+        s.reply(cmd, id, new Writer().bytes(authProof(this.token!, "server", clientNonce, s.nonce)).body());
+        this.#log(`client ${s.name} connected (token checked)`);
+        return;
+      }
+      throw s.state === "AUTH" && cmd === Cmd.HELLO ? protocolError("HELLO sent twice")
+        : weftError(s.state === "AUTH" ? "RPC_AUTH" : "RPC_PROTOCOL", s.state === "AUTH" ? "this server needs a token: authenticate first" : "say HELLO first");
+    } catch (e) {
+      this.#drop(s, cmd, id, e);
+    }
+  }
+
+  /** An error reply (where there is a request to answer), then the connection ends. */
+  #drop(s: Session, cmd: number, id: number, e: unknown): void {
+    if (s.state === "CLOSED") return;
+    if (cmd) s.fail(cmd, id, e);
+    s.state = "CLOSED";
+    s.socket.end();
+    setTimeout(() => s.socket.destroy(), 1000).unref();
+  }
+
+  /** A READY client's request: runs after its earlier ones; the reply is sent when it is done. */
+  #enqueue(s: Session, name: Exclude<CmdName, "HELLO" | "AUTH">, cmd: number, id: number, body: Uint8Array): void {
+    s.pending++;
+    s.queuedBytes += body.length;
+    // a client that sends faster than its work runs is paused (its frames wait in the kernel)
+    if (s.queuedBytes > 2 * this.maxFrame) s.socket.pause();
+    const run = async () => {
+      try {
+        if (s.state === "CLOSED") return;
+        s.reply(cmd, id, await HANDLERS[name](s, new Reader(body)));
+      } catch (e) {
+        s.fail(cmd, id, e);
+      } finally {
+        s.pending--;
+        s.queuedBytes -= body.length;
+        if (s.queuedBytes <= this.maxFrame && s.socket.isPaused()) s.socket.resume();
+      }
+    };
+    s.tail = s.tail.then(run);
+  }
+
+  /** Stops listening and disconnects every client (their memory is freed). */
+  async close(): Promise<void> {
+    if (this.#heartbeat) clearInterval(this.#heartbeat);
+    const closed = new Promise<void>((r) => this.#server.close(() => r()));
+    for (const s of this.#sessions) s.socket.destroy();
+    await closed;
+    while (this.#sessions.size) await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+/** Starts a server (see RpcServerOptions); resolves once it listens. */
+export async function startRpcServer(opts: RpcServerOptions = {}): Promise<RpcServer> {
+  const host = opts.host ?? "127.0.0.1";
+  if (!isLoopback(host) && !opts.token && !opts.insecure)
+    throw weftError("RPC_AUTH", `refusing to listen on ${host} without a token: anyone who reaches it could run work and read its memory. ` +
+      "Give --token-file FILE (or WEFT_RPC_TOKEN), or --insecure on a network you trust");
+  if (opts.threads !== undefined && (!Number.isInteger(opts.threads) || opts.threads < 1 || opts.threads > 256))
+    throw weftError("BAD_ARGUMENT", `threads must be an integer from 1 to 256, got ${opts.threads}`);
+  const srv = new RpcServer(opts, createServer({ noDelay: true }));
+  await srv.listen(host, opts.port ?? DEFAULT_RPC_PORT);
+  return srv;
+}
