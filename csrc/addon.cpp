@@ -261,6 +261,17 @@ static Napi::Value BufferCopy(const Napi::CallbackInfo& info) {
 // of 8) weight rows of n elements, srcStride bytes apart, into repacked groups at dst. The
 // source is a buffer id, or a Uint8Array (srcOffset into it): weights uploaded through a
 // repacked buffer's setTensor.
+// Live buffers (count, bytes): what tests check to find leaks (an RPC server's clients gone).
+static Napi::Value BufferStats(const Napi::CallbackInfo& info) {
+  std::lock_guard<std::mutex> lk(g_buf_mu);
+  double bytes = 0;
+  for (auto& [id, e] : g_bufs) bytes += (double)e.size;
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("count", (double)g_bufs.size());
+  o.Set("bytes", bytes);
+  return o;
+}
+
 static Napi::Value RepackRows(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const int32_t type = info[0].As<Napi::Number>().Int32Value();
@@ -641,6 +652,7 @@ static Napi::Value ReadBandwidth(const Napi::CallbackInfo& info) {
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("bufferAlloc", Napi::Function::New(env, BufferAlloc));
   exports.Set("bufferFree", Napi::Function::New(env, BufferFree));
+  exports.Set("bufferStats", Napi::Function::New(env, BufferStats));
   exports.Set("bufferSet", Napi::Function::New(env, BufferSet));
   exports.Set("bufferGet", Napi::Function::New(env, BufferGet));
   exports.Set("bufferFill", Napi::Function::New(env, BufferFill));

@@ -195,6 +195,8 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
       t.nb[k] = (int64_t)nb;
     }
     if (t.ne[0] % ti.blck != 0) return fail("row length is not a multiple of the type's block size");
+    // the element count in double: a hostile shape must not wrap int64 (and skip the bounds check below)
+    if ((double)t.ne[0] * (double)t.ne[1] * (double)t.ne[2] * (double)t.ne[3] > 9007199254740991.0) return fail("too many elements");
     for (int k = 0; k < MAX_SRC; ++k) {
       double s = r[R_SRC + k];
       if (s != (double)(int32_t)s || s < -1 || s >= (double)i) return fail("source index out of order");
@@ -224,6 +226,10 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
       for (int k = 1; k < 4; ++k) extent += (double)(t.ne[k] - 1) * t.nb[k];
       if (t.packed) extent = std::max(extent, offs + (double)t.ne[1] * (double)repacked_row_bytes(t.type, t.ne[0]));
       if (extent > (double)bi.size) return fail("tensor extends beyond its buffer");
+      // what a node writes has no element twice (zero or overlapping strides): its work is
+      // bounded by its memory, so a hostile graph cannot ask for 2^60 writes into one byte
+      if (op_def(t.op).run && !t.packed && (double)nelements(t) / ti.blck * ti.size > extent - offs)
+        return fail("a node's elements overlap in memory (zero or overlapping strides)");
     }
     // a mapped file is mapped read-only: a node there would fault instead of failing
     if (bi.read_only && op_def(t.op).run) return fail("writes into a read-only (mapped file) buffer");

@@ -1,5 +1,5 @@
 /** `weft run`, `weft tokenize`, `weft logits`, `weft devices`, `weft synth`. */
-import { weftError } from "../core/errors.js";
+import { WeftError, weftError } from "../core/errors.js";
 import { loadTokenizer } from "../model/model.js";
 import { DEFAULT_MODEL } from "../model/default.js";
 import { SYNTH_PRESETS, SYNTH_TYPES, synthModel } from "../model/synth.js";
@@ -31,8 +31,9 @@ ${MODEL_FLAGS_HELP}
   --special                special-token text in the prompt (<|start_header_id|>, <s>) becomes
                            its token instead of plain text
   --echo                   print the prompt before the generation
-Generation stops at an end-of-generation token, after -n tokens, or when the context is
-full; the reason goes to stderr unless it was the end token. Ctrl-C stops within one
+With --rpc, a server that dies or a link that drops during generation is reconnected once
+(for up to 30 s) and the generation continues where it stopped. Generation stops at an
+end-of-generation token, after -n tokens, or when the context is full; the reason goes to stderr unless it was the end token. Ctrl-C stops within one
 micro-batch, prints what was generated and exits with 130. Timings go to stderr, so
 "weft run ... > out.txt" captures exactly the generated text (a final newline is added only
 on a terminal).`,
@@ -63,16 +64,30 @@ on a terminal).`,
         if (v.echo) write(prompt);
         let count = 0, tFirst = 0;
         const t0 = performance.now();
-        const gen = m.generate(ids, { ...sampling, maxTokens: n, signal: ac.signal });
-        try {
-          for await (const p of gen) {
-            if (count === 0) tFirst = performance.now();
-            if (p.token >= 0) count++;
-            write(p.text);
+        let gen = m.generate(ids, { ...sampling, maxTokens: n, signal: ac.signal });
+        let retried = false;
+        for (;;) {
+          try {
+            for await (const p of gen) {
+              if (count === 0) tFirst = performance.now();
+              if (p.token >= 0) count++;
+              write(p.text);
+            }
+            break;
+          } catch (e) {
+            // a remote device's server died or its link dropped: connect again once and go on
+            if (!retried && e instanceof WeftError && e.code === "RPC_CLOSED" && !ac.signal.aborted) {
+              retried = true;
+              log(`\nweft: ${e.message}; reconnecting (once, for up to 30 s)…`);
+              await m.reconnect({ signal: ac.signal, timeoutMs: 30_000 });
+              log("weft: reconnected; the sequence so far was evaluated again, generation continues");
+              gen = m.resume({ ...sampling, maxTokens: n < 0 ? -1 : n - count, signal: ac.signal });
+              continue;
+            }
+            if (!ac.signal.aborted) throw e;
+            pipeClosed = !signal.aborted;
+            break;
           }
-        } catch (e) {
-          if (!ac.signal.aborted) throw e;
-          pipeClosed = !signal.aborted;
         }
         const t1 = performance.now();
         if (process.stdout.isTTY) write("\n");

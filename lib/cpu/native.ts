@@ -11,6 +11,8 @@ export interface NativeContext { readonly __brand: "NativeContext" }
 export interface NativeAddon {
   bufferAlloc(size: number): number;
   bufferFree(id: number): void;
+  /** buffers alive now (allocations and mappings, including ones freed while a run still uses them) */
+  bufferStats(): { count: number; bytes: number };
   bufferSet(id: number, offset: number, data: Uint8Array): void;
   bufferGet(id: number, offset: number, length: number): Uint8Array;
   bufferFill(id: number, offset: number, length: number, value: number): void;

@@ -16,6 +16,8 @@ import { ScheduledGraph, Scheduler, planLayerSplit } from "../backend/sched.js";
 import { cpuDevice, usableCores } from "../cpu/index.js";
 import { deviceFromSpec, isMeta, metaDevice } from "../meta/index.js";
 import { planLlamaSplit } from "../split/plan.js";
+import { RpcConnection } from "../rpc/client.js";
+import { RpcDevice } from "../rpc/device.js";
 import { SplitState } from "../split/state.js";
 import { Tokenizer, TokenizeOptions, DetokenizeOptions } from "../tokenizer/tokenizer.js";
 import { HParams, WeightTable, readHParams, readWeightTable } from "./hparams.js";
@@ -142,6 +144,9 @@ export class Model {
   #kvBuffers: Buffer[] = [];
   #graphs = new Map<string, CachedGraph>();
   #pos = 0;
+  /** the tokens of the sequence (what reconnect() evaluates again) and the last logits (what resume() samples from) */
+  #history: number[] = [];
+  #lastLogits: Float32Array | null = null;
   #busy = false;
   #disposed = false;
 
@@ -244,7 +249,35 @@ export class Model {
   detokenize(ids: readonly number[], opts?: DetokenizeOptions): string { return this.tokenizer.detokenize(ids, opts); }
 
   /** Forgets the sequence: the next evaluate starts at position 0. */
-  reset(): void { this.#pos = 0; }
+  reset(): void { this.#pos = 0; this.#history = []; this.#lastLogits = null; }
+
+  /** The tokens of the sequence so far. */
+  get tokens(): readonly number[] { return this.#history; }
+
+  /**
+   * After a remote device's server died or its link dropped (an RPC_CLOSED error): connects
+   * again (trying for `timeoutMs`, default 30 s, while the server restarts), restores the
+   * weights (from the server's cache where it kept them, else uploaded again) and the KV
+   * cache (by evaluating the sequence so far again). resume() then continues a generation
+   * where it stopped. Returns whether anything had to be reconnected.
+   */
+  async reconnect(opts: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<boolean> {
+    if (this.#disposed) throw weftError("DISPOSED", "the model was disposed");
+    if (this.#busy) throw weftError("BUSY", "the model is evaluating (await the call that failed first)");
+    const conns = new Set<RpcConnection>();
+    const walk = (d: Device): void => {
+      if (d instanceof RpcDevice) conns.add(d.conn);
+      else if (isMeta(d)) d.devices.forEach(walk);
+    };
+    this.#devices.forEach(walk);
+    const dead = [...conns].filter((c) => c.closed);
+    if (!dead.length) return false;
+    for (const c of dead) await c.reconnect(opts);
+    const seq = this.#history;
+    this.reset();
+    if (seq.length) await this.evaluate(seq, { signal: opts.signal });
+    return true;
+  }
 
   #check(): void {
     if (this.#disposed) throw weftError("DISPOSED", "the model was disposed");
@@ -278,6 +311,9 @@ export class Model {
     if (this.#pos + tokens.length > this.contextSize)
       throw weftError("OUT_OF_RANGE", `context full: ${this.#pos} + ${tokens.length} tokens exceed the context size ${this.contextSize} (use a larger contextSize / -c)`);
     this.#busy = true;
+    // the tokens join the sequence now: if a device fails on the way, reconnect() evaluates them again
+    this.#history.push(...tokens);
+    this.#lastLogits = null;
     try {
       const all = opts.allLogits ?? false;
       const out = new Float32Array(all ? tokens.length * nV : nV);
@@ -323,8 +359,10 @@ export class Model {
       }
       await Promise.all(pending);
       if (opts.signal?.aborted) throw abortError(opts.signal);
+      this.#lastLogits = out.slice(out.length - nV);
       return out;
     } finally {
+      if (opts.signal?.aborted) this.#history.length = this.#pos;  // an abort keeps what was queued
       this.#busy = false;
     }
   }
@@ -341,8 +379,23 @@ export class Model {
     return Object.defineProperty(gen, "stopReason", { get: () => state.reason, enumerable: true }) as Generation;
   }
 
-  async *#generate(prompt: string | readonly number[], opts: GenerateOptions, state: { reason: StopReason | null }): AsyncGenerator<GeneratedPiece, void, undefined> {
-    const ids = typeof prompt === "string" ? this.tokenize(prompt, { addSpecial: opts.addSpecial ?? true, parseSpecial: opts.parseSpecial ?? false }) : [...prompt];
+  /**
+   * Continues the sequence so far (after reconnect(), or after a generation that stopped):
+   * samples from the last evaluated position onwards, as generate() would have. With the
+   * same options, a greedy generation resumed after a failure yields what the
+   * uninterrupted one would have (a sampled one starts a new random stream).
+   */
+  resume(opts: GenerateOptions = {}): Generation {
+    const state: { reason: StopReason | null } = { reason: null };
+    const gen = this.#generate(null, opts, state);
+    return Object.defineProperty(gen, "stopReason", { get: () => state.reason, enumerable: true }) as Generation;
+  }
+
+  async *#generate(prompt: string | readonly number[] | null, opts: GenerateOptions, state: { reason: StopReason | null }): AsyncGenerator<GeneratedPiece, void, undefined> {
+    const resuming = prompt === null;
+    if (resuming && (!this.#lastLogits || !this.#history.length))
+      throw weftError("BAD_ARGUMENT", "nothing to resume: the last evaluation did not complete (reconnect() first) or the sequence is empty");
+    const ids = resuming ? [...this.#history] : typeof prompt === "string" ? this.tokenize(prompt, { addSpecial: opts.addSpecial ?? true, parseSpecial: opts.parseSpecial ?? false }) : [...prompt];
     if (ids.length === 0) throw weftError("BAD_ARGUMENT", "the prompt is empty and the vocabulary adds no BOS token: nothing to continue from");
     const maxTokens = opts.maxTokens ?? 128;
     if (!(maxTokens === Infinity || maxTokens === -1 || (Number.isInteger(maxTokens) && maxTokens >= 0)))
@@ -350,11 +403,11 @@ export class Model {
     const limit = maxTokens < 0 ? Infinity : maxTokens;
     const sampler = new Sampler(opts);
     sampler.accept(ids);
-    this.reset();
+    if (!resuming) this.reset();
     const decoder = new TextDecoder("utf-8");
     const stop = (r: StopReason) => { state.reason = r; };
     try {
-      let logits = await this.evaluate(ids, { signal: opts.signal });
+      let logits = resuming ? this.#lastLogits! : await this.evaluate(ids, { signal: opts.signal });
       for (let i = 0; ; i++) {
         if (i >= limit) { stop("maxTokens"); break; }
         if (opts.signal?.aborted) throw abortError(opts.signal);

@@ -45,7 +45,12 @@ export class RpcBackend implements Backend {
   #failure: WeftError | null = null;
   #disposed = false;
 
-  constructor(readonly device: RpcDevice) { this.#conn = device.conn; }
+  constructor(readonly device: RpcDevice) {
+    this.#conn = device.conn;
+    // a new session: what failed with the old one is not this queue's failure any more
+    this.#unregister = this.#conn.onReconnect(async () => { this.#failure = null; this.#sent.clear(); });
+  }
+  readonly #unregister: () => void;
   get name(): string { return this.device.name; }
 
   #check(): void {
@@ -130,7 +135,7 @@ export class RpcBackend implements Backend {
     this.#check();
     const p = this.#memory(t).locate(tensorAt(t) + offset, size);
     const r = (await this.#request("GET", new Writer().u32(p.id).u64(p.offset).u64(size).body())).r;
-    return r.buf.slice(r.buf.length - r.left);
+    return r.rest();
   }
   set2dAsync(b: Buffer, offset: number, data: ArrayBufferView, rows: number, rowBytes: number, stride: number): void {
     this.#check();
@@ -146,7 +151,7 @@ export class RpcBackend implements Backend {
     if (m.conn !== this.#conn) throw weftError("BAD_ARGUMENT", `${b.bufferType.name} memory is not ${this.name}'s`);
     const p = m.locate(offset, rows ? (rows - 1) * stride + rowBytes : 0);
     const r = (await this.#request("GET2D", new Writer().u32(p.id).u64(p.offset).u64(rows).u64(rowBytes).u64(stride).body())).r;
-    return r.buf.slice(r.buf.length - r.left);
+    return r.rest();
   }
 
   /**
@@ -206,6 +211,7 @@ export class RpcBackend implements Backend {
     if (this.#disposed) return;
     try { if (!this.#conn.closed) await this.synchronize(); } catch { /* its failures were reported to the work's callers */ }
     this.#disposed = true;
+    this.#unregister();
   }
   [Symbol.asyncDispose](): Promise<void> { return this.dispose(); }
 }

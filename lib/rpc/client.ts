@@ -71,6 +71,8 @@ export class RpcConnection {
   /** how many sessions this connection has had (objects compare it to know they must restore state) */
   #session = 0;
   readonly #restorers = new Set<(conn: RpcConnection) => Promise<void>>();
+  /** how weights reached the server: bytes uploaded, tensors it had cached or read from its own file */
+  readonly stats = { uploadedBytes: 0, fromCache: 0, fromFile: 0 };
 
   private constructor(endpoint: string, token: string | null) {
     const { host, port } = parseEndpoint(endpoint);
@@ -251,6 +253,7 @@ export class RpcConnection {
         opts.signal?.throwIfAborted();
       }
     }
+    this.#postFailure = null;
     for (const restore of this.#restorers) await restore(this);
   }
 

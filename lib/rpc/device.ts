@@ -20,7 +20,7 @@ import { cacheDir } from "../model/default.js";
 import { canRepack, repackedBytes } from "../cpu/repack.js";
 import { RpcBackend } from "./backend.js";
 import { RemoteDeviceInfo, RpcConnection } from "./client.js";
-import { Layout, Status, WEIGHT_CHUNK, Writer } from "./protocol.js";
+import { Layout, Status, WEIGHT_CHUNK, WeightSource, Writer } from "./protocol.js";
 
 const ALIGNMENT = 64;
 /** weight bytes on their way to a server at once while loading */
@@ -234,8 +234,12 @@ export class RpcTensors extends RpcMemory {
     w.bytes(Buffer.from(src.hash, "hex")).u8(1).str(basename(src.file)).u64(src.offset);
     e.state = "weight";
     const reply = await this.conn.request("WEIGHT", w.body());
-    if (reply.status !== Status.MISSING) return;
+    if (reply.status !== Status.MISSING) {
+      if (reply.r.u8("weight source") === WeightSource.CACHE) this.conn.stats.fromCache++; else this.conn.stats.fromFile++;
+      return;
+    }
     const bytes = read();
+    this.conn.stats.uploadedBytes += bytes.length;
     // pieces of whole eight-row groups (the server repacks each as it comes), about
     // WEIGHT_CHUNK bytes, all sent at once; the last one's reply says it was placed
     const group = 8 * e.t.nb[1];

@@ -37,6 +37,15 @@ export async function addRpcServer(endpoint: string, opts: RpcConnectOptions = {
   return devices;
 }
 
+/**
+ * A session of its own with a server, outside the registry (a second client of the same
+ * server in one process: tests, tools): its devices are named rpc@host:port/N.
+ */
+export async function openRpcServer(endpoint: string, opts: RpcConnectOptions = {}): Promise<RpcDevice[]> {
+  const conn = await RpcConnection.open(endpoint, opts);
+  return conn.info.devices.map((d) => new RpcDevice(`rpc@${endpoint}/${d.index}`, conn, d.index, true));
+}
+
 /** Every remote device added so far. */
 export function rpcDevices(): RpcDevice[] { return [...byName.values()]; }
 

@@ -147,6 +147,13 @@ export class Reader {
     this.#at += n;
     return b;
   }
+  /** the bytes left, copied into their own ArrayBuffer (safe to view as any typed array) */
+  rest(): Uint8Array {
+    const out = new Uint8Array(this.left);
+    out.set(this.buf.subarray(this.#at));
+    this.#at = this.buf.length;
+    return out;
+  }
   end(what: string): void { if (this.left !== 0) throw protocolError(`${what}: ${this.left} unexpected bytes at the end`); }
 }
 
@@ -184,9 +191,18 @@ export class FrameReader {
   /** bytes received of a frame not yet complete */
   get buffered(): number { return this.#headLen + this.#bodyLen; }
 
-  /** Adds bytes; returns the frames they complete (throws RPC_PROTOCOL / RPC_LIMIT for a bad header). */
-  push(chunk: Uint8Array): Array<{ h: FrameHeader; body: Uint8Array }> {
+  /**
+   * Adds bytes; returns the frames they complete (throws RPC_PROTOCOL / RPC_LIMIT for a bad
+   * header). With `each`, every frame goes to it as soon as it is complete, before the next
+   * header is read (so what it does, e.g. a handshake step, can change `maxBody` for that
+   * header); `each` returning false stops reading.
+   */
+  push(chunk: Uint8Array, each?: (f: { h: FrameHeader; body: Uint8Array }) => boolean | void): Array<{ h: FrameHeader; body: Uint8Array }> {
     const out: Array<{ h: FrameHeader; body: Uint8Array }> = [];
+    const emit = (f: { h: FrameHeader; body: Uint8Array }): boolean => {
+      if (!each) { out.push(f); return true; }
+      return each(f) !== false;
+    };
     let at = 0;
     while (at < chunk.length) {
       if (this.#body) {
@@ -195,8 +211,9 @@ export class FrameReader {
         this.#bodyLen += k;
         at += k;
         if (this.#bodyLen === this.#body.length) {
-          out.push({ h: this.#header!, body: this.#body });
+          const f = { h: this.#header!, body: this.#body };
           this.#header = null; this.#body = null; this.#bodyLen = 0;
+          if (!emit(f)) return out;
         }
         continue;
       }
@@ -208,8 +225,9 @@ export class FrameReader {
       this.#headLen = 0;
       const h = parseHeader(this.#head, this.maxBody());
       if (chunk.length - at >= h.length) {
-        out.push({ h, body: chunk.subarray(at, at + h.length) });
+        const body = chunk.subarray(at, at + h.length);
         at += h.length;
+        if (!emit({ h, body })) return out;
       } else {
         this.#header = h;
         this.#body = Buffer.allocUnsafe(h.length);

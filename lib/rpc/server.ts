@@ -25,7 +25,7 @@ import { OP_NAMES, Op } from "../core/ops.js";
 import { Tensor, toShape4 } from "../core/tensor.js";
 import { GgmlType, TYPES, isKnownType, typeName } from "../core/types.js";
 import { ensureDir, writeAtomically } from "../core/files.js";
-import { CpuBackend, CpuBuffer, CpuDevice, cpuDevice, usableCores } from "../cpu/index.js";
+import { CpuBackend, CpuBuffer, CpuDevice, cpuDevice, native, usableCores } from "../cpu/index.js";
 import { canRepack, repackedBytes } from "../cpu/repack.js";
 import type { RepackedBuffer } from "../cpu/buffer.js";
 import { decodeGraph } from "./graph.js";
@@ -391,7 +391,9 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH">, Handler> = {
     r.end("MEMORY");
     const w = new Writer().u32(s.core.devices.length);
     for (const d of s.core.devices) { const m = d.memory(); w.u64(m.free).u64(m.total); }
-    return w.u64(s.used).body();
+    // this client's bytes, then the whole server's: clients, native buffers and their bytes
+    const live = native().bufferStats();
+    return w.u64(s.used).u32(s.core.clients).u64(live.count).u64(live.bytes).body();
   },
 };
 
@@ -545,15 +547,20 @@ export class RpcServer {
     const preauth = setTimeout(() => { if (s.state !== "READY") { this.#log(`client ${s.name}: no handshake within ${PREAUTH_TIMEOUT_MS / 1000} s`); sock.destroy(); } }, PREAUTH_TIMEOUT_MS);
     preauth.unref();
     sock.on("data", (chunk: Buffer) => {
-      let frames;
-      try { frames = s.reader.push(chunk); } catch (e) { return this.#drop(s, 0, 0, e); }
-      for (const { h, body } of frames) {
-        if (s.state === "CLOSED") return;
-        if (h.kind !== Kind.REQUEST) return this.#drop(s, h.cmd, h.id, protocolError(`frame kind ${h.kind} from a client`));
-        const name = CMD_NAMES[h.cmd];
-        if (s.state !== "READY") { this.#handshake(s, h.cmd, h.id, body); continue; }
-        if (!name || name === "HELLO" || name === "AUTH") { s.fail(h.cmd, h.id, protocolError(`unknown or repeated command ${h.cmd}`)); continue; }
-        this.#enqueue(s, name, h.cmd, h.id, body);
+      if (s.state === "CLOSED") return;
+      try {
+        // frame by frame: a handshake step changes the size allowed for the next header
+        s.reader.push(chunk, ({ h, body }) => {
+          if (s.state === "CLOSED") return false;
+          if (h.kind !== Kind.REQUEST) { this.#drop(s, h.cmd, h.id, protocolError(`frame kind ${h.kind} from a client`)); return false; }
+          const name = CMD_NAMES[h.cmd];
+          if (s.state !== "READY") this.#handshake(s, h.cmd, h.id, body);
+          else if (!name || name === "HELLO" || name === "AUTH") s.fail(h.cmd, h.id, protocolError(`unknown or repeated command ${h.cmd}`));
+          else this.#enqueue(s, name, h.cmd, h.id, body);
+          return true;
+        });
+      } catch (e) {
+        this.#drop(s, 0, 0, e);
       }
     });
     sock.on("error", () => {});
@@ -617,6 +624,7 @@ export class RpcServer {
   /** An error reply (where there is a request to answer), then the connection ends. */
   #drop(s: Session, cmd: number, id: number, e: unknown): void {
     if (s.state === "CLOSED") return;
+    this.#log(`client ${s.name} dropped: ${(e as Error)?.message ?? e}`);
     if (cmd) s.fail(cmd, id, e);
     s.state = "CLOSED";
     s.socket.end();
