@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include <cerrno>
+#include <cstring>
 #include <cstdlib>
 #include <thread>
 #include <algorithm>
@@ -185,6 +186,31 @@ static Napi::Value BufferSet(const Napi::CallbackInfo& info) {
   Napi::Uint8Array src = info[2].As<Napi::Uint8Array>();
   check_range(env, b, off, (double)src.ByteLength());
   if (src.ByteLength()) std::memcpy(b.base + (size_t)off, src.Data(), src.ByteLength());
+  return env.Undefined();
+}
+
+// Reads bytes [fileOffset, fileOffset + length) of a file straight into a buffer at `offset`
+// (an RPC server placing a cached weight: one copy, from the page cache, in any layout).
+static Napi::Value BufferLoadFile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  BufEntry b = get_buf(env, info[0]);
+  if (b.mapped) throw weft_error(env, "READ_ONLY", "a mapped file buffer is read-only");
+  const double off = info[1].As<Napi::Number>().DoubleValue();
+  const std::string path = info[2].As<Napi::String>().Utf8Value();
+  const double foff = info[3].As<Napi::Number>().DoubleValue(), len = info[4].As<Napi::Number>().DoubleValue();
+  check_range(env, b, off, len);
+  if (!(foff >= 0 && foff <= 9007199254740991.0)) throw weft_error(env, "BAD_ARGUMENT", "bad file offset");
+  const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw weft_error(env, "IO", "cannot open " + path + ": " + std::strerror(errno));
+  size_t got = 0;
+  const size_t n = (size_t)len;
+  while (got < n) {
+    const ssize_t r = pread(fd, b.base + (size_t)off + got, n - got, (off_t)((size_t)foff + got));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) { const int e = errno; close(fd); throw weft_error(env, "IO", "cannot read " + path + (r == 0 ? ": it is shorter than expected" : ": " + std::string(std::strerror(e)))); }
+    got += (size_t)r;
+  }
+  close(fd);
   return env.Undefined();
 }
 
@@ -653,6 +679,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("bufferAlloc", Napi::Function::New(env, BufferAlloc));
   exports.Set("bufferFree", Napi::Function::New(env, BufferFree));
   exports.Set("bufferStats", Napi::Function::New(env, BufferStats));
+  exports.Set("bufferLoadFile", Napi::Function::New(env, BufferLoadFile));
   exports.Set("bufferSet", Napi::Function::New(env, BufferSet));
   exports.Set("bufferGet", Napi::Function::New(env, BufferGet));
   exports.Set("bufferFill", Napi::Function::New(env, BufferFill));

@@ -294,10 +294,12 @@ test("hostile requests get error replies and the server stays up: unknown buffer
     assert.is(await code(req("COMPUTE", [new Writer().u32(0).u64(8).u8(1).body(), encodeGraph(G.buildGraph(dup), (t) => ({ id: 1, offset: t === wide ? 0 : 64 }))])), "BAD_PLAN");
     assert.is(await code(req("COMPUTE", new Writer().u32(0).u64(424242).u8(0).body())), "BAD_ARGUMENT");  // never sent
     // a weight whose bytes do not match its hash is refused and not cached
-    const w = new Writer().u32(3).u32(0).u8(Layout.PLAIN).u16(GgmlType.F32).u64(16).u64(1).u64(1).u64(1).bytes(new Uint8Array(32).fill(7)).u8(0);
+    const w = new Writer().u32(1).u64(128).u8(Layout.PLAIN).u16(GgmlType.F32).u64(16).u64(1).u64(1).u64(1).bytes(new Uint8Array(32).fill(7)).u8(0);
     assert.is((await req("WEIGHT", w.body())).status, 2);  // MISSING: send it
-    assert.is(await code(req("WEIGHT_DATA", [new Writer().u32(3).u64(0).u64(64).body(), new Uint8Array(64).fill(1)])), "BAD_ARGUMENT");
-    assert.is(await code(req("WEIGHT_DATA", [new Writer().u32(3).u64(0).u64(64).body(), new Uint8Array(64).fill(1)])), "BAD_ARGUMENT");  // gone
+    assert.is(await code(req("WEIGHT_DATA", [new Writer().u32(1).u64(128).u64(0).u64(64).body(), new Uint8Array(64).fill(1)])), "BAD_ARGUMENT");
+    assert.is(await code(req("WEIGHT_DATA", [new Writer().u32(1).u64(128).u64(0).u64(64).body(), new Uint8Array(64).fill(1)])), "BAD_ARGUMENT");  // gone
+    const big = new Writer().u32(1).u64(4000).u8(Layout.PLAIN).u16(GgmlType.F32).u64(64).u64(1).u64(1).u64(1).bytes(new Uint8Array(32)).u8(0);
+    assert.is(await code(req("WEIGHT", big.body())), "OUT_OF_RANGE");  // past its buffer's end
     assert.is(await code(req("PING", new Uint8Array(0))), "OK");
     conn.close();
     await until("the hostile client's memory to be freed", () => s.clients === 0 && s.clientBytes === 0);

@@ -64,7 +64,8 @@ export const BENCH_COMMAND: Command = {
   -b, --batch-size LIST     logical batch sizes (default 2048): the micro-batch is at most this
   -sm, --split-mode LIST    none, layer and/or tensor (default none): one row each
   -dev, --device SET        a device set, comma-separated; repeat the flag for several sets
-                            (default cpu:0); with split mode none only the first device is used
+                            (default cpu:0); split mode none runs on the first device of each
+                            set, layer and tensor on each set of two or more devices
   -ts, --tensor-split LIST  share per device: of the layers (layer), of every matrix (tensor)
   -ctk, --cache-type-k LIST KV cache types, f16 and/or f32 (default f16; -ctv: the same)
   --no-repack               keep Q4_0/Q8_0/Q4_K matrices in rows (default: repacked, as weft run)
@@ -126,9 +127,17 @@ weft's (devices, memory per device as weights, kv and compute bytes, peer_avg_ts
     const files = models.map((p) => readGguf(p));
     await connectRpc(v, signal);
     const configs: Config[] = [];
-    for (const th of threads) for (const sm of splitModes) for (const devs of deviceSets) for (const ub of ubatches) for (const b of batches) for (const kv of kvs)
-      if (sm !== "none" || devs === deviceSets[0] || deviceSets.length === 1)
-        configs.push({ th, sm, devs: sm === "none" ? devs.slice(0, 1) : devs, ub, b, kv: kv as "f16" | "f32" });
+    // split mode none runs on the first device of each set (once per device); layer and
+    // tensor on each set of two or more (-dev cpu:0 -dev rpc:0 -dev rpc:0,rpc:1 -sm none,layer:
+    // cpu:0 alone, rpc:0 alone, and the layer split over both servers)
+    const setsFor = (sm: string): string[][] => {
+      if (sm === "none") return [...new Map(deviceSets.map((d) => [d[0]!, [d[0]!]])).values()];
+      const multi = deviceSets.filter((d) => d.length > 1 || d[0]!.includes("+"));
+      if (!multi.length) throw weftError("USAGE", `--split-mode ${sm} needs a device set of two or more devices (e.g. -dev cpu:0,cpu:1)`);
+      return multi;
+    };
+    for (const th of threads) for (const sm of splitModes) for (const devs of setsFor(sm)) for (const ub of ubatches) for (const b of batches) for (const kv of kvs)
+      configs.push({ th, sm, devs, ub, b, kv: kv as "f16" | "f32" });
     const peerDir = v.peer ? ensurePeerInstalled(log) : null;
     const multi = splitModes.length > 1 || deviceSets.length > 1 || deviceSets[0]!.length > 1 || ubatches.length > 1 || batches.length > 1 || kvs.length > 1;
     const header = ["model", "size", "params", "backend", "threads", ...(multi ? ["split", "devices", "n_ubatch", "type_k", "memory MiB (weights+kv+compute)"] : []), "test", "t/s",

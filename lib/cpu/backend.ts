@@ -119,6 +119,8 @@ export class CpuBackend implements Backend {
   }
 
   get name(): string { return this.device.name; }
+  /** Work is on its way (an RPC server has its inputs arriving): the threads wake ahead of it. */
+  prewake(): void { this.#q.prewake(); }
   get threads(): number { return this.#q.threads; }
   get disposed(): boolean { return this.#q.disposed; }
   /** @internal the native context (other CPU backends wait on it natively) */

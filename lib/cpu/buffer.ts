@@ -51,9 +51,13 @@ export class CpuBuffer implements Buffer {
     for (let r = 0; r < rows; r++) out.set(this.get(offset + r * stride, rowBytes), r * rowBytes);
     return out;
   }
-  /** The bytes as they lie in memory, whatever the layout (an RPC server caches repacked weights so). */
-  readLayout(): Uint8Array {
-    try { return native().bufferGet(this.id, 0, this.size); } catch (e) { throw fromNative(e); }
+  /** Bytes as they lie in memory, whatever the layout (an RPC server caches repacked weights so). */
+  readLayout(offset = 0, length = this.size - offset): Uint8Array {
+    try { return native().bufferGet(this.id, offset, length); } catch (e) { throw fromNative(e); }
+  }
+  /** Bytes of a file, as they lie there, into memory at `offset`, whatever the layout (a cached weight). */
+  loadLayout(offset: number, path: string, fileOffset: number, length: number): void {
+    try { native().bufferLoadFile(this.id, offset, path, fileOffset, length); } catch (e) { throw fromNative(e); }
   }
   /** Faults in the pages of a range (a mapped file becomes resident). */
   touch(offset: number, length: number): void {

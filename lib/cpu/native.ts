@@ -13,6 +13,8 @@ export interface NativeAddon {
   bufferFree(id: number): void;
   /** buffers alive now (allocations and mappings, including ones freed while a run still uses them) */
   bufferStats(): { count: number; bytes: number };
+  /** reads bytes [fileOffset, +length) of a file into a buffer at offset (any layout) */
+  bufferLoadFile(id: number, offset: number, path: string, fileOffset: number, length: number): void;
   bufferSet(id: number, offset: number, data: Uint8Array): void;
   bufferGet(id: number, offset: number, length: number): Uint8Array;
   bufferFill(id: number, offset: number, length: number, value: number): void;

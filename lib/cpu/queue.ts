@@ -64,13 +64,19 @@ export class NativeQueue {
    */
   enqueue<T>(fn: () => T | Promise<T>): Promise<T> {
     if (!this.#ctx) return Promise.reject(weftError("DISPOSED", `${this.name} backend was disposed`));
-    // the device's threads wake now (tens of µs to ms from a sleep), overlapping the
-    // hand-off; once per burst of work is enough (they then spin for 2 ms)
-    const now = performance.now();
-    if (now - this.#woken > 1) { this.#woken = now; native().wake(this.#ctx); }
+    this.prewake();
     const p = this.#tail.then(fn, fn);
     this.#tail = p.then(() => undefined, () => undefined);
     return p;
+  }
+
+  /**
+   * Work is coming: the device's threads wake now (tens of µs to ms from a sleep),
+   * overlapping the hand-off; once per burst of work is enough (they then spin for 2 ms).
+   */
+  prewake(): void {
+    const now = performance.now();
+    if (this.#ctx && now - this.#woken > 1) { this.#woken = now; native().wake(this.#ctx); }
   }
 
   /** Resolves when the queue is empty. */

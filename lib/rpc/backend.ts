@@ -16,7 +16,10 @@ import type { Backend, Buffer, Event } from "../backend/interface.js";
 import type { RpcConnection } from "./client.js";
 import type { RpcDevice, RpcMemory } from "./device.js";
 import { encodeGraph } from "./graph.js";
-import { CmdName, Reply, Writer } from "./protocol.js";
+import { CmdName, Layout, Reply, Writer } from "./protocol.js";
+
+/** writes up to this size are carried by the next COMPUTE instead of a SET of their own */
+const INPUT_MAX = 1 << 20;
 
 class RpcEvent implements Event {
   constructor(readonly backend: RpcBackend, readonly done: Promise<void>) {}
@@ -129,7 +132,12 @@ export class RpcBackend implements Backend {
 
   setTensorAsync(t: Tensor, data: ArrayBufferView, offset: number): void {
     this.#check();
-    this.#post("SET", this.#memory(t).setBody(t, bytesOf(data).slice(), tensorAt(t) + offset));
+    const m = this.#memory(t), bytes = bytesOf(data).slice();
+    if (m.bufferType.layout === Layout.PLAIN && bytes.length <= INPUT_MAX) {
+      // a step's input: it rides in the next COMPUTE
+      const p = m.locate(tensorAt(t) + offset, bytes.length);
+      this.#submit(() => this.#conn.queueInput(p.id, p.offset, bytes));
+    } else this.#post("SET", m.setBody(t, bytes, tensorAt(t) + offset));
   }
   async getTensorAsync(t: Tensor, offset: number, size: number): Promise<Uint8Array> {
     this.#check();

@@ -65,6 +65,8 @@ export class RpcConnection {
   #pending = new Map<number, Pending>();
   #closed: WeftError | null = null;
   #postFailure: WeftError | null = null;
+  #corked = false;
+  #inputs: Array<{ id: number; offset: number; data: Uint8Array }> = [];
   #lastHeard = 0;
   #timer: NodeJS.Timeout | null = null;
   #info!: ServerInfo;
@@ -203,6 +205,12 @@ export class RpcConnection {
    */
   request(cmd: CmdName, body: Uint8Array | Uint8Array[]): Promise<Reply> {
     if (this.#closed) return Promise.reject(this.#closed);
+    // queued inputs ride in the next COMPUTE (after its head: device, graph id, graph flag);
+    // any other request sends them first, as SETs, so that the order stays
+    if (cmd === "COMPUTE") {
+      const parts = body instanceof Uint8Array ? [body] : body;
+      body = [parts[0]!, ...this.#takeInputs(), ...parts.slice(1)];
+    } else if (this.#inputs.length) this.#flushInputs();
     const id = this.#nextId;
     this.#nextId = (this.#nextId % 0xfffffffe) + 1;
     const parts = frame(Kind.REQUEST, Cmd[cmd], id, body);
@@ -211,11 +219,39 @@ export class RpcConnection {
     return new Promise<Reply>((resolve, reject) => {
       if (this.#pending.size === 0) this.#lastHeard = performance.now();
       this.#pending.set(id, { cmd, resolve, reject });
-      const s = this.#socket!;
-      s.cork();
-      for (const p of parts) s.write(p);
-      s.uncork();
+      this.#write(parts);
     });
+  }
+
+  /**
+   * Writes a frame; the frames of one turn of the event loop (a step's inputs, its compute
+   * and its output read) leave in one write, which the server then reads in one go.
+   */
+  #write(parts: Uint8Array[]): void {
+    const s = this.#socket!;
+    if (!this.#corked) {
+      this.#corked = true;
+      s.cork();
+      setImmediate(() => { this.#corked = false; s.uncork(); });
+    }
+    for (const p of parts) s.write(p);
+  }
+
+  /** A small write the next COMPUTE carries (a step's inputs: one frame, one reply, for the whole step). */
+  queueInput(id: number, offset: number, data: Uint8Array): void {
+    this.#inputs.push({ id, offset, data });
+  }
+  #takeInputs(): Uint8Array[] {
+    const xs = this.#inputs;
+    this.#inputs = [];
+    const out = [new Writer().u32(xs.length).body()];
+    for (const x of xs) out.push(new Writer().u32(x.id).u64(x.offset).u64(x.data.length).body(), x.data);
+    return out;
+  }
+  #flushInputs(): void {
+    const xs = this.#inputs;
+    this.#inputs = [];
+    for (const x of xs) this.post("SET", [new Writer().u32(x.id).u64(x.offset).u8(0).u64(x.data.length).body(), x.data]);
   }
 
   /** Sends a request whose reply nobody awaits; its failure is kept for takeFailure(). */

@@ -121,23 +121,26 @@ function setFrame(p: RemotePlace, t: Tensor | null, data: Uint8Array, layout: nu
   return [w.u64(data.length).body(), data];
 }
 
-/** A tensor of an RpcTensors buffer: where it is in the buffer's span, its own allocation. */
+/** A tensor of an RpcTensors buffer: where it lies, and what it holds (to restore it after a reconnect). */
 interface Entry {
   readonly t: Tensor;
   readonly at: number;
   readonly size: number;
-  readonly id: number;
-  /** none: no allocation yet; alloc: ALLOC sent; weight: WEIGHT placed it (restorable) */
-  state: "none" | "alloc" | "weight";
-  fill: number | null;
   /** where a weight came from (to place it again after a reconnect) */
   source: { file: string; offset: number; hash: string } | null;
 }
 
-/** Tensors placed together (weights, KV cache), each in its own server allocation. */
+/**
+ * Tensors placed together (weights, KV cache) in one server allocation, made when first
+ * used. Weights from a file are placed by content hash (the server's cache or its own copy
+ * of the file), so after a reconnect they are placed again the same way.
+ */
 export class RpcTensors extends RpcMemory {
   readonly size: number;
   readonly #entries: Entry[];
+  readonly #id: number;
+  #allocated = false;
+  #fill: number | null = null;
   #live = true;
   readonly #unregister: () => void;
   constructor(bt: RpcBufferType, tensors: readonly Tensor[]) {
@@ -145,18 +148,18 @@ export class RpcTensors extends RpcMemory {
     let at = 0;
     this.#entries = tensors.map((t) => {
       const size = bt.allocSize(t);
-      const e: Entry = { t, at, size, id: bt.device.newBufferId(), state: "none", fill: null, source: null };
+      const e: Entry = { t, at, size, source: null };
       at += Math.ceil(Math.max(size, 1) / ALIGNMENT) * ALIGNMENT;
       return e;
     });
     this.size = at;
+    this.#id = bt.device.newBufferId();
     for (const e of this.#entries) { e.t.buffer = this; e.t.offset = e.at; }
     this.#unregister = this.conn.onReconnect(() => this.#restore());
   }
   get disposed(): boolean { return !this.#live; }
 
   #entry(offset: number, length: number): Entry {
-    if (!this.#live) throw weftError("DISPOSED", `a ${this.bufferType.name} buffer was used after dispose()`);
     let lo = 0, hi = this.#entries.length - 1;
     while (lo < hi) {
       const mid = (lo + hi + 1) >> 1;
@@ -167,25 +170,27 @@ export class RpcTensors extends RpcMemory {
       throw weftError("OUT_OF_RANGE", `bytes [${offset}, +${length}) are not within one tensor of this ${this.bufferType.name} buffer`);
     return e;
   }
-  #ensure(e: Entry): void {
-    if (e.state !== "none") return;
-    e.state = "alloc";
-    this.conn.post("ALLOC", new Writer().u32(e.id).u32(this.device.index).u8(this.bufferType.layout).u64(e.size).body());
+  #ensure(): void {
+    if (!this.#live) throw weftError("DISPOSED", `a ${this.bufferType.name} buffer was used after dispose()`);
+    if (this.#allocated) return;
+    this.#allocated = true;
+    this.conn.post("ALLOC", new Writer().u32(this.#id).u32(this.device.index).u8(this.bufferType.layout).u64(this.size).body());
   }
   locate(offset: number, length: number): RemotePlace {
-    const e = this.#entry(offset, length);
-    this.#ensure(e);
-    return { id: e.id, offset: offset - e.at };
+    this.#ensure();
+    if (offset < 0 || offset + length > this.size) throw weftError("OUT_OF_RANGE", `bytes [${offset}, +${length}) are outside a ${this.size}-byte ${this.bufferType.name} buffer`);
+    return { id: this.#id, offset };
   }
   setBody(t: Tensor | null, data: Uint8Array, offset: number): Uint8Array[] {
     const e = this.#entry(offset, data.length);
-    this.#ensure(e);
     if (this.bufferType.layout === Layout.REPACKED && (!t || offset !== e.at || data.length !== t.nbytes))
       throw weftError("BAD_ARGUMENT", `${this.bufferType.name}: a repacked matrix is written whole (setTensorData)`);
-    return setFrame({ id: e.id, offset: offset - e.at }, t, data, this.bufferType.layout);
+    return setFrame(this.locate(offset, data.length), t, data, this.bufferType.layout);
   }
   clear(value: number): void {
-    for (const e of this.#entries) { e.fill = value; this.memset(e.at, e.size, value); }
+    if (this.bufferType.layout === Layout.REPACKED) throw weftError("BAD_ARGUMENT", `${this.bufferType.name} memory holds repacked matrices: it cannot be filled`);
+    this.#fill = value;
+    this.memset(0, this.size, value);
   }
 
   /**
@@ -194,6 +199,7 @@ export class RpcTensors extends RpcMemory {
    * pieces, and it checks the hash before keeping it.
    */
   async loadFromFile(file: string, tensors: readonly FileTensor[], step: (bytes: number) => Promise<void>): Promise<void> {
+    this.#ensure();
     const hashes = new FileHashes(file);
     const fd = openSync(file, "r");
     // tensors in flight: the next is read and hashed while the server places the last ones
@@ -208,11 +214,10 @@ export class RpcTensors extends RpcMemory {
     try {
       for (const x of tensors) {
         const e = this.#entry(tensorOffset(x.t), x.size);
-        if (e.t !== x.t.root().tensor || e.state !== "none") throw weftError("BAD_ARGUMENT", `${x.t.describe()} is not a fresh tensor of this buffer`);
+        if (e.t !== x.t.root().tensor) throw weftError("BAD_ARGUMENT", `${x.t.describe()} is not a tensor of this buffer`);
         let bytes: Uint8Array | null = null;
         const read = () => (bytes ??= readFileRange(fd, file, x.offset, x.size));
-        const hash = hashes.get(x.offset, x.size, read);
-        e.source = { file, offset: x.offset, hash };
+        e.source = { file, offset: x.offset, hash: hashes.get(x.offset, x.size, read) };
         const done = this.#placeWeight(e, read);
         done.catch(() => {});
         window.push({ done, size: x.size });
@@ -229,10 +234,9 @@ export class RpcTensors extends RpcMemory {
 
   async #placeWeight(e: Entry, read: () => Uint8Array): Promise<void> {
     const src = e.source!;
-    const w = new Writer().u32(e.id).u32(this.device.index).u8(this.bufferType.layout).u16(e.t.type);
+    const w = new Writer().u32(this.#id).u64(e.at).u8(this.bufferType.layout).u16(e.t.type);
     for (const n of e.t.ne) w.u64(n);
     w.bytes(Buffer.from(src.hash, "hex")).u8(1).str(basename(src.file)).u64(src.offset);
-    e.state = "weight";
     const reply = await this.conn.request("WEIGHT", w.body());
     if (reply.status !== Status.MISSING) {
       if (reply.r.u8("weight source") === WeightSource.CACHE) this.conn.stats.fromCache++; else this.conn.stats.fromFile++;
@@ -247,22 +251,20 @@ export class RpcTensors extends RpcMemory {
     const pieces: Promise<unknown>[] = [];
     for (let at = 0; at === 0 || at < bytes.length; at += chunk) {
       const piece = bytes.subarray(at, Math.min(bytes.length, at + chunk));
-      pieces.push(this.conn.request("WEIGHT_DATA", [new Writer().u32(e.id).u64(at).u64(piece.length).body(), piece]));
+      pieces.push(this.conn.request("WEIGHT_DATA", [new Writer().u32(this.#id).u64(e.at).u64(at).u64(piece.length).body(), piece]));
     }
     await Promise.all(pieces);
   }
 
   async #restore(): Promise<void> {
-    if (!this.#live) return;
+    if (!this.#live || !this.#allocated) return;
+    this.#allocated = false;
+    this.#ensure();
+    if (this.#fill !== null) this.memset(0, this.size, this.#fill);
     for (const e of this.#entries) {
-      if (e.state === "alloc") {
-        e.state = "none";
-        this.#ensure(e);
-        if (e.fill !== null) this.memset(e.at, e.size, e.fill);
-      } else if (e.state === "weight") {
-        const fd = openSync(e.source!.file, "r");
-        try { await this.#placeWeight(e, () => readFileRange(fd, e.source!.file, e.source!.offset, e.t.nbytes)); } finally { closeSync(fd); }
-      }
+      if (!e.source) continue;
+      const fd = openSync(e.source.file, "r");
+      try { await this.#placeWeight(e, () => readFileRange(fd, e.source!.file, e.source!.offset, e.t.nbytes)); } finally { closeSync(fd); }
     }
   }
 
@@ -270,8 +272,7 @@ export class RpcTensors extends RpcMemory {
     if (!this.#live) return;
     this.#live = false;
     this.#unregister();
-    if (this.conn.closed) return;
-    for (const e of this.#entries) if (e.state !== "none") this.conn.post("FREE", new Writer().u32(e.id).body());
+    if (this.#allocated && !this.conn.closed) this.conn.post("FREE", new Writer().u32(this.#id).body());
   }
 }
 

@@ -29,6 +29,10 @@ export const Cmd = {
 export type CmdName = keyof typeof Cmd;
 export const CMD_NAMES: Record<number, CmdName> = Object.fromEntries(Object.entries(Cmd).map(([k, v]) => [v, k as CmdName]));
 
+// COMPUTE: device u32, graph id u64, graph flag u8, then the step's inputs (count u32, each
+// buffer u32, offset u64, bytes), then the graph where the flag says it is sent (once per
+// id): a repeated step is one frame with its inputs, answered when it has run.
+
 /** Buffer layouts: rows as in a GGUF file, or the CPU's eight-row repacked groups. */
 export const Layout = { PLAIN: 0, REPACKED: 1 } as const;
 

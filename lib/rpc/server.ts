@@ -88,8 +88,8 @@ type Out = void | Uint8Array | { status: number; payload?: Uint8Array };
 type Handler = (s: Session, r: Reader) => Out | Promise<Out>;
 
 interface ServedBuffer { readonly cpu: CpuBuffer; readonly size: number; readonly layout: number; readonly charged: number }
-/** A weight being uploaded in pieces, written straight into its buffer (hashed on the way where it is cached). */
-interface Staging { readonly t: Tensor; readonly layout: number; readonly hash: string; readonly buf: CpuBuffer; readonly size: number; readonly hasher: Hash | null; got: number }
+/** A weight being uploaded in pieces, written straight into its place (hashed on the way where it is cached). */
+interface Staging { readonly b: ServedBuffer; readonly bufferId: number; readonly offset: number; readonly t: Tensor; readonly hash: string; readonly hasher: Hash | null; got: number }
 interface ServedGraph { readonly graph: Graph; readonly device: number; readonly buffers: Set<number> }
 
 /** ops a served CPU device runs for a client (ALL_REDUCE needs peers: not over this link) */
@@ -98,6 +98,7 @@ function allowedOp(d: CpuDevice, op: Op): boolean {
 }
 
 const MAX_GRAPHS = 1024;
+const MAX_INPUTS = 4096;
 const MAX_BUFFERS = 1 << 16;
 const PREAUTH_TIMEOUT_MS = 10_000;
 
@@ -108,7 +109,8 @@ class Session {
   readonly buffers = new Map<number, ServedBuffer>();
   readonly backends = new Map<number, CpuBackend>();
   readonly graphs = new Map<number, ServedGraph>();
-  readonly staging = new Map<number, Staging>();
+  /** weights being uploaded, by "buffer:offset" */
+  readonly staging = new Map<string, Staging>();
   used = 0;
   /** requests received and not yet answered, and their bytes */
   pending = 0;
@@ -121,13 +123,18 @@ class Session {
     this.name = `${socket.remoteAddress}:${socket.remotePort}`;
   }
 
+  /** Writes a frame; the replies of one turn of the event loop leave in one write. */
   send(kind: number, cmd: number, id: number, body: Uint8Array | Uint8Array[]): void {
     if (this.socket.destroyed) return;
     const parts = frame(kind, cmd, id, body);
-    this.socket.cork();
+    if (!this.#corked) {
+      this.#corked = true;
+      this.socket.cork();
+      setImmediate(() => { this.#corked = false; this.socket.uncork(); });
+    }
     for (const p of parts) this.socket.write(p);
-    this.socket.uncork();
   }
+  #corked = false;
   reply(cmd: number, id: number, out: Out): void {
     if (out instanceof Uint8Array) return this.send(Kind.REPLY, cmd, id, [replyBody(Status.OK), out]);
     if (out && typeof out === "object") return this.send(Kind.REPLY, cmd, id, [replyBody(out.status), out.payload ?? new Uint8Array(0)]);
@@ -157,11 +164,11 @@ class Session {
   charge(bytes: number): void {
     if (this.used + bytes > this.core.maxMemory)
       throw weftError("RPC_LIMIT", `this client would hold ${mib(this.used + bytes)} MiB, more than the server's --max-memory ${mib(this.core.maxMemory)} MiB`);
-    if (this.buffers.size + this.staging.size >= MAX_BUFFERS) throw weftError("RPC_LIMIT", `more than ${MAX_BUFFERS} buffers`);
+    if (this.buffers.size >= MAX_BUFFERS) throw weftError("RPC_LIMIT", `more than ${MAX_BUFFERS} buffers`);
     this.used += bytes;
   }
   newBufferId(id: number): void {
-    if (this.buffers.has(id) || this.staging.has(id)) throw weftError("BAD_ARGUMENT", `buffer id ${id} is in use`);
+    if (this.buffers.has(id)) throw weftError("BAD_ARGUMENT", `buffer id ${id} is in use`);
   }
   addBuffer(id: number, cpu: CpuBuffer, layout: number, charged: number): void {
     this.buffers.set(id, { cpu, size: cpu.size, layout, charged });
@@ -169,6 +176,7 @@ class Session {
   /** frees a buffer and forgets the graphs that use it (a later run of them must resend) */
   freeBuffer(id: number): void {
     const b = this.buffer(id);
+    for (const [k, st] of this.staging) if (st.bufferId === id) this.staging.delete(k);
     for (const [gid, g] of this.graphs) if (g.buffers.has(id)) this.forgetGraph(gid);
     b.cpu.dispose();
     this.buffers.delete(id);
@@ -188,7 +196,6 @@ class Session {
     this.graphs.clear();
     for (const b of this.buffers.values()) b.cpu.dispose();
     this.buffers.clear();
-    for (const st of this.staging.values()) st.buf.dispose();
     this.staging.clear();
     this.used = 0;
   }
@@ -196,11 +203,10 @@ class Session {
 
 function mib(n: number): string { return (n / 2 ** 20).toFixed(1); }
 
-/** A weight's description as WEIGHT and WEIGHT_DATA carry it. */
-function readWeightDesc(s: Session, r: Reader): { id: number; device: number; layout: number; t: Tensor; size: number; hash: string } {
-  const id = r.u32("buffer id");
-  const device = r.u32("device");
-  s.device(device);
+/** A weight's place and description as WEIGHT carries it: checked against its buffer. */
+function readWeightDesc(s: Session, r: Reader): { id: number; b: ServedBuffer; offset: number; t: Tensor; size: number; hash: string } {
+  const id = r.u32("buffer id"), offset = r.u64("offset");
+  const b = s.buffer(id);
   const layout = r.u8("layout");
   const type = r.u16("type");
   if (!isKnownType(type)) throw weftError("UNSUPPORTED_TYPE", `weight type ${typeName(type)} is not supported`);
@@ -208,12 +214,14 @@ function readWeightDesc(s: Session, r: Reader): { id: number; device: number; la
   const tr = TYPES[type];
   if (ne[0] % tr.blockSize) throw protocolError(`weight row length ${ne[0]} is not a multiple of ${tr.name}'s block size`);
   const t = new Tensor({ type, ne });
-  if (!Number.isSafeInteger(t.nbytes)) throw protocolError("weight too large");
-  if (layout !== Layout.PLAIN && layout !== Layout.REPACKED) throw protocolError(`unknown layout ${layout}`);
+  if (!Number.isSafeInteger(t.nbytes) || !Number.isSafeInteger(ne[0] * ne[1] * ne[2] * ne[3])) throw protocolError("weight too large");
+  if (layout !== b.layout) throw weftError("BAD_ARGUMENT", `buffer ${id} is not of layout ${layout}`);
   if (layout === Layout.REPACKED && !canRepack(t)) throw weftError("BAD_ARGUMENT", `a ${tr.name} [${ne.join(", ")}] weight cannot be repacked`);
+  const size = layout === Layout.REPACKED ? repackedBytes(t) : t.nbytes;
+  if (offset + size > b.size) throw weftError("OUT_OF_RANGE", `a weight of ${size} bytes at ${offset} does not fit buffer ${id} (${b.size} bytes)`);
   const hash = r.bytes("hash");
   if (hash.length !== 32) throw protocolError(`a weight hash is 32 bytes, got ${hash.length}`);
-  return { id, device, layout, t, size: layout === Layout.REPACKED ? repackedBytes(t) : t.nbytes, hash: Buffer.from(hash).toString("hex") };
+  return { id, b, offset, t, size, hash: Buffer.from(hash).toString("hex") };
 }
 
 function sha256(b: Uint8Array): string { return createHash("sha256").update(b).digest("hex"); }
@@ -235,13 +243,6 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH">, Handler> = {
   FREE(s, r) {
     const id = r.u32("buffer id");
     r.end("FREE");
-    const st = s.staging.get(id);
-    if (st) {
-      s.staging.delete(id);
-      st.buf.dispose();
-      s.used -= st.size;
-      return;
-    }
     s.freeBuffer(id);
   },
   FILL(s, r) {
@@ -306,6 +307,14 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH">, Handler> = {
   async COMPUTE(s, r) {
     const device = r.u32("device"), gid = r.u64("graph id"), has = r.u8("graph flag");
     const d = s.device(device);
+    // the step's inputs, written first
+    const n = r.u32("input count");
+    if (n > MAX_INPUTS) throw protocolError(`${n} inputs, at most ${MAX_INPUTS}`);
+    for (let i = 0; i < n; i++) {
+      const b = s.buffer(r.u32("input buffer")), offset = r.u64("input offset"), data = r.bytes("input");
+      if (b.layout !== Layout.PLAIN) throw weftError("BAD_ARGUMENT", "an input cannot be written into repacked weight memory");
+      b.cpu.set(offset, data);
+    }
     let g = s.graphs.get(gid);
     if (has) {
       s.forgetGraph(gid);
@@ -334,57 +343,50 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH">, Handler> = {
     const file = hasSource ? r.str("file name", 255) : null;
     const fileOffset = hasSource ? r.u64("file offset") : 0;
     r.end("WEIGHT");
-    s.newBufferId(w.id);
-    s.charge(w.size);
-    let placed = false;
-    try {
-      // 1. the content-hash cache: map the stored device-layout bytes (no copy, shared by clients)
-      const cached = s.core.cachedWeight(w.hash, w.t, w.layout, w.size);
-      if (cached) {
-        s.addBuffer(w.id, w.layout === Layout.REPACKED ? s.core.repackType(w.device).mapFile(cached) : s.device(w.device).bufferType().mapFile(cached), w.layout, w.size);
-        placed = true;
-        return { status: Status.OK, payload: new Writer().u8(WeightSource.CACHE).body() };
-      }
-      // 2. the server's own copy of the model (else: the client uploads it)
-      const bytes = file !== null && s.core.modelsDir ? await s.core.readModelTensor(file, fileOffset, w.t.nbytes, w.hash) : null;
-      if (bytes) {
-        await place(s, w, bytes);
-        placed = true;
-        return { status: Status.OK, payload: new Writer().u8(WeightSource.FILE).body() };
-      }
-      // 3. the client uploads it (WEIGHT_DATA, in pieces of whole row groups), straight into its buffer
-      s.staging.set(w.id, { t: w.t, layout: w.layout, hash: w.hash, buf: weightType(s, w).alloc(w.size), size: w.size, hasher: s.core.caches ? createHash("sha256") : null, got: 0 });
-      placed = true;
-      return { status: Status.MISSING };
-    } finally {
-      if (!placed) s.used -= w.size;
+    const key = `${w.id}:${w.offset}`;
+    s.staging.delete(key);
+    // 1. the content-hash cache: the stored device-layout bytes, read into place
+    const cached = s.core.cachedWeight(w.hash, w.t, w.b.layout, w.size);
+    if (cached) {
+      w.b.cpu.loadLayout(w.offset, cached, 0, w.size);
+      return { status: Status.OK, payload: new Writer().u8(WeightSource.CACHE).body() };
     }
+    // 2. the server's own copy of the model (checked by hash)
+    const bytes = file !== null && s.core.modelsDir ? await s.core.readModelTensor(file, fileOffset, w.t.nbytes, w.hash) : null;
+    if (bytes) {
+      if (s.state === "CLOSED" || s.buffers.get(w.id) !== w.b) return;
+      w.b.cpu.writeTensor(w.t, bytes, 0, w.offset);
+      await s.core.storeWeight(w.hash, w.t, w.b.layout, () => w.b.cpu.readLayout(w.offset, w.size));
+      return { status: Status.OK, payload: new Writer().u8(WeightSource.FILE).body() };
+    }
+    // 3. the client uploads it (WEIGHT_DATA, in pieces of whole row groups), straight into place
+    s.staging.set(key, { b: w.b, bufferId: w.id, offset: w.offset, t: w.t, hash: w.hash, hasher: s.core.caches ? createHash("sha256") : null, got: 0 });
+    return { status: Status.MISSING };
   },
   async WEIGHT_DATA(s, r) {
-    const id = r.u32("buffer id"), at = r.u64("offset");
+    const id = r.u32("buffer id"), offset = r.u64("offset"), at = r.u64("piece offset");
     const data = r.bytes("data");
     r.end("WEIGHT_DATA");
-    const st = s.staging.get(id);
-    if (!st) throw weftError("BAD_ARGUMENT", `no weight ${id} is waiting for data (send WEIGHT first)`);
+    const key = `${id}:${offset}`;
+    const st = s.staging.get(key);
+    if (!st) throw weftError("BAD_ARGUMENT", `no weight at ${offset} of buffer ${id} is waiting for data (send WEIGHT first)`);
     try {
       if (at !== st.got || at + data.length > st.t.nbytes)
-        throw protocolError(`weight ${id}: bytes at ${at} (+${data.length}), expected them at ${st.got} of ${st.t.nbytes}`);
-      if (st.layout === Layout.REPACKED) (st.buf as RepackedBuffer).writeRows(st.t, data, at / st.t.nb[1], 0);
-      else st.buf.set(at, data);
+        throw protocolError(`weight at ${offset} of buffer ${id}: bytes at ${at} (+${data.length}), expected them at ${st.got} of ${st.t.nbytes}`);
+      if (st.b.layout === Layout.REPACKED) (st.b.cpu as RepackedBuffer).writeRows(st.t, data, at / st.t.nb[1], st.offset);
+      else st.b.cpu.set(st.offset + at, data);
       st.hasher?.update(data);
       st.got += data.length;
       if (st.got < st.t.nbytes) return;
+      s.staging.delete(key);
       // only what goes into the cache (and is served to other clients) must be what its hash says
-      if (st.hasher && st.hasher.digest("hex") !== st.hash) throw weftError("BAD_ARGUMENT", `weight ${id}: the bytes do not match the hash sent with WEIGHT`);
+      if (st.hasher && st.hasher.digest("hex") !== st.hash) throw weftError("BAD_ARGUMENT", `weight at ${offset} of buffer ${id}: the bytes do not match the hash sent with WEIGHT`);
     } catch (e) {
-      s.staging.delete(id);
-      st.buf.dispose();
-      s.used -= st.size;
+      s.staging.delete(key);
       throw e;
     }
-    s.staging.delete(id);
-    s.addBuffer(id, st.buf, st.layout, st.size);
-    await s.core.storeWeight(st.hash, st.t, st.layout, () => st.buf.readLayout());
+    const size = st.b.layout === Layout.REPACKED ? repackedBytes(st.t) : st.t.nbytes;
+    await s.core.storeWeight(st.hash, st.t, st.b.layout, () => st.b.cpu.readLayout(st.offset, size));
   },
   PING(_s, r) { r.end("PING"); },
   MEMORY(s, r) {
@@ -401,22 +403,6 @@ function checkStrided(b: ServedBuffer, offset: number, rows: number, rowBytes: n
   if (rows === 0) return;
   const end = offset + (rows - 1) * stride + rowBytes;
   if (!Number.isSafeInteger(end) || end > b.size) throw weftError("OUT_OF_RANGE", `rows reach byte ${end} of a ${b.size}-byte buffer`);
-}
-
-type WeightDesc = { id: number; device: number; layout: number; t: Tensor; size: number; hash: string };
-function weightType(s: Session, w: WeightDesc) {
-  return w.layout === Layout.REPACKED ? s.core.repackType(w.device) : s.device(w.device).bufferType();
-}
-
-/** Puts verified weight bytes in a new buffer of the weight's layout (and in the cache). */
-async function place(s: Session, w: WeightDesc, bytes: Uint8Array): Promise<void> {
-  const buf = weightType(s, w).alloc(w.size);
-  try {
-    buf.writeTensor(w.t, bytes, 0, 0);
-    if (s.core.caches) await s.core.storeWeight(w.hash, w.t, w.layout, () => (w.layout === Layout.REPACKED ? buf.readLayout() : bytes));
-  } catch (e) { buf.dispose(); throw e; }
-  if (s.state === "CLOSED") { buf.dispose(); return; }
-  s.addBuffer(w.id, buf, w.layout, w.size);
 }
 
 export class RpcServer {
@@ -633,6 +619,9 @@ export class RpcServer {
 
   /** A READY client's request: runs after its earlier ones; the reply is sent when it is done. */
   #enqueue(s: Session, name: Exclude<CmdName, "HELLO" | "AUTH">, cmd: number, id: number, body: Uint8Array): void {
+    // the first frame of a burst (a step's inputs come before its COMPUTE): the device
+    // threads wake while the rest arrives (not later: spinning then takes a core for nothing)
+    if (s.pending === 0) for (const be of s.backends.values()) be.prewake();
     s.pending++;
     s.queuedBytes += body.length;
     // a client that sends faster than its work runs is paused (its frames wait in the kernel)
