@@ -12,7 +12,7 @@
 import { test } from "uvu";
 import * as assert from "uvu/assert";
 import { ChildProcess, spawn, spawnSync } from "node:child_process";
-import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createServer } from "node:net";
@@ -194,7 +194,7 @@ test("graph API: a hand-built graph on rpc:0 (weights in repacked memory, async 
 
 // ---- weights: cache, the server's own file, progress
 
-test("weights: a warm --cache uploads nothing (mapped from the cache); --models reads the server's copy, checked by hash; progress reaches onProgress", async () => {
+test("weights: a warm --cache uploads nothing (read from the cache); --models reads the server's copy, checked by hash; progress reaches onProgress", async () => {
   const path = haveFixtures ? fixture("nano-q8_0.gguf") : TINY;
   const tokens = haveFixtures ? goldenTokens("nano-q8_0").slice(0, 12) : [1, 20, 30, 40];
   const want = await localLogits(path, tokens);
@@ -214,6 +214,7 @@ test("weights: a warm --cache uploads nothing (mapped from the cache); --models 
       return { conn, logits, uploads };
     };
     const first = await load();
+    await s.flushCache();  // the cache is written in the background
     assert.ok(first.conn.stats.uploadedBytes > 0 && first.conn.stats.fromCache === 0, JSON.stringify(first.conn.stats));
     assert.ok(first.uploads > 5, "upload progress per tensor");
     const second = await load();
@@ -409,6 +410,15 @@ test("faults: a server killed (SIGKILL) during generation is RPC_CLOSED within 5
     await local.dispose();
     const [dev] = await openRpcServer(`127.0.0.1:${port}`);
     const m = await loadModel(path, { threads: 1, devices: [dev!] });
+    // the server writes its cache in the background: let it finish (a kill before that only costs uploads)
+    let files = -1;
+    await until("the server's cache to be written", async () => {
+      await new Promise((r) => setTimeout(r, 200));
+      const n = readdirSync(join(cache, "weights")).filter((f) => f.endsWith(".bin")).length;
+      const stable = n === files && n > 0;
+      files = n;
+      return stable;
+    });
     const got: number[] = [];
     let killedAt = 0, err: WeftError | null = null;
     try {

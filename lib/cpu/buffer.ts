@@ -89,6 +89,10 @@ export class RepackedBuffer extends CpuBuffer {
       throw weftError("BAD_ARGUMENT", `tensor ${t.describe()} is repacked for MUL_MAT: only whole-matrix writes are possible`);
     try { native().repackRows(t.type, bytesOf(data), 0, t.nb[1], this.id, at, t.ne[0], t.ne[1]); } catch (e) { throw fromNative(e); }
   }
+  /** Matrix t repacked from where its rows lie in another CPU buffer (a mapped model file) into byte `at`. */
+  repackFrom(t: Tensor, src: CpuBuffer, srcOffset: number, at: number): void {
+    try { native().repackRows(t.type, src.id, srcOffset, t.nb[1], this.id, at, t.ne[0], t.ne[1]); } catch (e) { throw fromNative(e); }
+  }
   /** Rows [firstRow, …) of matrix t (placed at byte `at`), in whole groups of eight (a weight arriving in pieces). */
   writeRows(t: Tensor, data: ArrayBufferView, firstRow: number, at: number): void {
     const rows = data.byteLength / t.nb[1];

@@ -16,7 +16,7 @@
 import { createServer, Server, Socket } from "node:net";
 import { Hash, createHash, randomBytes } from "node:crypto";
 import { open } from "node:fs/promises";
-import { existsSync, fstatSync, readFileSync, statSync } from "node:fs";
+import { existsSync, readFileSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { totalmem } from "node:os";
 import { ERROR_CODES, WeftError, fromNative, weftError } from "../core/errors.js";
@@ -98,6 +98,8 @@ function allowedOp(d: CpuDevice, op: Op): boolean {
 }
 
 const MAX_GRAPHS = 1024;
+/** bytes of weights waiting to be written to the cache before a load waits for the disk */
+const CACHE_BACKLOG = 512 << 20;
 const MAX_INPUTS = 4096;
 const MAX_BUFFERS = 1 << 16;
 const PREAUTH_TIMEOUT_MS = 10_000;
@@ -351,11 +353,11 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH">, Handler> = {
       w.b.cpu.loadLayout(w.offset, cached, 0, w.size);
       return { status: Status.OK, payload: new Writer().u8(WeightSource.CACHE).body() };
     }
-    // 2. the server's own copy of the model (checked by hash)
-    const bytes = file !== null && s.core.modelsDir ? await s.core.readModelTensor(file, fileOffset, w.t.nbytes, w.hash) : null;
-    if (bytes) {
-      if (s.state === "CLOSED" || s.buffers.get(w.id) !== w.b) return;
-      w.b.cpu.writeTensor(w.t, bytes, 0, w.offset);
+    // 2. the server's own copy of the model (checked by hash), copied or repacked from where it lies
+    const src = file !== null ? s.core.modelTensor(file, fileOffset, w.t.nbytes, w.hash) : null;
+    if (src) {
+      if (w.b.layout === Layout.REPACKED) (w.b.cpu as RepackedBuffer).repackFrom(w.t, src.buf, src.offset, w.offset);
+      else w.b.cpu.copyFrom(src.buf, src.offset, w.offset, w.t.nbytes);
       await s.core.storeWeight(w.hash, w.t, w.b.layout, () => w.b.cpu.readLayout(w.offset, w.size));
       return { status: Status.OK, payload: new Writer().u8(WeightSource.FILE).body() };
     }
@@ -418,6 +420,10 @@ export class RpcServer {
   readonly #log: (line: string) => void;
   readonly #maxClients: number;
   readonly #hashes = new Map<string, string>();
+  readonly #mapped = new Map<string, { id: string; buf: CpuBuffer }>();
+  #writes: Promise<void> = Promise.resolve();
+  #backlog = 0;
+  readonly #storing = new Set<string>();
   #heartbeat: NodeJS.Timeout | null = null;
   #host = "";
   #port = 0;
@@ -482,43 +488,53 @@ export class RpcServer {
     const p = this.#cachePath(hash, t, layout);
     try { return statSync(p).size === size ? p : null; } catch { return null; }
   }
-  /** @internal stores verified device-layout bytes under their content hash */
+  /**
+   * @internal stores verified device-layout bytes under their content hash, in the
+   * background (the disk may be slower than the network: the client's load does not wait
+   * for it, unless more than CACHE_BACKLOG bytes are still to be written)
+   */
   async storeWeight(hash: string, t: Tensor, layout: number, bytes: () => Uint8Array): Promise<void> {
     if (!this.cacheDir || t.nbytes === 0) return;
     const p = this.#cachePath(hash, t, layout);
-    if (existsSync(p)) return;
-    try {
-      await writeAtomically(p, async (tmp) => { const f = await open(tmp, "w"); try { await f.writeFile(bytes()); } finally { await f.close(); } });
-    } catch (e) { this.#log(`weight cache: ${(e as Error).message} (continuing without storing it)`); }
+    if (existsSync(p) || this.#storing.has(p)) return;
+    const data = bytes();
+    this.#storing.add(p);
+    this.#backlog += data.length;
+    this.#writes = this.#writes.then(async () => {
+      try {
+        await writeAtomically(p, async (tmp) => { const f = await open(tmp, "w"); try { await f.writeFile(data); } finally { await f.close(); } });
+      } catch (e) { this.#log(`weight cache: ${(e as Error).message} (continuing without storing it)`); }
+      this.#backlog -= data.length;
+      this.#storing.delete(p);
+    });
+    while (this.#backlog > CACHE_BACKLOG) await this.#writes;
   }
+  /** resolves when the weight cache has written everything it was given */
+  flushCache(): Promise<void> { return this.#writes; }
   /**
-   * @internal a tensor's bytes from a GGUF in --models, checked against the client's hash;
-   * null where the server has no such file or other bytes there (the client then uploads)
+   * @internal where a tensor of a GGUF in --models lies (each file mapped once, read where
+   * it lies), checked against the client's hash (each tensor hashed once while the file is
+   * unchanged); null where the server has no such file or other bytes there (the client
+   * then uploads them)
    */
-  async readModelTensor(name: string, offset: number, length: number, hash: string): Promise<Uint8Array | null> {
+  modelTensor(name: string, offset: number, length: number, hash: string): { buf: CpuBuffer; offset: number } | null {
     if (!this.modelsDir || !/^[^/\\\0]{1,255}$/.test(name) || name === "." || name === "..") return null;
     const path = join(this.modelsDir, name);
-    let f;
-    try { f = await open(path, "r"); } catch { return null; }
-    try {
-      const st = fstatSync(f.fd);
-      if (!st.isFile() || offset + length > st.size) return null;
-      const out = new Uint8Array(length);
-      let got = 0;
-      while (got < length) {
-        const { bytesRead } = await f.read(out, got, length - got, offset + got);
-        if (bytesRead <= 0) throw weftError("IO", `'${name}' ended early`);
-        got += bytesRead;
-      }
-      // a file's bytes are hashed once per server run (until it changes)
-      const key = `${st.dev}:${st.ino}:${st.size}:${st.mtimeMs}:${offset}:${length}`;
-      let h = this.#hashes.get(key);
-      if (!h) { h = sha256(out); this.#hashes.set(key, h); }
-      if (h !== hash) { this.#log(`--models ${name}: other bytes at ${offset} than the client's file (another version?); the client uploads them`); return null; }
-      return out;
-    } finally {
-      await f.close();
+    let st;
+    try { st = statSync(path); } catch { return null; }
+    if (!st.isFile() || offset + length > st.size) return null;
+    const id = `${st.dev}:${st.ino}:${st.size}:${st.mtimeMs}`;
+    let m = this.#mapped.get(path);
+    if (!m || m.id !== id) {
+      m?.buf.dispose();
+      try { m = { id, buf: this.devices[0]!.bufferType().mapFile(path) }; } catch { return null; }
+      this.#mapped.set(path, m);
     }
+    const key = `${id}:${offset}:${length}`;
+    let h = this.#hashes.get(key);
+    if (!h) { h = sha256(m.buf.get(offset, length)); this.#hashes.set(key, h); }
+    if (h !== hash) { this.#log(`--models ${name}: other bytes at ${offset} than the client's file (another version?); the client uploads them`); return null; }
+    return { buf: m.buf, offset };
   }
 
   #accept(sock: Socket): void {
@@ -644,6 +660,9 @@ export class RpcServer {
   /** Stops listening and disconnects every client (their memory is freed). */
   async close(): Promise<void> {
     if (this.#heartbeat) clearInterval(this.#heartbeat);
+    await this.#writes;
+    for (const m of this.#mapped.values()) m.buf.dispose();
+    this.#mapped.clear();
     const closed = new Promise<void>((r) => this.#server.close(() => r()));
     for (const s of this.#sessions) s.socket.destroy();
     await closed;
