@@ -158,6 +158,23 @@ test("same answer: a layer split over two RPC servers (pipelined micro-batches) 
   } finally { await stop(a); await stop(b); }
 });
 
+test("tensor parallelism over RPC devices (the generic path): rpc:0+rpc:1 and cpu:0+rpc:0 give exactly what the same split over cpu:0+cpu:1 gives", async () => {
+  const path = haveFixtures ? fixture("nano-q4_k_m.gguf") : TINY;
+  const tokens = haveFixtures ? goldenTokens("nano-q4_k_m").slice(0, 20) : [1, 2, 3, 4, 5, 6];
+  const a = await server(), b = await server();
+  try {
+    const [ra] = await openRpcServer(a.endpoint), [rb] = await openRpcServer(b.endpoint);
+    const { metaDevice } = await import("../lib/meta/index.js");
+    const { cpuDevice } = await import("../lib/cpu/index.js");
+    const want = await localLogits(path, tokens, { devices: [metaDevice([cpuDevice("cpu:0"), cpuDevice("cpu:1")], { allReduce: "generic" })] });
+    for (const devs of [[ra!, rb!], [cpuDevice("cpu:0"), rb!]]) {
+      const got = await localLogits(path, tokens, { devices: [metaDevice(devs)] });
+      assertSameArray(got, want, `tensor split over ${devs.map((d) => d.name).join(" + ")}`);
+    }
+    (ra as RpcDevice).conn.close(); (rb as RpcDevice).conn.close();
+  } finally { await stop(a); await stop(b); }
+});
+
 test("graph API: a hand-built graph on rpc:0 (weights in repacked memory, async set/get, 2-D rows) equals the CPU's", async () => {
   const s = await server();
   try {
@@ -314,11 +331,19 @@ test("hostile requests get error replies and the server stays up: unknown buffer
       sock.write(bytes);
       await closed;
     }
+    // a client that stops in the middle of a frame stalls only itself
+    const { connect } = await import("node:net");
+    const stalled = connect({ host: "127.0.0.1", port: s.port });
+    stalled.on("error", () => {});
+    stalled.resume();
+    stalled.write(Buffer.concat(frame(Kind.REQUEST, Cmd.HELLO, 1, new Writer().u32(1).str("slow").str((await import("../lib/rpc/protocol.js")).tablesDigest()).body())));
+    stalled.write(Buffer.concat(frame(Kind.REQUEST, Cmd.PING, 2, new Uint8Array(1000))).subarray(0, 30));
     // and it still serves
     const want = await localLogits(TINY, [1, 5, 9]);
     const [dev] = await openRpcServer(s.endpoint);
-    assertSameArray(await localLogits(TINY, [1, 5, 9], { devices: [dev!] }), want, "after the hostile requests");
+    assertSameArray(await localLogits(TINY, [1, 5, 9], { devices: [dev!] }), want, "after the hostile requests, with a client stalled mid-frame");
     (dev as RpcDevice).conn.close();
+    stalled.destroy();
   } finally { await stop(s); }
 });
 
