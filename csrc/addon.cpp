@@ -567,6 +567,39 @@ static Napi::Value DestroyGroup(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// adoptPeerSocket(fd) -> fd: a duplicate of a connected socket (the JS side then closes
+// its own); the duplicate belongs to native code from here (a peer group, or closePeerSocket)
+static Napi::Value AdoptPeerSocket(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int fd = info[0].As<Napi::Number>().Int32Value();
+  if (fd < 0) throw weft_error(env, "UNSUPPORTED_OP", "this platform does not expose socket descriptors: peer links need Linux or macOS");
+  std::string err;
+  const int d = peer_adopt_socket(fd, err);
+  if (d < 0) throw weft_error(env, "IO", err);
+  return Napi::Number::New(env, d);
+}
+static Napi::Value ClosePeerSocket(const Napi::CallbackInfo& info) {
+  const int fd = info[0].As<Napi::Number>().Int32Value();
+  if (fd >= 0) close(fd);
+  return info.Env().Undefined();
+}
+// createPeerGroup(size, self, fds, wire) -> id: a group whose other ranks are processes
+// behind the adopted sockets fds[r] (fds[self] = -1); it owns the sockets from here
+static Napi::Value CreatePeerGroup(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int size = info[0].As<Napi::Number>().Int32Value(), self = info[1].As<Napi::Number>().Int32Value();
+  Napi::Array a = info[2].As<Napi::Array>();
+  std::vector<int> fds;
+  for (uint32_t i = 0; i < a.Length(); ++i) fds.push_back(a.Get(i).As<Napi::Number>().Int32Value());
+  std::string err;
+  auto g = make_peer_group(size, self, fds, info[3].As<Napi::Number>().Int32Value(), err);
+  if (!g) throw weft_error(env, "BAD_ARGUMENT", err);
+  std::lock_guard<std::mutex> lk(g_group_mu);
+  const int64_t id = g_next_group++;
+  g_groups[id] = std::move(g);
+  return Napi::Number::New(env, (double)id);
+}
+
 // ---------------------------------------------------------------- quantization
 
 static void check_quant_args(const Napi::Env& env, int32_t type, int64_t n_per_row) {
@@ -696,6 +729,9 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("forgetPlan", Napi::Function::New(env, ForgetPlan));
   exports.Set("createGroup", Napi::Function::New(env, CreateGroup));
   exports.Set("destroyGroup", Napi::Function::New(env, DestroyGroup));
+  exports.Set("adoptPeerSocket", Napi::Function::New(env, AdoptPeerSocket));
+  exports.Set("closePeerSocket", Napi::Function::New(env, ClosePeerSocket));
+  exports.Set("createPeerGroup", Napi::Function::New(env, CreatePeerGroup));
   {
     // the op table and plan layout, checked against lib/core/ops.ts and lib/cpu/plan.ts at load
     Napi::Array names = Napi::Array::New(env, OP_COUNT);

@@ -137,6 +137,7 @@ static const char* check_all_reduce(Plan& plan, Tensor& t, Tensor* a, Tensor*, T
   std::shared_ptr<Group> g = lookup_group((int64_t)gid);
   if (!g || gid != (double)(int64_t)gid) return "unknown collective group";
   if (!(rank >= 0 && rank < g->size && rank == (double)(int)rank)) return "rank outside the group";
+  if (g->networked() && rank != g->self) return "rank is not this process's rank in the group";
   if (mode == COLL_SUM) {
     if (!same_shape(t, *a)) return "shape mismatch";
   } else if (mode == COLL_GATHER || mode == COLL_REDUCE_SCATTER) {
@@ -643,7 +644,7 @@ static inline int tree_mid(int lo, int hi) {
   while (h * 2 < hi - lo) h *= 2;
   return lo + h;
 }
-static void tree_sum(const char* const* src, int lo, int hi, int64_t e0, int64_t n, float* out, float* tmp) {
+void tree_sum(const char* const* src, int lo, int hi, int64_t e0, int64_t n, float* out, float* tmp) {
   if (hi - lo == 1) { std::memcpy(out, src[lo] + e0 * 4, n * 4); return; }
   if (hi - lo == 2) {
     const float* x = (const float*)src[lo] + e0; const float* y = (const float*)src[lo + 1] + e0;
@@ -668,6 +669,15 @@ static int64_t coll_spin_ns() { return std::max<int64_t>(spin_ns(), 1000000); }
 static void op_all_reduce(Ctx& c, Tensor& t, int ith, int nth) {
   Tensor& a = c.plan->t[t.src[0]];
   Group& g = *t.group;
+  if (g.networked()) {
+    // one thread talks to the peers; the others wait (with -t 1 on a server, there are none)
+    if (ith == 0) {
+      std::string err;
+      if (!peer_all_reduce(g, t, a, c.row_tmp(0), err)) c.fail("all-reduce failed: " + err);
+    }
+    c.barrier->wait();
+    return;
+  }
   const int rank = (int)t.params[1], n = g.size;
   const int mode = (int)t.params[2];
   const bool gather = mode == COLL_GATHER;

@@ -71,16 +71,42 @@ std::shared_ptr<Group> lookup_group(int64_t id);
 struct Group {
   struct Slot { const char* src; char* dst; int64_t offset, length, elements; };
   explicit Group(int n) : size(n), barrier(n), slots(n) {}
+  ~Group();
   const int size;
   Barrier barrier;
   std::vector<Slot> slots;
   std::string why;  // set once, before abort(): the failure every rank reports
   std::atomic<bool> failing{false};
-  void fail(const std::string& msg) {
-    if (!failing.exchange(true)) why = msg;
-    barrier.abort();
-  }
+  void fail(const std::string& msg);
+
+  // Peer links (csrc/peer.cpp): the group of an RPC server with the other servers of one
+  // meta device. Each rank is a process; partials cross TCP links, one per other rank.
+  int self = -1;                 // this process's rank (>= 0: a networked group)
+  int wire = 0;                  // how partial sums travel: WIRE_F32 / WIRE_F16 / WIRE_Q8_0
+  std::vector<int> fds;          // per rank, the link's socket (-1 for self)
+  int wake[2] = {-1, -1};        // fail() writes here: a rank waiting on the network wakes
+  uint32_t seq = 0;              // collectives done: both ends of a link count alike
+  std::vector<char> confirmed;   // per rank: the dialing side's LINK_UP marker arrived (see peer.cpp)
+  std::vector<std::vector<char>> rx;   // per rank: what it sent (its partial, encoded)
+  std::vector<std::vector<float>> dec; // per rank: that partial decoded (F16/Q8_0 wires)
+  std::vector<char> tx;                // this rank's partial, encoded
+  bool networked() const { return self >= 0; }
 };
+
+enum WireType : int32_t { WIRE_F32 = 0, WIRE_F16 = 1, WIRE_Q8_0 = 2 };
+
+// Canonical summation order of the ranks' partials (graph.cpp): every path adds in it.
+void tree_sum(const char* const* src, int lo, int hi, int64_t e0, int64_t n, float* out, float* tmp);
+
+// A networked group's ALL_REDUCE (peer.cpp), run by one thread: sends this rank's part to
+// every peer, receives theirs, and combines them in tree order. False with `err` set on failure.
+bool peer_all_reduce(Group& g, const Tensor& t, const Tensor& a, float* tmp, std::string& err);
+
+// A networked group over the given sockets (each dup'd by peer_adopt_socket); null and
+// `err` on failure.
+std::shared_ptr<Group> make_peer_group(int size, int self, const std::vector<int>& fds, int wire, std::string& err);
+// A private, non-blocking, close-on-exec duplicate of a connected TCP socket; -1 and `err` on failure.
+int peer_adopt_socket(int fd, std::string& err);
 
 // Decodes and validates; on error returns null and sets err to a message naming the node.
 std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string& err);

@@ -38,7 +38,7 @@ if (process.argv.includes("--emulate-avx512")) {
   if (probe.status !== 0) { console.error(`the SIMDe headers (simde/x86/avx512.h) are not installed${simde ? ` in ${simde}` : ""}; Debian: apt install libsimde-dev`); process.exit(2); }
   if (!nodeDir) { console.error("Node headers not found"); process.exit(2); }
   const out = join(root, "build", "avx512-emulated", "weft.node");
-  const srcs = ["addon", "graph", "kernels", "quants"].map((f) => join(root, "csrc", `${f}.cpp`));
+  const srcs = ["addon", "graph", "kernels", "quants", "peer"].map((f) => join(root, "csrc", `${f}.cpp`));
   const flags = ["-shared", "-fPIC", "-pthread", "-O2", "-std=c++17", "-fexceptions", "-ffp-contract=off", "-fno-math-errno", "-w",
     "-mavx2", "-mfma", "-mf16c", "-DWEFT_EMULATE_AVX512", "-DNAPI_VERSION=8", "-DNAPI_CPP_EXCEPTIONS", "-DBUILDING_NODE_EXTENSION",
     `-I${join(nodeDir, "include", "node")}`, `-I${require("node-addon-api").include_dir.replace(/^"|"$/g, "")}`, ...(simde ? [`-I${simde}`] : [])];

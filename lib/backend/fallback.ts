@@ -9,7 +9,7 @@ import { closeSync, openSync, readSync } from "node:fs";
 import { weftError } from "../core/errors.js";
 import { Tensor, bytesOf } from "../core/tensor.js";
 import type { Graph } from "../core/graph.js";
-import { Backend, Buffer, BufferType, CollectiveGroup, Device, Event, FileTensor } from "./interface.js";
+import { Backend, Buffer, BufferType, CollectiveGroup, CollectiveOptions, Device, Event, FileTensor } from "./interface.js";
 
 /** The buffer a tensor's bytes are in and the byte position of its span there. */
 export function tensorPlace(t: Tensor): { buffer: Buffer; offset: number } {
@@ -164,8 +164,8 @@ export function forgetGraph(be: Backend, graph: Graph): void {
 }
 
 /** A communicator among `devices` for in-graph all-reduces, or null where they share none. */
-export function collectiveGroup(devices: readonly Device[]): CollectiveGroup | null {
-  return devices[0]?.collectiveGroup?.(devices) ?? null;
+export function collectiveGroup(devices: readonly Device[], opts: CollectiveOptions = {}): CollectiveGroup | null {
+  return devices[0]?.collectiveGroup?.(devices, opts) ?? null;
 }
 
 /** Reads bytes [offset, offset + size) of an open file. */

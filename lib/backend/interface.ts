@@ -136,6 +136,14 @@ export interface Backend {
 
 export interface DeviceMemory { free: number; total: number }
 
+/** How partial sums travel between processes (peer links): F32, or F16 / Q8_0 blocks. */
+export type AllReduceType = "f32" | "f16" | "q8_0";
+
+export interface CollectiveOptions {
+  /** the wire type of partial sums where they cross a network (default f32) */
+  allReduceType?: AllReduceType;
+}
+
 /** A communicator among devices for in-graph ALL_REDUCE nodes (lib/meta's collective path). */
 export interface CollectiveGroup {
   /** the id ALL_REDUCE nodes name */
@@ -160,7 +168,7 @@ export interface Device {
   /** (optional) a communicator among `devices` (this one included, ranks in list order),
    * or null if they cannot share one; default: none (the meta backend then exchanges
    * partials through copies) */
-  collectiveGroup?(devices: readonly Device[]): CollectiveGroup | null;
+  collectiveGroup?(devices: readonly Device[], opts?: CollectiveOptions): CollectiveGroup | null;
   supportsOp(node: Tensor): boolean;
   initBackend(opts?: { threads?: number }): Backend;
 }

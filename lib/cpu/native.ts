@@ -39,6 +39,12 @@ export interface NativeAddon {
   createGroup(n: number): number;
   /** fails whatever waits in the group (with `why`) and forgets it */
   destroyGroup(id: number, why?: string): void;
+  /** a private duplicate of a connected socket's descriptor (peer links; the caller then closes its own) */
+  adoptPeerSocket(fd: number): number;
+  closePeerSocket(fd: number): void;
+  /** a group whose other ranks are processes behind the adopted sockets (fds[self] = -1; it owns them
+   * from here); wire: 0 F32, 1 F16, 2 Q8_0 partial sums */
+  createPeerGroup(size: number, self: number, fds: readonly number[], wire: number): number;
   /** op names in id order (must equal lib/core/ops.ts) */
   readonly opNames: readonly string[];
   /** the plan record layout (must equal lib/cpu/layout.ts) */

@@ -105,7 +105,7 @@ export function compileGraph(graph: Graph, meta: MetaDevice, out: MetaBuffer): P
   const n = meta.size;
   let group: CollectiveGroup | null = null;
   if (meta.allReduce !== "generic") {
-    group = collectiveGroup(meta.devices);
+    group = collectiveGroup(meta.devices, { allReduceType: meta.allReduceType });
     if (!group && meta.allReduce === "collective")
       throw weftError("UNSUPPORTED_OP", `${meta.name}: its devices share no communicator, so allReduce "collective" cannot be used (use "generic" or "auto")`);
   }

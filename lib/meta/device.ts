@@ -8,7 +8,7 @@
 import { weftError } from "../core/errors.js";
 import { Op } from "../core/ops.js";
 import { Tensor } from "../core/tensor.js";
-import type { Device, DeviceCaps, DeviceMemory } from "../backend/interface.js";
+import type { AllReduceType, Device, DeviceCaps, DeviceMemory } from "../backend/interface.js";
 import { checkShares } from "../split/plan.js";
 import type { SplitState } from "../split/state.js";
 import { MetaBackend } from "./backend.js";
@@ -27,6 +27,10 @@ export interface MetaOptions {
    * "generic" (per-device subgraphs, partials exchanged with copies: any devices), or
    * "auto" (collective where possible; default) */
   allReduce?: AllReducePath;
+  /** how partial sums cross a network on the collective path (RPC servers' peer links):
+   * "f32" (exact; default), "f16" or "q8_0" (2× / 3.8× fewer bytes, rounded: see the
+   * README); devices of one process exchange F32 whatever this says */
+  allReduceType?: AllReduceType;
 }
 
 export class MetaDevice implements Device {
@@ -35,6 +39,7 @@ export class MetaDevice implements Device {
   /** normalized shares, one per device */
   readonly shares: readonly number[];
   readonly allReduce: AllReducePath;
+  readonly allReduceType: AllReduceType;
   readonly splitState?: (t: Tensor) => SplitState | undefined;
   readonly #bt: MetaBufferType;
 
@@ -47,6 +52,9 @@ export class MetaDevice implements Device {
     this.allReduce = opts.allReduce ?? "auto";
     if (!["auto", "collective", "generic"].includes(this.allReduce))
       throw weftError("BAD_ARGUMENT", `allReduce must be auto, collective or generic, got '${this.allReduce}'`);
+    this.allReduceType = opts.allReduceType ?? "f32";
+    if (!["f32", "f16", "q8_0"].includes(this.allReduceType))
+      throw weftError("BAD_ARGUMENT", `allReduceType must be f32, f16 or q8_0, got '${this.allReduceType}'`);
     this.splitState = opts.splitState;
     this.caps = { async: true, events: true, collectives: false };
     this.#bt = new MetaBufferType(this);
@@ -78,7 +86,7 @@ const canonical = new Map<string, MetaDevice>();
 export function metaDevice(devices: readonly Device[], opts: MetaOptions = {}): MetaDevice {
   if (opts.splitState) return new MetaDevice(devices, opts);
   const shares = checkShares(devices.length, opts.tensorSplit);
-  const key = `${devices.map((d) => d.name).join("+")}|${shares.join(",")}|${opts.allReduce ?? "auto"}`;
+  const key = `${devices.map((d) => d.name).join("+")}|${shares.join(",")}|${opts.allReduce ?? "auto"}|${opts.allReduceType ?? "f32"}`;
   let m = canonical.get(key);
   if (!m || m.devices.some((d, i) => d !== devices[i])) { m = new MetaDevice(devices, opts); canonical.set(key, m); }
   return m;

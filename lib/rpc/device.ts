@@ -13,7 +13,7 @@ import { weftError, WeftError } from "../core/errors.js";
 import { Tensor, bytesOf } from "../core/tensor.js";
 import { readFileRange } from "../backend/fallback.js";
 import type {
-  AllocTensorsOptions, Backend, Buffer, BufferType, BufferUsage, Device, DeviceCaps, DeviceMemory, FileTensor,
+  AllocTensorsOptions, Backend, Buffer, BufferType, BufferUsage, CollectiveGroup, CollectiveOptions, Device, DeviceCaps, DeviceMemory, FileTensor,
 } from "../backend/interface.js";
 import { ensureDir, writeFileAtomicallySync } from "../core/files.js";
 import { cacheDir } from "../model/default.js";
@@ -21,6 +21,7 @@ import { canRepack, repackedBytes } from "../cpu/repack.js";
 import { RpcBackend } from "./backend.js";
 import { RemoteDeviceInfo, RpcConnection } from "./client.js";
 import { Layout, Status, WEIGHT_CHUNK, WeightSource, Writer } from "./protocol.js";
+import { rpcCollectiveGroup } from "./peer.js";
 
 const ALIGNMENT = 64;
 /** weight bytes on their way to a server at once while loading */
@@ -42,9 +43,16 @@ export abstract class RpcMemory implements Buffer {
   /** the body of a SET writing bytes [offset, …) of tensor t */
   abstract setBody(t: Tensor | null, data: Uint8Array, offset: number): Uint8Array[];
 
-  set(offset: number, data: ArrayBufferView): void { this.conn.post("SET", this.setBody(null, bytesOf(data).slice(), offset)); }
-  setTensor(t: Tensor, data: ArrayBufferView, offset: number): void {
-    this.conn.post("SET", this.setBody(t, bytesOf(data).slice(), tensorOffset(t) + offset));
+  set(offset: number, data: ArrayBufferView): void { this.#setPieces(null, bytesOf(data), offset); }
+  setTensor(t: Tensor, data: ArrayBufferView, offset: number): void { this.#setPieces(t, bytesOf(data), tensorOffset(t) + offset); }
+  /** plain memory in SETs of at most WEIGHT_CHUNK bytes (a frame has a limit); a repacked matrix whole */
+  #setPieces(t: Tensor | null, bytes: Uint8Array, offset: number): void {
+    if (this.bufferType.layout === Layout.REPACKED || bytes.length <= WEIGHT_CHUNK) {
+      this.conn.post("SET", this.setBody(t, bytes.slice(), offset));
+      return;
+    }
+    for (let at = 0; at < bytes.length; at += WEIGHT_CHUNK)
+      this.conn.post("SET", this.setBody(null, bytes.slice(at, Math.min(bytes.length, at + WEIGHT_CHUNK)), offset + at));
   }
   get(): Uint8Array {
     throw weftError("UNSUPPORTED_OP", `${this.device.name} memory is on another machine: read it through a backend (getTensorAsync), which waits for the reply`);
@@ -325,7 +333,7 @@ export class RpcBufferType implements BufferType {
 
 export class RpcDevice implements Device {
   readonly type = "REMOTE" as const;
-  readonly caps: DeviceCaps = { async: true, events: true, collectives: false };
+  readonly caps: DeviceCaps = { async: true, events: true, collectives: true };
   readonly #plain: RpcBufferType;
   readonly #repacked: RpcBufferType;
   constructor(readonly name: string, readonly conn: RpcConnection, readonly index: number, readonly repack: boolean) {
@@ -350,6 +358,10 @@ export class RpcDevice implements Device {
   weightBufferType(t: Tensor): BufferType | null { return this.repack && canRepack(t) ? this.#repacked : null; }
   supportsOp(node: Tensor): boolean { return this.#info.ops.has(node.op); }
   initBackend(): Backend { return new RpcBackend(this); }
+  /** devices of distinct servers: the servers link to each other (peer links) and exchange partials themselves */
+  collectiveGroup(devices: readonly Device[], opts: CollectiveOptions = {}): CollectiveGroup | null {
+    return devices.includes(this) ? rpcCollectiveGroup(devices, (d): d is RpcDevice => d instanceof RpcDevice, opts.allReduceType) : null;
+  }
   /** @internal a new client-side buffer id on this connection */
   newBufferId(): number { return nextBufferId(this.conn); }
 }

@@ -44,7 +44,10 @@ export interface WireBuffer { readonly buffer: object; readonly size: number }
  * says which ops the device may run. Throws RPC_PROTOCOL (malformed), UNSUPPORTED_OP /
  * UNSUPPORTED_TYPE or OUT_OF_RANGE (a tensor outside its buffer) naming the tensor.
  */
-export function decodeGraph(r: Reader, bufferOf: (id: number) => WireBuffer, allowed: (op: Op) => boolean): { graph: Graph; buffers: Set<number> } {
+export function decodeGraph(
+  r: Reader, bufferOf: (id: number) => WireBuffer, allowed: (op: Op) => boolean,
+  mapParams: (op: Op, params: number[], what: string) => number[] = (_, p) => p,
+): { graph: Graph; buffers: Set<number> } {
   const n = r.u32("tensor count");
   if (n === 0 || n > MAX_GRAPH_TENSORS) throw weftError("RPC_LIMIT", `a graph of ${n} tensors (1 to ${MAX_GRAPH_TENSORS} allowed)`);
   const order: Tensor[] = [];
@@ -84,7 +87,7 @@ export function decodeGraph(r: Reader, bufferOf: (id: number) => WireBuffer, all
     const b = bufferOf(id);
     if (!Number.isSafeInteger(extent) || offset + extent > b.size)
       throw weftError("OUT_OF_RANGE", `${what} (${name}): bytes [${offset}, +${extent}) lie outside buffer ${id} (${b.size} bytes)`);
-    const t = new Tensor({ type: type as GgmlType, ne, nb, op: op as Op, params, src });
+    const t = new Tensor({ type: type as GgmlType, ne, nb, op: op as Op, params: mapParams(op as Op, params, `${what} (${name})`), src });
     t.buffer = b.buffer;
     t.offset = offset;
     order.push(t);

@@ -11,7 +11,7 @@ import { OP_NAMES } from "../core/ops.js";
 import { TYPES } from "../core/types.js";
 import { weftError, WeftError } from "../core/errors.js";
 
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 export const MAGIC = 0x31465457; // "WTF1"
 export const HEADER_BYTES = 20;
 /** largest frame body before authentication (HELLO, AUTH) */
@@ -25,6 +25,7 @@ export const Kind = { REQUEST: 0, REPLY: 1, NOTICE: 2 } as const;
 export const Cmd = {
   HELLO: 1, AUTH: 2, ALLOC: 3, FREE: 4, FILL: 5, SET: 6, GET: 7, SET2D: 8, GET2D: 9, COPY: 10,
   COMPUTE: 11, FORGET: 12, WEIGHT: 13, WEIGHT_DATA: 14, PING: 15, MEMORY: 16,
+  GROUP: 17, UNGROUP: 18, PEER: 19,
 } as const;
 export type CmdName = keyof typeof Cmd;
 export const CMD_NAMES: Record<number, CmdName> = Object.fromEntries(Object.entries(Cmd).map(([k, v]) => [v, k as CmdName]));
@@ -32,6 +33,12 @@ export const CMD_NAMES: Record<number, CmdName> = Object.fromEntries(Object.entr
 // COMPUTE: device u32, graph id u64, graph flag u8, then the step's inputs (count u32, each
 // buffer u32, offset u64, bytes), then the graph where the flag says it is sent (once per
 // id): a repeated step is one frame with its inputs, answered when it has run.
+
+// GROUP: group id u32, device u32, rank u32, size u32, wire u8, session key (bytes), then
+// every rank's endpoint (str): answered once this server has linked to every other rank
+// (peer links, lib/rpc/peer.ts). UNGROUP: group id u32 (runs at once, not in turn: it
+// wakes a step waiting on a dead peer). PEER: session key, from rank u32, to rank u32,
+// sent by a server on a connection of its own; after the reply the connection is a link.
 
 /** Buffer layouts: rows as in a GGUF file, or the CPU's eight-row repacked groups. */
 export const Layout = { PLAIN: 0, REPACKED: 1 } as const;

@@ -29,6 +29,8 @@ import { CpuBackend, CpuBuffer, CpuDevice, cpuDevice, native, usableCores } from
 import { canRepack, repackedBytes } from "../cpu/repack.js";
 import type { RepackedBuffer } from "../cpu/buffer.js";
 import { decodeGraph } from "./graph.js";
+import { LINK_TIMEOUT_MS, MAX_GROUP, PeerRendezvous, dialPeer, takeSocket } from "./peer.js";
+import { parseEndpoint } from "./client.js";
 import {
   CMD_NAMES, Cmd, CmdName, DEFAULT_MAX_FRAME, FrameReader, Kind, Layout, NONCE_BYTES, Notice, PREAUTH_MAX_BODY,
   PROTOCOL_VERSION, Reader, Status, WeightSource, Writer, authProof, frame, proofsEqual, protocolError, replyBody, tablesDigest,
@@ -91,10 +93,12 @@ interface ServedBuffer { readonly cpu: CpuBuffer; readonly size: number; readonl
 /** A weight being uploaded in pieces, written straight into its place (hashed on the way where it is cached). */
 interface Staging { readonly b: ServedBuffer; readonly bufferId: number; readonly offset: number; readonly t: Tensor; readonly hash: string; readonly hasher: Hash | null; got: number }
 interface ServedGraph { readonly graph: Graph; readonly device: number; readonly buffers: Set<number> }
+/** A collective group the client made (GROUP): its native group over the peer links, or why it has none. */
+type ServedGroup = { readonly native: number; readonly device: number; readonly rank: number } | { readonly failed: string };
 
-/** ops a served CPU device runs for a client (ALL_REDUCE needs peers: not over this link) */
+/** ops a served CPU device runs for a client (ALL_REDUCE: in a group the client made with GROUP) */
 function allowedOp(d: CpuDevice, op: Op): boolean {
-  return op !== Op.ALL_REDUCE && d.supportsOp(new Tensor({ type: GgmlType.F32, ne: [1, 1, 1, 1], op }));
+  return d.supportsOp(new Tensor({ type: GgmlType.F32, ne: [1, 1, 1, 1], op }));
 }
 
 const MAX_GRAPHS = 1024;
@@ -102,6 +106,7 @@ const MAX_GRAPHS = 1024;
 const CACHE_BACKLOG = 512 << 20;
 const MAX_INPUTS = 4096;
 const MAX_BUFFERS = 1 << 16;
+const MAX_GROUPS = 64;
 const PREAUTH_TIMEOUT_MS = 10_000;
 
 /** One connected client. */
@@ -111,6 +116,7 @@ class Session {
   readonly buffers = new Map<number, ServedBuffer>();
   readonly backends = new Map<number, CpuBackend>();
   readonly graphs = new Map<number, ServedGraph>();
+  readonly groups = new Map<number, ServedGroup>();
   /** weights being uploaded, by "buffer:offset" */
   readonly staging = new Map<string, Staging>();
   used = 0;
@@ -191,8 +197,17 @@ class Session {
     this.graphs.delete(gid);
   }
 
+  /** ends a group: a step waiting in it on the network fails at once */
+  ungroup(gid: number, why: string): void {
+    const g = this.groups.get(gid);
+    this.groups.delete(gid);
+    if (g && "native" in g) native().destroyGroup(g.native, why);
+  }
+  ungroupAll(why: string): void { for (const gid of [...this.groups.keys()]) this.ungroup(gid, why); }
+
   /** everything this client holds, freed (it disconnected); runs after its last request */
   async release(): Promise<void> {
+    this.ungroupAll("the client disconnected");
     await Promise.allSettled([...this.backends.values()].map((b) => b.dispose()));
     this.backends.clear();
     this.graphs.clear();
@@ -229,7 +244,7 @@ function readWeightDesc(s: Session, r: Reader): { id: number; b: ServedBuffer; o
 function sha256(b: Uint8Array): string { return createHash("sha256").update(b).digest("hex"); }
 
 /** The dispatch table: one handler per command, named after it. */
-const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH">, Handler> = {
+const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, Handler> = {
   ALLOC(s, r) {
     const id = r.u32("buffer id"), device = r.u32("device"), layout = r.u8("layout"), size = r.u64("size");
     r.end("ALLOC");
@@ -321,7 +336,8 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH">, Handler> = {
     if (has) {
       s.forgetGraph(gid);
       if (s.graphs.size >= MAX_GRAPHS) throw weftError("RPC_LIMIT", `more than ${MAX_GRAPHS} graphs cached for one client (FORGET old ones)`);
-      const { graph, buffers } = decodeGraph(r, (id) => ({ buffer: s.buffer(id).cpu, size: s.buffer(id).size }), (op) => allowedOp(d, op));
+      const { graph, buffers } = decodeGraph(r, (id) => ({ buffer: s.buffer(id).cpu, size: s.buffer(id).size }), (op) => allowedOp(d, op),
+        (op, params, what) => (op === Op.ALL_REDUCE ? groupParams(s, device, params, what) : params));
       g = { graph, device, buffers };
       s.graphs.set(gid, g);
     } else r.end("COMPUTE");
@@ -390,6 +406,42 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH">, Handler> = {
     const size = st.b.layout === Layout.REPACKED ? repackedBytes(st.t) : st.t.nbytes;
     await s.core.storeWeight(st.hash, st.t, st.b.layout, () => st.b.cpu.readLayout(st.offset, size));
   },
+  async GROUP(s, r) {
+    const gid = r.u32("group id"), device = r.u32("device"), rank = r.u32("rank"), size = r.u32("group size"), wire = r.u8("wire type");
+    const key = r.bytes("session key");
+    if (size < 2 || size > MAX_GROUP || rank >= size) throw weftError("BAD_ARGUMENT", `rank ${rank} of a group of ${size} (2 to ${MAX_GROUP} ranks)`);
+    const endpoints = Array.from({ length: size }, (_, i) => r.str(`endpoint ${i}`, 300));
+    r.end("GROUP");
+    s.device(device);
+    if (wire > 2) throw protocolError(`unknown all-reduce wire type ${wire}`);
+    PeerRendezvous.check(key, size - 1, 0);
+    endpoints.forEach((e) => parseEndpoint(e));
+    s.ungroup(gid, "the client made the group again");
+    if (s.groups.size >= MAX_GROUPS) throw weftError("RPC_LIMIT", `more than ${MAX_GROUPS} collective groups for one client`);
+    const hex = Buffer.from(key).toString("hex");
+    // rank r dials every lower rank and waits for every higher one
+    const dials = endpoints.slice(0, rank).map((e, q) => dialPeer(e, s.core.token, key, rank, q, LINK_TIMEOUT_MS));
+    const above = Array.from({ length: size - rank - 1 }, (_, i) => rank + 1 + i);
+    const settled = await Promise.allSettled([...dials, s.core.rendezvous.take(hex, rank, above, LINK_TIMEOUT_MS)]);
+    const fds = Array<number>(size).fill(-1);
+    settled.slice(0, rank).forEach((x, q) => { if (x.status === "fulfilled") fds[q] = x.value as number; });
+    const last = settled[rank]!;
+    if (last.status === "fulfilled") for (const [q, fd] of last.value as Map<number, number>) fds[q] = fd;
+    const bad = settled.find((x): x is PromiseRejectedResult => x.status === "rejected");
+    if (bad || s.state === "CLOSED") {
+      for (const fd of fds) if (fd >= 0) native().closePeerSocket(fd);
+      const why = bad ? (bad.reason as Error).message : "the client left";
+      s.groups.set(gid, { failed: why });
+      throw bad?.reason instanceof WeftError ? bad.reason : weftError("RPC_CLOSED", why);
+    }
+    s.groups.set(gid, { native: native().createPeerGroup(size, rank, fds, wire), device, rank });
+    s.core.log(`client ${s.name}: group ${gid} linked (rank ${rank} of ${size})`);
+  },
+  UNGROUP(s, r) {
+    const gid = r.u32("group id");
+    r.end("UNGROUP");
+    s.ungroup(gid, "the client ended the group");
+  },
   PING(_s, r) { r.end("PING"); },
   MEMORY(s, r) {
     r.end("MEMORY");
@@ -400,6 +452,15 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH">, Handler> = {
     return w.u64(s.used).u32(s.core.clients).u64(live.count).u64(live.bytes).body();
   },
 };
+
+/** An ALL_REDUCE's params with the client's group id replaced by its native group's, checked. */
+function groupParams(s: Session, device: number, params: number[], what: string): number[] {
+  const g = s.groups.get(params[0]!);
+  if (!g) throw weftError("BAD_ARGUMENT", `${what}: no collective group ${params[0]} (the client sends GROUP first)`);
+  if ("failed" in g) throw weftError("RPC_CLOSED", `${what}: collective group ${params[0]} has no peer links: ${g.failed}`);
+  if (params[1] !== g.rank || g.device !== device) throw weftError("BAD_ARGUMENT", `${what}: rank ${params[1]} on device ${device}, but this server is rank ${g.rank} on device ${g.device} of group ${params[0]}`);
+  return [g.native, ...params.slice(1)];
+}
 
 function checkStrided(b: ServedBuffer, offset: number, rows: number, rowBytes: number, stride: number): void {
   if (rows === 0) return;
@@ -417,7 +478,10 @@ export class RpcServer {
   readonly modelsDir: string | null;
   readonly #server: Server;
   readonly #sessions = new Set<Session>();
-  readonly #log: (line: string) => void;
+  /** @internal peer links waiting for their group */
+  readonly rendezvous = new PeerRendezvous();
+  /** @internal one line per client event */
+  readonly log: (line: string) => void;
   readonly #maxClients: number;
   readonly #hashes = new Map<string, string>();
   readonly #mapped = new Map<string, { id: string; buf: CpuBuffer }>();
@@ -439,7 +503,7 @@ export class RpcServer {
     this.cacheDir = opts.cacheDir ?? null;
     this.modelsDir = opts.modelsDir ?? null;
     this.#maxClients = opts.maxClients ?? 16;
-    this.#log = opts.log ?? (() => {});
+    this.log = opts.log ?? (() => {});
     this.#server = server;
     if (this.cacheDir) ensureDir(join(this.cacheDir, "weights"), "create the weight cache");
     if (this.modelsDir && !(existsSync(this.modelsDir) && statSync(this.modelsDir).isDirectory()))
@@ -503,7 +567,7 @@ export class RpcServer {
     this.#writes = this.#writes.then(async () => {
       try {
         await writeAtomically(p, async (tmp) => { const f = await open(tmp, "w"); try { await f.writeFile(data); } finally { await f.close(); } });
-      } catch (e) { this.#log(`weight cache: ${(e as Error).message} (continuing without storing it)`); }
+      } catch (e) { this.log(`weight cache: ${(e as Error).message} (continuing without storing it)`); }
       this.#backlog -= data.length;
       this.#storing.delete(p);
     });
@@ -533,7 +597,7 @@ export class RpcServer {
     const key = `${id}:${offset}:${length}`;
     let h = this.#hashes.get(key);
     if (!h) { h = sha256(m.buf.get(offset, length)); this.#hashes.set(key, h); }
-    if (h !== hash) { this.#log(`--models ${name}: other bytes at ${offset} than the client's file (another version?); the client uploads them`); return null; }
+    if (h !== hash) { this.log(`--models ${name}: other bytes at ${offset} than the client's file (another version?); the client uploads them`); return null; }
     return { buf: m.buf, offset };
   }
 
@@ -541,12 +605,12 @@ export class RpcServer {
     sock.setNoDelay(true);
     const s = new Session(this, sock);
     if (this.#sessions.size >= this.#maxClients) {
-      this.#log(`client ${s.name} refused: ${this.#maxClients} clients already`);
+      this.log(`client ${s.name} refused: ${this.#maxClients} clients already`);
       sock.destroy();
       return;
     }
     this.#sessions.add(s);
-    const preauth = setTimeout(() => { if (s.state !== "READY") { this.#log(`client ${s.name}: no handshake within ${PREAUTH_TIMEOUT_MS / 1000} s`); sock.destroy(); } }, PREAUTH_TIMEOUT_MS);
+    const preauth = setTimeout(() => { if (s.state !== "READY") { this.log(`client ${s.name}: no handshake within ${PREAUTH_TIMEOUT_MS / 1000} s`); sock.destroy(); } }, PREAUTH_TIMEOUT_MS);
     preauth.unref();
     sock.on("data", (chunk: Buffer) => {
       if (s.state === "CLOSED") return;
@@ -558,6 +622,8 @@ export class RpcServer {
           const name = CMD_NAMES[h.cmd];
           if (s.state !== "READY") this.#handshake(s, h.cmd, h.id, body);
           else if (!name || name === "HELLO" || name === "AUTH") s.fail(h.cmd, h.id, protocolError(`unknown or repeated command ${h.cmd}`));
+          else if (name === "PEER") return this.#peer(s, h.id, body);
+          else if (name === "UNGROUP") this.#now(s, name, h.cmd, h.id, body);
           else this.#enqueue(s, name, h.cmd, h.id, body);
           return true;
         });
@@ -570,10 +636,11 @@ export class RpcServer {
       clearTimeout(preauth);
       const was = s.state;
       s.state = "CLOSED";
+      s.ungroupAll("the client disconnected");  // a step waiting on a peer stops now
       // whatever is running finishes first (its memory is pinned), then everything goes
       void s.tail.then(() => s.release()).finally(() => {
         this.#sessions.delete(s);
-        if (was === "READY") this.#log(`client ${s.name} left`);
+        if (was === "READY") this.log(`client ${s.name} left`);
       });
     });
   }
@@ -600,7 +667,7 @@ export class RpcServer {
         }
         s.state = this.token ? "AUTH" : "READY";
         s.reply(cmd, id, w.body());
-        if (s.state === "READY") this.#log(`client ${s.name} (${client}) connected`);
+        if (s.state === "READY") this.log(`client ${s.name} (${client}) connected`);
         return;
       }
       if (s.state === "AUTH" && cmd === Cmd.AUTH) {
@@ -608,12 +675,12 @@ export class RpcServer {
         const proof = r.bytes("proof");
         r.end("AUTH");
         if (clientNonce.length !== NONCE_BYTES || !proofsEqual(proof, authProof(this.token!, "client", s.nonce, clientNonce))) {
-          this.#log(`client ${s.name}: wrong token`);
+          this.log(`client ${s.name}: wrong token`);
           throw weftError("RPC_AUTH", "the token does not match the server's");
         }
         s.state = "READY";
         s.reply(cmd, id, new Writer().bytes(authProof(this.token!, "server", clientNonce, s.nonce)).body());
-        this.#log(`client ${s.name} connected (token checked)`);
+        this.log(`client ${s.name} connected (token checked)`);
         return;
       }
       throw s.state === "AUTH" && cmd === Cmd.HELLO ? protocolError("HELLO sent twice")
@@ -623,10 +690,40 @@ export class RpcServer {
     }
   }
 
+  /**
+   * PEER: another server links to a group of this one. The connection stops being a
+   * client's: its socket goes to the group's native side once the reply is written.
+   */
+  #peer(s: Session, id: number, body: Uint8Array): boolean {
+    let fd = -1;
+    try {
+      const r = new Reader(body);
+      const key = r.bytes("session key"), from = r.u32("from rank"), to = r.u32("to rank");
+      r.end("PEER");
+      PeerRendezvous.check(key, from, to);
+      if (s.pending > 0) throw protocolError("PEER on a connection with requests in flight");
+      fd = takeSocket(s.socket);
+      s.state = "CLOSED";
+      this.rendezvous.offer(Buffer.from(key).toString("hex"), to, from, fd);
+      this.log(`peer ${s.name} linked as rank ${from} to rank ${to}`);
+      // written, then Node's handle closed (not end(): a FIN would half-close the link itself)
+      s.socket.write(Buffer.concat(frame(Kind.REPLY, Cmd.PEER, id, replyBody(Status.OK))), () => s.socket.destroy());
+    } catch (e) {
+      if (s.state !== "CLOSED") this.#drop(s, Cmd.PEER, id, e);
+      else s.socket.destroy();
+    }
+    return false;
+  }
+
+  /** A request that runs at once, ahead of the client's queue (UNGROUP: it must reach a step that waits). */
+  #now(s: Session, name: "UNGROUP", cmd: number, id: number, body: Uint8Array): void {
+    try { s.reply(cmd, id, HANDLERS[name](s, new Reader(body)) as Out); } catch (e) { s.fail(cmd, id, e); }
+  }
+
   /** An error reply (where there is a request to answer), then the connection ends. */
   #drop(s: Session, cmd: number, id: number, e: unknown): void {
     if (s.state === "CLOSED") return;
-    this.#log(`client ${s.name} dropped: ${(e as Error)?.message ?? e}`);
+    this.log(`client ${s.name} dropped: ${(e as Error)?.message ?? e}`);
     if (cmd) s.fail(cmd, id, e);
     s.state = "CLOSED";
     s.socket.end();
@@ -634,7 +731,7 @@ export class RpcServer {
   }
 
   /** A READY client's request: runs after its earlier ones; the reply is sent when it is done. */
-  #enqueue(s: Session, name: Exclude<CmdName, "HELLO" | "AUTH">, cmd: number, id: number, body: Uint8Array): void {
+  #enqueue(s: Session, name: Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, cmd: number, id: number, body: Uint8Array): void {
     // the first frame of a burst (a step's inputs come before its COMPUTE): the device
     // threads wake while the rest arrives (not later: spinning then takes a core for nothing)
     if (s.pending === 0) for (const be of s.backends.values()) be.prewake();
@@ -660,6 +757,7 @@ export class RpcServer {
   /** Stops listening and disconnects every client (their memory is freed). */
   async close(): Promise<void> {
     if (this.#heartbeat) clearInterval(this.#heartbeat);
+    this.rendezvous.close();
     await this.#writes;
     for (const m of this.#mapped.values()) m.buf.dispose();
     this.#mapped.clear();

@@ -1,0 +1,218 @@
+/**
+ * Peer links (DESIGN §6, §7): the RPC servers of one meta device talk to each other, so a
+ * tensor-parallel step is one COMPUTE per server and no partial sum passes through the
+ * client. The client makes a group (RpcGroup): it tells every server its rank, the
+ * servers' endpoints and a random session key (GROUP). Each server dials the servers of
+ * lower rank (dialPeer: HELLO, AUTH with its own token — servers of one group share the
+ * token their clients use — then PEER naming the key) and waits for those of higher rank
+ * (PeerRendezvous). Once a link is up, its socket is handed to native code, which runs
+ * the ALL_REDUCE nodes over it (csrc/peer.cpp); the JS thread no longer sees its bytes.
+ */
+import { connect, Socket } from "node:net";
+import { randomBytes } from "node:crypto";
+import { weftError, WeftError } from "../core/errors.js";
+import type { AllReduceType, CollectiveGroup, Device } from "../backend/interface.js";
+import { native } from "../cpu/index.js";
+import {
+  Cmd, FrameReader, Kind, NONCE_BYTES, PROTOCOL_VERSION, Status, Writer, authProof, frame, proofsEqual, readReply, tablesDigest,
+} from "./protocol.js";
+import { parseEndpoint } from "./client.js";
+import type { RpcDevice } from "./device.js";
+
+/** How partial sums cross a peer link: as F32, F16 or Q8_0 blocks (csrc/peer.cpp WireType). */
+export const WIRE: Record<AllReduceType, number> = { f32: 0, f16: 1, q8_0: 2 };
+
+export const PEER_KEY_BYTES = 32;
+/** most ranks in a group (the native group's limit) */
+export const MAX_GROUP = 64;
+/** how long a server waits for its peers to link up */
+export const LINK_TIMEOUT_MS = 30_000;
+
+/**
+ * The descriptor behind a Node socket, duplicated for native code; nothing more is read
+ * into JS (what comes next is the native side's). Destroying the Node socket afterwards
+ * closes only Node's descriptor: the duplicate keeps the connection.
+ */
+export function takeSocket(sock: Socket): number {
+  const handle = (sock as unknown as { _handle?: { fd?: number; readStop?: () => void } })._handle;
+  handle?.readStop?.();
+  return native().adoptPeerSocket(typeof handle?.fd === "number" ? handle.fd : -1);
+}
+
+/**
+ * A server's side of a PEER request: the socket is taken over and offered to the group
+ * that waits for it (or kept until that group's GROUP arrives, for LINK_TIMEOUT_MS).
+ */
+export class PeerRendezvous {
+  readonly #slots = new Map<string, { fds: Map<number, number>; wake: (() => void) | null; since: number }>();
+
+  #slot(key: string, rank: number) {
+    const k = `${key}/${rank}`;
+    let s = this.#slots.get(k);
+    if (!s) {
+      this.#sweep();
+      if (this.#slots.size >= 256) throw weftError("RPC_LIMIT", "too many peer links waiting for their group");
+      s = { fds: new Map(), wake: null, since: performance.now() };
+      this.#slots.set(k, s);
+    }
+    return s;
+  }
+  /** links nobody claimed in time are closed */
+  #sweep(): void {
+    const now = performance.now();
+    for (const [k, s] of this.#slots) {
+      if (s.wake || now - s.since < 2 * LINK_TIMEOUT_MS) continue;
+      for (const fd of s.fds.values()) native().closePeerSocket(fd);
+      this.#slots.delete(k);
+    }
+  }
+
+  /** checks a PEER request's fields; throws what is wrong */
+  static check(key: Uint8Array, from: number, to: number): void {
+    if (key.length !== PEER_KEY_BYTES) throw weftError("RPC_PROTOCOL", `a peer session key is ${PEER_KEY_BYTES} bytes, got ${key.length}`);
+    if (!(to < from && from < MAX_GROUP)) throw weftError("BAD_ARGUMENT", `a peer of rank ${from} cannot link to rank ${to} (the higher rank dials the lower)`);
+  }
+
+  /** an adopted link from rank `from` to rank `to` of the group with this key */
+  offer(key: string, to: number, from: number, fd: number): void {
+    let s;
+    try { s = this.#slot(key, to); } catch (e) { native().closePeerSocket(fd); throw e; }
+    if (s.fds.has(from)) { native().closePeerSocket(fd); throw weftError("BAD_ARGUMENT", `rank ${from} already linked to rank ${to} of this group`); }
+    s.fds.set(from, fd);
+    s.wake?.();
+  }
+
+  /** waits for every rank in `from` to link to `rank`; resolves to their descriptors */
+  async take(key: string, rank: number, from: readonly number[], timeoutMs: number): Promise<Map<number, number>> {
+    const k = `${key}/${rank}`;
+    const s = this.#slot(key, rank);
+    const deadline = performance.now() + timeoutMs;
+    try {
+      while (!from.every((r) => s.fds.has(r))) {
+        const left = deadline - performance.now();
+        if (left <= 0) {
+          const missing = from.filter((r) => !s.fds.has(r));
+          throw weftError("RPC_CLOSED", `rank${missing.length > 1 ? "s" : ""} ${missing.join(", ")} did not link to this server within ${timeoutMs / 1000} s (can they reach it at the address the client uses?)`);
+        }
+        await new Promise<void>((resolve) => {
+          const t = setTimeout(resolve, left);
+          s.wake = () => { clearTimeout(t); resolve(); };
+        });
+        s.wake = null;
+      }
+      const out = new Map(s.fds);
+      s.fds.clear();
+      return out;
+    } catch (e) {
+      for (const fd of s.fds.values()) native().closePeerSocket(fd);
+      throw e;
+    } finally {
+      this.#slots.delete(k);
+    }
+  }
+
+  /** closes every link still waiting (the server stops) */
+  close(): void {
+    for (const s of this.#slots.values()) for (const fd of s.fds.values()) native().closePeerSocket(fd);
+    this.#slots.clear();
+  }
+}
+
+/**
+ * Dials the server of a lower rank and links to it: HELLO, AUTH with this server's token
+ * where it asks for one, PEER; resolves to the adopted descriptor.
+ */
+export async function dialPeer(endpoint: string, token: string | null, key: Uint8Array, from: number, to: number, timeoutMs: number): Promise<number> {
+  const { host, port } = parseEndpoint(endpoint);
+  const sock = connect({ host, port, noDelay: true });
+  const reader = new FrameReader(() => 1 << 20);
+  const replies: Array<{ status: number; code: string; message: string; r: ReturnType<typeof readReply>["r"] }> = [];
+  let wake: (() => void) | null = null;
+  let failure: WeftError | null = null;
+  const fail = (why: string) => { failure ??= weftError("RPC_CLOSED", `linking to rank ${to} at ${endpoint}: ${why}`); wake?.(); };
+  sock.on("data", (chunk: Buffer) => {
+    try {
+      reader.push(chunk, ({ h, body }) => {
+        if (h.kind === Kind.NOTICE) return true;
+        replies.push(readReply(body));
+        wake?.();
+        return true;
+      });
+    } catch (e) { fail((e as Error).message); }
+  });
+  sock.on("error", (e: NodeJS.ErrnoException) => fail(e.code === "ECONNREFUSED" ? "connection refused" : e.message));
+  sock.on("close", () => fail("the connection closed"));
+  const timer = setTimeout(() => fail(`no answer within ${timeoutMs / 1000} s`), timeoutMs);
+  let id = 0;
+  const ask = async (cmd: number, body: Uint8Array) => {
+    for (const p of frame(Kind.REQUEST, cmd, ++id, body)) sock.write(p);
+    while (!replies.length && !failure) await new Promise<void>((r) => { wake = r; });
+    wake = null;
+    if (failure) throw failure;
+    const rep = replies.shift()!;
+    if (rep.status === Status.ERROR) throw weftError(rep.code === "RPC_AUTH" ? "RPC_AUTH" : "RPC_CLOSED", `linking to rank ${to} at ${endpoint}: ${rep.message}`);
+    return rep.r;
+  };
+  try {
+    await new Promise<void>((resolve, reject) => {
+      sock.once("connect", resolve);
+      sock.once("error", () => reject(failure));
+      sock.once("close", () => reject(failure));
+    });
+    const hello = await ask(Cmd.HELLO, new Writer().u32(PROTOCOL_VERSION).str(`weft rpc-server, rank ${from}`).str(tablesDigest()).body());
+    if (hello.u32("version") !== PROTOCOL_VERSION) throw weftError("RPC_PROTOCOL", `rank ${to} at ${endpoint} runs another weft version`);
+    hello.str("server");
+    const authRequired = hello.u8("auth flag") === 1;
+    const nonce = hello.bytes("nonce").slice();
+    if (authRequired) {
+      if (!token) throw weftError("RPC_AUTH", `rank ${to} at ${endpoint} wants a token and this server has none: start every server of a group with the same --token-file`);
+      const mine = randomBytes(NONCE_BYTES);
+      const r = await ask(Cmd.AUTH, new Writer().bytes(mine).bytes(authProof(token, "client", nonce, mine)).body());
+      if (!proofsEqual(r.bytes("server proof"), authProof(token, "server", mine, nonce)))
+        throw weftError("RPC_AUTH", `rank ${to} at ${endpoint} could not prove it holds the token`);
+    }
+    await ask(Cmd.PEER, new Writer().bytes(key).u32(from).u32(to).body());
+    sock.removeAllListeners("data");
+    try { return takeSocket(sock); } finally { sock.destroy(); }
+  } catch (e) {
+    sock.destroy();
+    throw e;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+let nextGroupId = 1;
+
+/**
+ * The client's handle on a group of servers (one RPC device per server, ranks in list
+ * order): made when a meta device's graph is compiled, ended with it.
+ */
+export class RpcGroup implements CollectiveGroup {
+  readonly id = nextGroupId++;
+  readonly size: number;
+  #live = true;
+  constructor(readonly devices: readonly RpcDevice[], readonly wire: AllReduceType) {
+    this.size = devices.length;
+    const key = randomBytes(PEER_KEY_BYTES);
+    const endpoints = devices.map((d) => d.conn.endpoint);
+    devices.forEach((d, rank) => {
+      const w = new Writer().u32(this.id).u32(d.index).u32(rank).u32(this.size).u8(WIRE[wire]).bytes(key);
+      for (const e of endpoints) w.str(e);
+      d.conn.post("GROUP", w.body());
+    });
+  }
+  abort(_why: string): void {
+    if (!this.#live) return;
+    this.#live = false;
+    for (const d of this.devices) if (!d.conn.closed) d.conn.post("UNGROUP", new Writer().u32(this.id).body());
+  }
+  dispose(): void { this.abort("the collective group was disposed"); }
+}
+
+/** A group over `devices` where they are RPC devices of distinct servers, else null. */
+export function rpcCollectiveGroup(devices: readonly Device[], isRpc: (d: Device) => d is RpcDevice, wire: AllReduceType = "f32"): CollectiveGroup | null {
+  if (!devices.every(isRpc) || devices.length < 2 || devices.length > MAX_GROUP) return null;
+  if (new Set(devices.map((d) => d.conn)).size !== devices.length) return null;  // two devices of one server: no link between them
+  return new RpcGroup(devices, wire);
+}
