@@ -7,7 +7,7 @@ export * as ops from "./core/graph.js";
 export { Graph, buildGraph, newTensor } from "./core/graph.js";
 export { setTensorData, getTensorData, setTensorAsync, getTensorAsync, copyTensorAsync, recordEvent, waitEvent } from "./backend/fallback.js";
 export { allocateTensors, allocateWeights, allocGraph, type AllocateOptions } from "./backend/alloc.js";
-export { BufferUsage, type Backend, type Buffer, type BufferType, type Device, type DeviceCaps, type DeviceType, type Event, type CollectiveGroup } from "./backend/interface.js";
+export { BufferUsage, type Backend, type Buffer, type BufferType, type Device, type DeviceCaps, type DeviceType, type Event, type CollectiveGroup, type AllReduceType, type CollectiveOptions } from "./backend/interface.js";
 export { Scheduler, ScheduledGraph, planLayerSplit } from "./backend/sched.js";
 export { AXIS, MIRRORED, PARTIAL, type SplitState, describeState } from "./split/state.js";
 export { planLlamaSplit } from "./split/plan.js";

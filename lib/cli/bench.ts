@@ -13,7 +13,8 @@ import { typeName } from "../core/types.js";
 import { Model, SplitMode, loadModel } from "../model/model.js";
 import { native, usableCores, KERNEL_LEVELS } from "../cpu/index.js";
 import { LLAMA_IGNORED, int, parse } from "./args.js";
-import { Command, RPC_FLAGS, VERSION, connectRpc, log, printProfile, resolveModel } from "./common.js";
+import { Command, RPC_FLAGS, VERSION, allReduceTypeOf, connectRpc, log, printProfile, resolveModel } from "./common.js";
+import type { AllReduceType } from "../backend/interface.js";
 import { Peer, ensurePeerInstalled } from "./peer.js";
 
 const mean = (a: number[]) => (a.length ? a.reduce((s, x) => s + x, 0) / a.length : 0);
@@ -42,13 +43,13 @@ const bytesText = (b: number) => (b >= 2 ** 30 ? `${(b / 2 ** 30).toFixed(2)} Gi
 const paramsText = (p: number) => (p >= 1e9 ? `${(p / 1e9).toFixed(2)} B` : `${(p / 1e6).toFixed(2)} M`);
 
 interface Test { name: string; nPrompt: number; nGen: number; depth: number }
-interface Config { th: number; sm: string; devs: string[]; ub: number; b: number; kv: "f16" | "f32" }
+interface Config { th: number; sm: string; devs: string[]; ub: number; b: number; kv: "f16" | "f32"; ar: AllReduceType }
 
 export const BENCH_COMMAND: Command = {
   summary: "measure prompt processing (pp) and generation (tg) tokens/s, like llama-bench",
   usage: `weft bench [-m MODEL[,MODEL…]] [-p 128] [-n 64] [-pg PP,TG] [-d 0] [-r 3] [-t 1,2] [-o md|json|jsonl|csv]
            [-sm none,layer,tensor] [-dev cpu:0,cpu:1 [-dev …]] [-ts 1,1] [-ub 512,64] [-b 2048] [-ctk f16,f32]
-           [--no-repack] [--rpc HOST:PORT,…] [--peer node-llama-cpp]
+           [--no-repack] [--rpc HOST:PORT,…] [--allreduce-type f32,f16,q8_0] [--peer node-llama-cpp]
 
   -m, --model LIST          GGUF model(s), comma-separated or repeated (default: the embedded
                             small Q8_0 model); every one is checked before anything runs
@@ -69,6 +70,8 @@ export const BENCH_COMMAND: Command = {
   -ts, --tensor-split LIST  share per device: of the layers (layer), of every matrix (tensor)
   -ctk, --cache-type-k LIST KV cache types, f16 and/or f32 (default f16; -ctv: the same)
   --no-repack               keep Q4_0/Q8_0/Q4_K matrices in rows (default: repacked, as weft run)
+  --allreduce-type LIST     how partial sums cross the links between RPC servers in a tensor
+                            split: f32, f16 and/or q8_0 (default f32); one row each
   --rpc LIST                weft rpc-servers (host:port, comma-separated): their devices are
                             rpc:0, rpc:1, … for -dev; rows name the devices they ran on
   --token-file FILE         the servers' shared token (default: WEFT_RPC_TOKEN)
@@ -91,6 +94,7 @@ weft's (devices, memory per device as weights, kv and compute bytes, peer_avg_ts
       splitMode: { names: ["-sm", "--split-mode"], multiple: true }, device: { names: ["-dev", "--device"], multiple: true },
       tensorSplit: { names: ["-ts", "--tensor-split"] }, cacheTypeK: { names: ["-ctk", "--cache-type-k"], multiple: true },
       cacheTypeV: { names: ["-ctv", "--cache-type-v"], multiple: true }, noRepack: { names: ["--no-repack"], switch: true },
+      allReduceType: { names: ["--allreduce-type"], multiple: true },
       ...RPC_FLAGS, ...LLAMA_IGNORED,
     });
     const list = (xs: string[] | undefined) => xs?.flatMap((x) => x.split(",").map((s) => s.trim())).filter((s) => s !== "");
@@ -110,6 +114,7 @@ weft's (devices, memory per device as weights, kv and compute bytes, peer_avg_ts
     const deviceSets = (v.device ?? ["cpu:0"]).map((d) => d.split(",").map((x) => x.trim()));
     const tensorSplit = v.tensorSplit?.split(",").map(Number);
     const kvs = list(v.cacheTypeK) ?? list(v.cacheTypeV) ?? ["f16"];
+    const ars = (list(v.allReduceType) ?? ["f32"]).map((x) => allReduceTypeOf(x));
     for (const k of kvs) if (k !== "f16" && k !== "f32") throw weftError("USAGE", `-ctk ${k}: weft's KV cache is f16 or f32`);
     const out = v.output ?? "md";
     if (!["md", "json", "jsonl", "csv"].includes(out)) throw weftError("USAGE", `--output must be md, json, jsonl or csv, got '${out}'`);
@@ -136,11 +141,14 @@ weft's (devices, memory per device as weights, kv and compute bytes, peer_avg_ts
       if (!multi.length) throw weftError("USAGE", `--split-mode ${sm} needs a device set of two or more devices (e.g. -dev cpu:0,cpu:1)`);
       return multi;
     };
+    // the all-reduce wire types matter where a tensor split is (a + group in a layer split too)
+    const splitsTensors = (sm: string, devs: string[]) => sm === "tensor" || devs.some((d) => d.includes("+"));
     for (const th of threads) for (const sm of splitModes) for (const devs of setsFor(sm)) for (const ub of ubatches) for (const b of batches) for (const kv of kvs)
-      configs.push({ th, sm, devs, ub, b, kv: kv as "f16" | "f32" });
+      for (const ar of splitsTensors(sm, devs) ? ars : ["f32" as const]) configs.push({ th, sm, devs, ub, b, kv: kv as "f16" | "f32", ar });
     const peerDir = v.peer ? ensurePeerInstalled(log) : null;
     const multi = splitModes.length > 1 || deviceSets.length > 1 || deviceSets[0]!.length > 1 || ubatches.length > 1 || batches.length > 1 || kvs.length > 1;
-    const header = ["model", "size", "params", "backend", "threads", ...(multi ? ["split", "devices", "n_ubatch", "type_k", "memory MiB (weights+kv+compute)"] : []), "test", "t/s",
+    const arCol = ars.length > 1 || ars[0] !== "f32";
+    const header = ["model", "size", "params", "backend", "threads", ...(multi ? ["split", "devices", "n_ubatch", "type_k", ...(arCol ? ["allreduce"] : []), "memory MiB (weights+kv+compute)"] : []), "test", "t/s",
       ...(peerDir ? ["node-llama-cpp t/s", "weft/peer"] : [])];
     if (out === "md") console.log(`| ${header.join(" | ")} |\n|${header.map(() => "---|").join("")}`);
     const records: object[] = [];
@@ -170,7 +178,7 @@ weft's (devices, memory per device as weights, kv and compute bytes, peer_avg_ts
       try {
         for (const c of configs) {
           signal.throwIfAborted();
-          loaded.push({ c, m: await loadModel(path, { threads: c.th, batchSize: Math.min(c.ub, c.b), contextSize: ctx, devices: c.devs, splitMode: c.sm as SplitMode, tensorSplit, kvType: c.kv, repack: !v.noRepack, signal }) });
+          loaded.push({ c, m: await loadModel(path, { threads: c.th, batchSize: Math.min(c.ub, c.b), contextSize: ctx, devices: c.devs, splitMode: c.sm as SplitMode, tensorSplit, kvType: c.kv, allReduceType: c.ar, repack: !v.noRepack, signal }) });
         }
         if (peerDir) for (const th of threads) {
           const p = new Peer(peerDir, th);
@@ -215,13 +223,13 @@ weft's (devices, memory per device as weights, kv and compute bytes, peer_avg_ts
               use_mmap: true, embeddings: false, n_prompt: t.nPrompt, n_gen: t.nGen, n_depth: t.depth, test_time: new Date().toISOString(),
               avg_ns: Math.round(mean(ts.map((x) => ((t.nPrompt + t.nGen) / x) * 1e9))), stddev_ns: Math.round(sd(ts.map((x) => ((t.nPrompt + t.nGen) / x) * 1e9))),
               avg_ts: mean(ts), stddev_ts: sd(ts), samples_ns: ts.map((x) => Math.round(((t.nPrompt + t.nGen) / x) * 1e9)), samples_ts: ts,
-              backends: kinds, devices: c.devs, repack: !v.noRepack,
+              backends: kinds, devices: c.devs, repack: !v.noRepack, allreduce_type: c.ar,
               memory: memory.map((u) => ({ device: u.device, weights: u.weightBytes, kv: u.kvBytes, compute: u.computeBytes })),
               ...(peerTs.length ? { peer: "node-llama-cpp", peer_avg_ts: mean(peerTs), peer_stddev_ts: sd(peerTs), peer_samples_ts: peerTs, ratio: mean(ts) / mean(peerTs) } : {}),
             };
             const mib = (b: number) => (b / 2 ** 20).toFixed(1);
             emit(rec, [modelType(file, params), bytesText(m.weightBytes), paramsText(params), kinds, String(c.th),
-              ...(multi ? [c.sm, c.devs.join(","), String(c.ub), c.kv, memory.map((u) => `${u.device} ${mib(u.weightBytes)}+${mib(u.kvBytes)}+${mib(u.computeBytes)}`).join(", ")] : []),
+              ...(multi ? [c.sm, c.devs.join(","), String(c.ub), c.kv, ...(arCol ? [c.ar] : []), memory.map((u) => `${u.device} ${mib(u.weightBytes)}+${mib(u.kvBytes)}+${mib(u.computeBytes)}`).join(", ")] : []),
               testName, fmt(ts), ...(peerDir ? [fmt(peerTs), peerTs.length ? (mean(ts) / mean(peerTs)).toFixed(2) : "-"] : [])]);
           });
         }

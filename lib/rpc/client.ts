@@ -219,22 +219,25 @@ export class RpcConnection {
     return new Promise<Reply>((resolve, reject) => {
       if (this.#pending.size === 0) this.#lastHeard = performance.now();
       this.#pending.set(id, { cmd, resolve, reject });
-      this.#write(parts);
+      this.#write(parts, cmd === "COMPUTE");
     });
   }
 
   /**
-   * Writes a frame; the frames of one turn of the event loop (a step's inputs, its compute
-   * and its output read) leave in one write, which the server then reads in one go.
+   * Writes a frame. Frames of one turn of the event loop leave in one write (a load's
+   * many small requests), except that a COMPUTE leaves at once, with whatever waits before
+   * it: the server starts the step a turn earlier (requests after it, such as the output
+   * read, follow in the next write, while the step runs).
    */
-  #write(parts: Uint8Array[]): void {
+  #write(parts: Uint8Array[], now = false): void {
     const s = this.#socket!;
     if (!this.#corked) {
       this.#corked = true;
       s.cork();
-      setImmediate(() => { this.#corked = false; s.uncork(); });
+      setImmediate(() => { if (this.#corked) { this.#corked = false; s.uncork(); } });
     }
     for (const p of parts) s.write(p);
+    if (now) { this.#corked = false; s.uncork(); }
   }
 
   /** A small write the next COMPUTE carries (a step's inputs: one frame, one reply, for the whole step). */

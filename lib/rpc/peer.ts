@@ -186,33 +186,55 @@ let nextGroupId = 1;
 
 /**
  * The client's handle on a group of servers (one RPC device per server, ranks in list
- * order): made when a meta device's graph is compiled, ended with it.
+ * order). Every graph of a meta device shares one (links are made once, not per graph:
+ * the servers run one client's steps in order, so the ranks meet the collectives in the
+ * same order whatever graph they come from); it ends when its last graph is dropped, or
+ * at its first failure.
  */
-export class RpcGroup implements CollectiveGroup {
+export class RpcGroup {
   readonly id = nextGroupId++;
   readonly size: number;
   #live = true;
-  constructor(readonly devices: readonly RpcDevice[], readonly wire: AllReduceType) {
+  refs = 0;
+  constructor(readonly devices: readonly RpcDevice[], readonly wire: AllReduceType, readonly key: string) {
     this.size = devices.length;
-    const key = randomBytes(PEER_KEY_BYTES);
+    const secret = randomBytes(PEER_KEY_BYTES);
     const endpoints = devices.map((d) => d.conn.endpoint);
     devices.forEach((d, rank) => {
-      const w = new Writer().u32(this.id).u32(d.index).u32(rank).u32(this.size).u8(WIRE[wire]).bytes(key);
+      const w = new Writer().u32(this.id).u32(d.index).u32(rank).u32(this.size).u8(WIRE[wire]).bytes(secret);
       for (const e of endpoints) w.str(e);
       d.conn.post("GROUP", w.body());
     });
   }
-  abort(_why: string): void {
+  get live(): boolean { return this.#live && this.devices.every((d) => !d.conn.closed); }
+  /** ends it on every server (a step waiting in it there fails at once) */
+  end(): void {
     if (!this.#live) return;
     this.#live = false;
+    if (groups.get(this.key) === this) groups.delete(this.key);
     for (const d of this.devices) if (!d.conn.closed) d.conn.post("UNGROUP", new Writer().u32(this.id).body());
   }
-  dispose(): void { this.abort("the collective group was disposed"); }
+  /** a reference for one compiled graph */
+  handle(): CollectiveGroup {
+    this.refs++;
+    let done = false;
+    return {
+      id: this.id, size: this.size,
+      abort: () => this.end(),
+      dispose: () => { if (!done) { done = true; if (--this.refs === 0) this.end(); } },
+    };
+  }
 }
+
+const groups = new Map<string, RpcGroup>();
 
 /** A group over `devices` where they are RPC devices of distinct servers, else null. */
 export function rpcCollectiveGroup(devices: readonly Device[], isRpc: (d: Device) => d is RpcDevice, wire: AllReduceType = "f32"): CollectiveGroup | null {
   if (!devices.every(isRpc) || devices.length < 2 || devices.length > MAX_GROUP) return null;
   if (new Set(devices.map((d) => d.conn)).size !== devices.length) return null;  // two devices of one server: no link between them
-  return new RpcGroup(devices, wire);
+  // one group per device list, wire type and connection sessions (a reconnect makes a new one)
+  const key = `${devices.map((d) => `${d.name}@${d.conn.session}`).join("+")}|${wire}`;
+  let g = groups.get(key);
+  if (!g || !g.live) { g?.end(); g = new RpcGroup(devices, wire, key); groups.set(key, g); }
+  return g.handle();
 }

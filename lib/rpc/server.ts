@@ -131,16 +131,21 @@ class Session {
     this.name = `${socket.remoteAddress}:${socket.remotePort}`;
   }
 
-  /** Writes a frame; the replies of one turn of the event loop leave in one write. */
+  /**
+   * Writes a frame; the replies of one turn of the event loop leave in one write, except
+   * a COMPUTE's and the last one pending, which leave at once (the client waits for them).
+   */
   send(kind: number, cmd: number, id: number, body: Uint8Array | Uint8Array[]): void {
     if (this.socket.destroyed) return;
     const parts = frame(kind, cmd, id, body);
     if (!this.#corked) {
       this.#corked = true;
       this.socket.cork();
-      setImmediate(() => { this.#corked = false; this.socket.uncork(); });
+      setImmediate(() => { if (this.#corked) { this.#corked = false; this.socket.uncork(); } });
     }
     for (const p of parts) this.socket.write(p);
+    // the last reply the client waits for goes now (only a burst of requests is batched)
+    if (cmd === Cmd.COMPUTE || this.pending <= 1) { this.#corked = false; this.socket.uncork(); }
   }
   #corked = false;
   reply(cmd: number, id: number, out: Out): void {
