@@ -151,6 +151,13 @@ static const char* check_all_reduce(Plan& plan, Tensor& t, Tensor* a, Tensor*, T
     if (axis == 0 ? nt != 0 : std::fmod(nt, inner * axis) != 0) return "slice shape mismatch";
     const double outer = axis == 0 ? 0 : nt / (inner * axis);
     if (na != inner * len * outer) return "the slice does not match the whole tensor";
+    if (mode == COLL_REDUCE_SCATTER && t.nparams > 7) {
+      // every rank's bounds: 0 = b0 <= b1 <= ... <= b_size = axis, this rank's = [off, off + len)
+      if (t.nparams != 8 + g->size) return "the ranks' bounds do not match the group";
+      const double* b = t.params + 7;
+      if (b[0] != 0 || b[g->size] != axis || b[(int)rank] != off || b[(int)rank + 1] != off + len) return "the ranks' bounds do not match this rank's slice";
+      for (int r = 0; r < g->size; ++r) if (!whole(b[r]) || b[r + 1] < b[r]) return "the ranks' bounds are not increasing";
+    }
   } else {
     return "unknown collective mode";
   }
@@ -206,6 +213,7 @@ std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string&
     const double np = r[R_NPARAMS];
     if (!(np >= 0 && np <= MAX_PARAMS) || np != (double)(int)np) return fail("bad param count");
     for (int k = 0; k < MAX_PARAMS; ++k) t.params[k] = k < (int)np ? r[R_PARAMS + k] : 0.0;
+    t.nparams = (int32_t)np;
     t.is_node = t.op != OP_NONE;
     const double flags = r[R_FLAGS];
     if (flags != 0 && flags != F_REPACKED) return fail("unknown flags");

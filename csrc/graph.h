@@ -24,7 +24,9 @@ enum Glu : int32_t { GLU_SWIGLU = 0, GLU_GEGLU = 1 };
 // ALL_REDUCE params: [group, rank, mode, inner, axis, offset, length]: this rank's slice
 // [offset, offset+length) of an axis of `axis` steps of `inner` elements. SUM: every rank
 // gets the whole sum; GATHER: every rank gets every slice (the source is this rank's
-// slice); REDUCE_SCATTER: each rank gets the sum of its own slice (the source is whole).
+// slice); REDUCE_SCATTER: each rank gets the sum of its own slice (the source is whole);
+// it may carry every rank's first index along the axis and the axis length after those
+// seven (size + 1 bounds): ranks in other processes then send each other only the slices.
 enum CollectiveMode : int32_t { COLL_SUM = 0, COLL_GATHER = 1, COLL_REDUCE_SCATTER = 2 };
 
 const char* op_name(int32_t op);
@@ -44,6 +46,7 @@ struct Tensor {
   char* data;
   int32_t src[MAX_SRC];
   double params[MAX_PARAMS];
+  int32_t nparams;
   bool is_node;
   bool packed;     // weight rows repacked in groups of eight (R_FLAGS & F_REPACKED)
   Group* group;    // ALL_REDUCE: its communicator (kept alive by Plan::groups)
@@ -89,7 +92,8 @@ struct Group {
   std::vector<char> confirmed;   // per rank: the dialing side's LINK_UP marker arrived (see peer.cpp)
   std::vector<std::vector<char>> rx;   // per rank: what it sent (its partial, encoded)
   std::vector<std::vector<float>> dec; // per rank: that partial decoded (F16/Q8_0 wires)
-  std::vector<char> tx;                // this rank's partial, encoded
+  std::vector<std::vector<char>> txs;  // per rank: what this rank sends it, encoded
+  std::vector<std::vector<float>> packs; // per rank: its slice of this rank's partial (sliced reduce-scatter)
   bool networked() const { return self >= 0; }
 };
 

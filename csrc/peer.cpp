@@ -251,24 +251,56 @@ bool peer_all_reduce(Group& g, const Tensor& t, const Tensor& a, float* tmp, std
   if (!await_link_up(g, err)) { g.fail("all-reduce: " + err); return false; }
   const int n = g.size, self = g.self;
   const int mode = (int)t.params[2];
-  // SUM and REDUCE_SCATTER send the whole partial (each rank then sums all of it, or its
-  // slice); GATHER sends this rank's slice, always as F32 (it is a result, not a partial)
   const bool gather = mode == COLL_GATHER;
+  // a reduce-scatter that knows every rank's slice sends each peer only the slice it keeps
+  const bool sliced = mode == COLL_REDUCE_SCATTER && t.nparams == 8 + n;
+  // GATHER moves results, always as F32; partial sums travel as the group's wire type
   const int wire = gather ? WIRE_F32 : g.wire;
   const int64_t E = count(a);
   const int64_t inner = (int64_t)t.params[3], axis = (int64_t)t.params[4];
-  const int64_t my_off = gather ? (int64_t)t.params[5] : 0, my_len = gather ? (int64_t)t.params[6] : E;
-  const int64_t outer = gather && axis ? count(t) / (inner * axis) : 0;
-  const char* payload = a.data;
-  const size_t bytes = wire_bytes(wire, E);
-  if (wire != WIRE_F32) {
-    // this rank's own partial goes into the sum as the others will see it (same bits everywhere)
-    g.tx.resize(bytes);
-    wire_encode(wire, (const float*)a.data, E, g.tx.data());
-    payload = g.tx.data();
-    g.dec[self].resize(E);
-    wire_decode(wire, g.tx.data(), E, g.dec[self].data());
+  const int64_t off = (int64_t)t.params[5], len = (int64_t)t.params[6];
+  // outer blocks of the axis (GATHER: of the whole result; REDUCE_SCATTER: of the whole partial)
+  const int64_t outer = axis ? (gather ? count(t) : E) / (inner * axis) : 0;
+  auto bound = [&](int r) { return (int64_t)t.params[7 + r]; };
+  // what goes to each peer, and how many elements come back from each
+  g.txs.resize(n);
+  std::vector<const char*> out_data(n, nullptr);
+  std::vector<size_t> out_bytes(n, 0);
+  int64_t in_count = gather ? 0 : sliced ? outer * len * inner : E;  // per peer (GATHER: from its header)
+  auto encode = [&](int r, const float* x, int64_t cnt) {
+    if (wire == WIRE_F32) { out_data[r] = (const char*)x; out_bytes[r] = (size_t)cnt * 4; return; }
+    g.txs[r].resize(wire_bytes(wire, cnt));
+    wire_encode(wire, x, cnt, g.txs[r].data());
+    out_data[r] = g.txs[r].data();
+    out_bytes[r] = g.txs[r].size();
+  };
+  // this rank's own part, as every rank will add it (rounded through the wire type too)
+  const char* own = a.data;
+  if (sliced) {
+    // peer q gets rows [b_q, b_q+1) of every outer block of this rank's partial, packed
+    g.packs.resize(n);
+    for (int q = 0; q < n; ++q) {
+      const int64_t lo = bound(q), w = bound(q + 1) - lo;
+      g.packs[q].resize((size_t)(outer * w * inner));
+      for (int64_t o = 0; o < outer; ++o)
+        std::memcpy(g.packs[q].data() + o * w * inner, a.data + (o * axis + lo) * inner * 4, (size_t)(w * inner * 4));
+      if (q != self) encode(q, g.packs[q].data(), outer * w * inner);
+    }
+    own = (const char*)g.packs[self].data();
+  } else if (!gather) {
+    for (int q = 0; q < n; ++q) if (q != self) encode(q, (const float*)a.data, E);
+  } else {
+    for (int q = 0; q < n; ++q) if (q != self) { out_data[q] = a.data; out_bytes[q] = (size_t)E * 4; }
   }
+  const int64_t own_count = sliced ? outer * len * inner : E;
+  if (!gather && wire != WIRE_F32) {
+    std::vector<char> enc(wire_bytes(wire, own_count));
+    wire_encode(wire, (const float*)own, own_count, enc.data());
+    g.dec[self].resize((size_t)own_count);
+    wire_decode(wire, enc.data(), own_count, g.dec[self].data());
+    own = (const char*)g.dec[self].data();
+  }
+  const size_t in_bytes = gather ? 0 : wire_bytes(wire, in_count);
   const uint32_t seq = g.seq++;
   std::vector<PeerIo> io;
   for (int r = 0; r < n; ++r) {
@@ -276,10 +308,13 @@ bool peer_all_reduce(Group& g, const Tensor& t, const Tensor& a, float* tmp, std
     PeerIo p;
     p.rank = r;
     p.fd = g.fds[r];
-    p.out = {PEER_MAGIC, seq, mode, wire, my_off, my_len, (uint64_t)bytes};
-    p.payload = payload;
-    // the most a peer's part may be: the whole tensor (GATHER) or exactly our own size
-    p.dst_cap = gather ? (size_t)count(t) * 4 : bytes;
+    // the header names the slice it carries: the sender's (GATHER), the receiver's (sliced
+    // REDUCE_SCATTER), or the whole partial
+    const int64_t h_off = gather ? off : sliced ? bound(r) : 0, h_len = gather ? len : sliced ? bound(r + 1) - bound(r) : E;
+    p.out = {PEER_MAGIC, seq, mode, wire, h_off, h_len, (uint64_t)out_bytes[r]};
+    p.payload = out_data[r];
+    // the most a peer's part may be: the whole tensor (GATHER), or exactly what this rank expects
+    p.dst_cap = gather ? (size_t)count(t) * 4 : in_bytes;
     if (g.rx[r].size() < p.dst_cap) g.rx[r].resize(p.dst_cap);
     io.push_back(p);
   }
@@ -291,8 +326,8 @@ bool peer_all_reduce(Group& g, const Tensor& t, const Tensor& a, float* tmp, std
     if (gather) {
       if (h.off < 0 || h.len < 0 || h.off > axis || h.len > axis - h.off) { why = "a slice outside the axis"; return nullptr; }
       if (h.bytes != (uint64_t)(h.len * inner * outer * 4) || h.bytes > p.dst_cap) { why = "a slice of the wrong size"; return nullptr; }
-    } else if (h.off != 0 || h.len != E || h.bytes != bytes) {
-      why = "a partial of another size";
+    } else if (h.off != (sliced ? off : 0) || h.len != (sliced ? len : E) || h.bytes != in_bytes) {
+      why = "a partial of another size or slice";
       return nullptr;
     }
     return g.rx[p.rank].data();
@@ -301,12 +336,12 @@ bool peer_all_reduce(Group& g, const Tensor& t, const Tensor& a, float* tmp, std
 
   if (gather) {
     // every slice into place; together they must cover the axis exactly once
-    std::vector<std::pair<int64_t, int64_t>> cover{{my_off, my_len}};
-    auto place = [&](const char* src, int64_t off, int64_t len) {
+    std::vector<std::pair<int64_t, int64_t>> cover{{off, len}};
+    auto place = [&](const char* src, int64_t o_off, int64_t o_len) {
       for (int64_t o = 0; o < outer; ++o)
-        std::memcpy(t.data + (o * axis + off) * inner * 4, src + o * len * inner * 4, len * inner * 4);
+        std::memcpy(t.data + (o * axis + o_off) * inner * 4, src + o * o_len * inner * 4, o_len * inner * 4);
     };
-    place(a.data, my_off, my_len);
+    place(a.data, off, len);
     for (PeerIo& p : io) { place(g.rx[p.rank].data(), p.in.off, p.in.len); cover.push_back({p.in.off, p.in.len}); }
     std::sort(cover.begin(), cover.end());
     int64_t at = 0;
@@ -316,26 +351,29 @@ bool peer_all_reduce(Group& g, const Tensor& t, const Tensor& a, float* tmp, std
   }
   const char* srcs[64];
   for (int r = 0; r < n; ++r) {
-    if (wire == WIRE_F32) srcs[r] = r == self ? a.data : g.rx[r].data();
+    if (r == self) { srcs[r] = own; continue; }
+    if (wire == WIRE_F32) srcs[r] = g.rx[r].data();
     else {
-      if (r != self) { g.dec[r].resize(E); wire_decode(wire, g.rx[r].data(), E, g.dec[r].data()); }
+      g.dec[r].resize((size_t)in_count);
+      wire_decode(wire, g.rx[r].data(), in_count, g.dec[r].data());
       srcs[r] = (const char*)g.dec[r].data();
     }
   }
   constexpr int64_t CH = 64;
-  if (mode == COLL_SUM) {
-    for (int64_t e = 0; e < E; e += CH) {
-      const int64_t m = std::min(CH, E - e);
+  if (mode == COLL_SUM || sliced) {
+    // every source holds exactly the elements of the result, in its order
+    const int64_t N = count(t);
+    for (int64_t e = 0; e < N; e += CH) {
+      const int64_t m = std::min(CH, N - e);
       tree_sum(srcs, 0, n, e, m, tmp, tmp + CH);
       std::memcpy(t.data + e * 4, tmp, m * 4);
     }
     return true;
   }
-  // REDUCE_SCATTER: this rank's slice of the sum
-  const int64_t off = (int64_t)t.params[5], len = (int64_t)t.params[6];
-  const int64_t outer_rs = axis ? E / (inner * axis) : 0, row = len * inner;
-  for (int64_t e = 0; e < outer_rs * row;) {
-    const int64_t o = e / row, i = e % row, m = std::min({CH, outer_rs * row - e, row - i});
+  // REDUCE_SCATTER from whole partials: this rank's slice of the sum
+  const int64_t row = len * inner;
+  for (int64_t e = 0; e < outer * row;) {
+    const int64_t o = e / row, i = e % row, m = std::min({CH, outer * row - e, row - i});
     tree_sum(srcs, 0, n, (o * axis + off) * inner + i, m, tmp, tmp + CH);
     std::memcpy(t.data + e * 4, tmp, m * 4);
     e += m;

@@ -558,7 +558,7 @@ function nmseOf(got: Float32Array, want: Float32Array): number {
   return n / d;
 }
 
-test("peer links: tensor split over 2 servers, 3 servers (shares 1,3,2) and cpu:0 + a server equals the same split in one process bit for bit (every fixture), one device within NMSE 1e-9 (float); peer-link and generic paths agree bit for bit", async () => {
+test("peer links: tensor split over 2 servers, 3 servers (shares 1,3,2) and cpu:0 + a server equals the same split in one process bit for bit (every fixture; 40-token prompts too: sequence parallel), one device within NMSE 1e-9 (float); peer-link and generic paths agree bit for bit", async () => {
   const servers = [await server(), await server(), await server()];
   try {
     const devs = [] as RpcDevice[];
@@ -583,6 +583,16 @@ test("peer links: tensor split over 2 servers, 3 servers (shares 1,3,2) and cpu:
       const generic = await localLogits(path, tokens, { devices: [metaDevice(devs.slice(0, 2), { allReduce: "generic" })] });
       const peer = await localLogits(path, tokens, { devices: [metaDevice(devs.slice(0, 2), { allReduce: "collective" })] });
       assertSameArray(peer, generic, `${name}: peer links vs the generic path`);
+    }
+    // 40 tokens: sequence parallelism (reduce-scatter by tokens, each server sending the other only its slice, then all-gather)
+    for (const name of haveFixtures ? ["nano-f32", "stories260K"] : ["tiny"]) {
+      const path = haveFixtures ? fixture(`${name}.gguf`) : TINY;
+      const tokens = Array.from({ length: 40 }, (_, i) => 1 + ((i * 37) % 200));
+      for (const c of [{ rpc: devs.slice(0, 2), cpu: cpuList(2) }, { rpc: devs, cpu: cpuList(3), shares: [1, 3, 2] }] as Array<{ rpc: Device[]; cpu: Device[]; shares?: number[] }>) {
+        const want = await localLogits(path, tokens, { devices: [metaDevice(c.cpu, { tensorSplit: c.shares })] });
+        assertSameArray(await localLogits(path, tokens, { devices: [metaDevice(c.rpc, { tensorSplit: c.shares })] }), want, `${name}, 40 tokens over ${c.rpc.length} servers`);
+        assertSameArray(await localLogits(path, tokens, { devices: [metaDevice(c.rpc, { tensorSplit: c.shares, allReduce: "generic" })] }), want, `${name}, 40 tokens, generic path`);
+      }
     }
     for (const d of devs) d.conn.close();
   } finally { for (const s of servers) await stop(s); }

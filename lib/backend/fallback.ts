@@ -158,6 +158,11 @@ export function mapFile(bt: BufferType, path: string): Buffer {
   return bt.mapFile(path);
 }
 
+/** Gets a graph ready ahead of its first compute, where the backend can (else nothing). */
+export function prepareGraph(be: Backend, graph: Graph): void {
+  be.prepare?.(graph);
+}
+
 /** Drops a backend's cached form of a graph (where it keeps one). */
 export function forgetGraph(be: Backend, graph: Graph): void {
   be.forget?.(graph);

@@ -131,6 +131,9 @@ export interface Backend {
   synchronize(): Promise<void>;
   /** (optional) drops the backend's cached form of a graph; default: nothing cached */
   forget?(graph: Graph): void;
+  /** (optional) gets a graph ready ahead of its first computeAsync (a remote device sends
+   * it, so the server decodes it while other work runs); default: the first compute does it */
+  prepare?(graph: Graph): void;
   dispose(): Promise<void>;
 }
 

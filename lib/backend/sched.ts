@@ -20,7 +20,7 @@ import { Op, OPS, OpInfo, VIEW_OPS, opName } from "../core/ops.js";
 import { Tensor, TensorFlag } from "../core/tensor.js";
 import { allocGraph } from "./alloc.js";
 import { Backend, Buffer, Event } from "./interface.js";
-import { copyTensorAsync, forgetGraph, getTensorAsync, recordEvent, setTensorAsync, waitEvent } from "./fallback.js";
+import { copyTensorAsync, forgetGraph, getTensorAsync, prepareGraph, recordEvent, setTensorAsync, waitEvent } from "./fallback.js";
 
 interface InputCopy {
   /** "queue": copyTensorAsync before the split; "graph": a CPY node at the split's start
@@ -104,6 +104,11 @@ export class ScheduledGraph {
     const all = Promise.all(done).then(() => undefined);
     all.catch(() => {});  // reported to whoever awaits it, never unhandled
     return { done: all };
+  }
+
+  /** Gets every split ready ahead of the first run (backends that can: RPC devices send it now). */
+  prepare(): void {
+    if (!this.#disposed) for (const s of this.splits) prepareGraph(s.backend, s.graph);
   }
 
   /** The compute buffers of its splits. */

@@ -218,16 +218,20 @@ export function allGather(a: Tensor, full: readonly number[], axis: number, offs
 
 /**
  * Sums `a` across the ranks of a group and keeps this rank's slice of the sum along
- * `axis`: [offset, offset + size).
+ * `axis`: [offset, offset + size). `bounds` (optional): every rank's first index along the
+ * axis, then the axis length; with them, ranks in other processes send each other only
+ * the slice each keeps.
  */
-export function reduceScatter(a: Tensor, axis: number, offset: number, size: number, group: number, rank: number): Tensor {
+export function reduceScatter(a: Tensor, axis: number, offset: number, size: number, group: number, rank: number, bounds: readonly number[] = []): Tensor {
   needF32("ALL_REDUCE", a);
   if (!a.isContiguous) fail("ALL_REDUCE", "needs a contiguous tensor", a);
   if (offset < 0 || size < 0 || offset + size > a.ne[axis]!) fail("ALL_REDUCE", `slice [${offset}, +${size}) is outside axis ${axis}`, a);
   const ne = [...a.ne] as Shape4;
   ne[axis] = size;
   const inner = a.ne.slice(0, axis).reduce((x, y) => x * y, 1);
-  return node(Op.ALL_REDUCE, GgmlType.F32, ne, [a], [group, rank, CollectiveMode.REDUCE_SCATTER, inner, a.ne[axis]!, offset, size]);
+  if (bounds.length && (bounds.length < 2 || bounds[rank] !== offset || bounds[rank + 1] !== offset + size || bounds[0] !== 0 || bounds[bounds.length - 1] !== a.ne[axis]))
+    fail("ALL_REDUCE", `bounds [${bounds.join(", ")}] do not match rank ${rank}'s slice [${offset}, +${size})`, a);
+  return node(Op.ALL_REDUCE, GgmlType.F32, ne, [a], [group, rank, CollectiveMode.REDUCE_SCATTER, inner, a.ne[axis]!, offset, size, ...bounds]);
 }
 
 // ---------------------------------------------------------------- graphs

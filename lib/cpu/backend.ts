@@ -144,6 +144,7 @@ export class CpuBackend implements Backend {
     if (f) throw f;
   }
   forget(graph: Graph): void { this.#q.forget(graph); }
+  prepare(graph: Graph): void { this.#q.prepare(graph); }
   dispose(): Promise<void> { return this.#q.dispose(); }
   [Symbol.asyncDispose](): Promise<void> { return this.dispose(); }
 }

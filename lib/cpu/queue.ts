@@ -44,8 +44,9 @@ export class NativeQueue {
     if (!ctx) return Promise.reject(weftError("DISPOSED", `${this.name} backend was disposed`));
     // Encode eagerly so that placement errors surface at the call, not later.
     let plan: Float64Array | undefined;
-    try { plan = this.#sent.has(graph.uid) ? undefined : encodePlan(graph); }
+    try { plan = this.#sent.has(graph.uid) ? undefined : (this.#prepared.get(graph.uid) ?? encodePlan(graph)); }
     catch (e) { return Promise.reject(e); }
+    this.#prepared.delete(graph.uid);
     if (plan) this.#sent.add(graph.uid);
     return this.enqueue(async () => {
       try {
@@ -82,8 +83,15 @@ export class NativeQueue {
   /** Resolves when the queue is empty. */
   synchronize(): Promise<void> { return this.#tail; }
 
+  /** Encodes a graph's plan ahead of its first compute (an RPC server does it while the step before runs). */
+  prepare(graph: Graph): void {
+    if (!this.#sent.has(graph.uid) && !this.#prepared.has(graph.uid)) this.#prepared.set(graph.uid, encodePlan(graph));
+  }
+  readonly #prepared = new Map<number, Float64Array>();
+
   /** Drops the native copy of a graph's plan (it is rebuilt if the graph runs again). */
   forget(graph: Graph): void {
+    this.#prepared.delete(graph.uid);
     if (this.#ctx && this.#sent.delete(graph.uid)) native().forgetPlan(this.#ctx, graph.uid);
   }
 

@@ -14,7 +14,7 @@ import { Graph } from "../core/graph.js";
 import { Tensor } from "../core/tensor.js";
 import type { Backend, Event } from "../backend/interface.js";
 import { allocGraph } from "../backend/alloc.js";
-import { copyTensorAsync, enqueueCopy, forgetGraph, getTensorAsync, recordEvent, setTensorAsync, tensorPlace, waitEvent } from "../backend/fallback.js";
+import { copyTensorAsync, enqueueCopy, forgetGraph, getTensorAsync, prepareGraph, recordEvent, setTensorAsync, tensorPlace, waitEvent } from "../backend/fallback.js";
 import { MetaBuffer, joinSlices, sliceBytes, sumPartials, wholeOnly } from "./buffer.js";
 import type { Program } from "./compile.js";
 import type { MetaDevice } from "./device.js";
@@ -131,6 +131,13 @@ export class MetaBackend implements Backend {
     try { queued = queueFrom(0, null); } catch (e) { queued = Promise.reject(e); }
     this.#hold(queued);
     return queued.then(() => Promise.all(pending), async (e) => { await Promise.allSettled(pending); fail(e); }).then(() => undefined);
+  }
+
+  /** compiles the program now (the devices get their graphs ready too: servers receive theirs) */
+  prepare(graph: Graph): void {
+    const program = this.#program(graph);
+    program.graphs.forEach((g, d) => { if (program.path === "collective") prepareGraph(this.backends[d]!, g); });
+    for (const s of program.steps) if ("graph" in s) prepareGraph(this.backends[s.device]!, s.graph);
   }
 
   copyTensorAsync(): boolean { return false; }  // into meta memory: the fallback scatters through setTensorAsync

@@ -142,7 +142,9 @@ export function compileGraph(graph: Graph, meta: MetaDevice, out: MetaBuffer): P
   const scatter = (t: Tensor, p: Part, want: Extract<SplitState, { kind: "AXIS" }>): Part | null => {
     if (want.segments.length > 1 || t.ne.slice(want.axis + 1).some((v) => v !== 1)) return null;
     const ins = p.locals.map(contiguous);
-    const outs = each((d) => G.reduceScatter(ins[d]!, want.axis, axisOffset(want, d), axisSize(want, d), gid, d));
+    // every rank's bounds (where they fit in a node's params): ranks in other processes then exchange slices only
+    const bounds = n <= 8 ? [...each((d) => axisOffset(want, d)), t.ne[want.axis]!] : [];
+    const outs = each((d) => G.reduceScatter(ins[d]!, want.axis, axisOffset(want, d), axisSize(want, d), gid, d, bounds));
     collectives.push({ kind: "scatter", ins, outs, axis: want.axis });
     return { state: want, locals: outs };
   };

@@ -357,6 +357,13 @@ export class Model {
             }));
           }
         }
+        // generating: the next token's graph, where it is a new one (every KV_BUCKET
+        // positions), is built while this step runs (devices that can get it ready too:
+        // RPC servers receive it now instead of with the next step)
+        if (!all && !opts.signal?.aborted && this.#pos < this.contextSize) {
+          const kvNext = Math.min(this.contextSize, Math.ceil((this.#pos + 1) / KV_BUCKET) * KV_BUCKET);
+          if (!this.#graphs.has(`1:${kvNext}:0:0`)) this.#graph(1, kvNext, false, 0).sg.prepare();
+        }
       } finally {
         await Promise.allSettled(pending);  // nothing of this call is still running when it returns or throws
       }

@@ -107,16 +107,32 @@ export class RpcBackend implements Backend {
     return m;
   }
 
+  #encode(graph: Graph): Uint8Array {
+    return encodeGraph(graph, (t) => {
+      const m = remoteOf(t, this.#conn);
+      if (!m) throw weftError("BAD_ARGUMENT", `${this.name} cannot compute ${t.describe()}: it is not in this device's memory`);
+      return m.locate(tensorAt(t), t.nbytes);
+    });
+  }
+
+  /** sends a graph ahead of its first compute: the server decodes it while it runs other work */
+  prepare(graph: Graph): void {
+    this.#check();
+    if (this.#sent.get(graph.uid) === this.#conn.session) return;
+    const body = [new Writer().u32(this.device.index).u64(graph.uid).body(), this.#encode(graph)];
+    this.#sent.set(graph.uid, this.#conn.session);
+    this.#request("PREPARE", body).catch((e: WeftError) => {
+      if (this.#sent.get(graph.uid) === this.#conn.session) this.#sent.delete(graph.uid);  // the first compute sends it again
+      this.#failure ??= e;
+    });
+  }
+
   computeAsync(graph: Graph): Promise<void> {
     try {
       this.#check();
       const fresh = this.#sent.get(graph.uid) !== this.#conn.session;
       const head = new Writer().u32(this.device.index).u64(graph.uid).u8(fresh ? 1 : 0).body().slice();
-      const body = fresh ? [head, encodeGraph(graph, (t) => {
-        const m = remoteOf(t, this.#conn);
-        if (!m) throw weftError("BAD_ARGUMENT", `${this.name} cannot compute ${t.describe()}: it is not in this device's memory`);
-        return m.locate(tensorAt(t), t.nbytes);
-      })] : [head];
+      const body = fresh ? [head, this.#encode(graph)] : [head];
       if (fresh) this.#sent.set(graph.uid, this.#conn.session);
       return this.#request("COMPUTE", body).then(() => {
         const f = this.#takeFailure();

@@ -25,14 +25,16 @@ export const Kind = { REQUEST: 0, REPLY: 1, NOTICE: 2 } as const;
 export const Cmd = {
   HELLO: 1, AUTH: 2, ALLOC: 3, FREE: 4, FILL: 5, SET: 6, GET: 7, SET2D: 8, GET2D: 9, COPY: 10,
   COMPUTE: 11, FORGET: 12, WEIGHT: 13, WEIGHT_DATA: 14, PING: 15, MEMORY: 16,
-  GROUP: 17, UNGROUP: 18, PEER: 19,
+  GROUP: 17, UNGROUP: 18, PEER: 19, PREPARE: 20,
 } as const;
 export type CmdName = keyof typeof Cmd;
 export const CMD_NAMES: Record<number, CmdName> = Object.fromEntries(Object.entries(Cmd).map(([k, v]) => [v, k as CmdName]));
 
 // COMPUTE: device u32, graph id u64, graph flag u8, then the step's inputs (count u32, each
 // buffer u32, offset u64, bytes), then the graph where the flag says it is sent (once per
-// id): a repeated step is one frame with its inputs, answered when it has run.
+// id): a repeated step is one frame with its inputs, answered when it has run. PREPARE:
+// device u32, graph id u64, the graph: sent ahead of its first COMPUTE (which then has the
+// flag 0), so that the server decodes it while it is busy with the step before.
 
 // GROUP: group id u32, device u32, rank u32, size u32, wire u8, session key (bytes), then
 // every rank's endpoint (str): answered once this server has linked to every other rank

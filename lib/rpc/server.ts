@@ -328,7 +328,7 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, Handler> = {
   },
   async COMPUTE(s, r) {
     const device = r.u32("device"), gid = r.u64("graph id"), has = r.u8("graph flag");
-    const d = s.device(device);
+    s.device(device);
     // the step's inputs, written first
     const n = r.u32("input count");
     if (n > MAX_INPUTS) throw protocolError(`${n} inputs, at most ${MAX_INPUTS}`);
@@ -338,14 +338,8 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, Handler> = {
       b.cpu.set(offset, data);
     }
     let g = s.graphs.get(gid);
-    if (has) {
-      s.forgetGraph(gid);
-      if (s.graphs.size >= MAX_GRAPHS) throw weftError("RPC_LIMIT", `more than ${MAX_GRAPHS} graphs cached for one client (FORGET old ones)`);
-      const { graph, buffers } = decodeGraph(r, (id) => ({ buffer: s.buffer(id).cpu, size: s.buffer(id).size }), (op) => allowedOp(d, op),
-        (op, params, what) => (op === Op.ALL_REDUCE ? groupParams(s, device, params, what) : params));
-      g = { graph, device, buffers };
-      s.graphs.set(gid, g);
-    } else r.end("COMPUTE");
+    if (has) g = receiveGraph(s, r, device, gid);
+    else r.end("COMPUTE");
     if (!g) throw weftError("BAD_ARGUMENT", `no graph ${gid}: send it with its first COMPUTE (it was never sent, or was forgotten)`);
     if (g.device !== device) throw weftError("BAD_ARGUMENT", `graph ${gid} was sent for device ${g.device}, not ${device}`);
     try {
@@ -354,6 +348,11 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, Handler> = {
       s.forgetGraph(gid);  // the native side may have dropped it; the client resends
       throw e;
     }
+  },
+  PREPARE(s, r) {
+    const device = r.u32("device"), gid = r.u64("graph id");
+    const g = receiveGraph(s, r, device, gid);
+    s.backend(device).prepare(g.graph);
   },
   FORGET(s, r) {
     const gid = r.u64("graph id");
@@ -457,6 +456,18 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, Handler> = {
     return w.u64(s.used).u32(s.core.clients).u64(live.count).u64(live.bytes).body();
   },
 };
+
+/** Decodes a graph sent with COMPUTE or PREPARE and keeps it under its id (replacing one of that id). */
+function receiveGraph(s: Session, r: Reader, device: number, gid: number): ServedGraph {
+  const d = s.device(device);
+  s.forgetGraph(gid);
+  if (s.graphs.size >= MAX_GRAPHS) throw weftError("RPC_LIMIT", `more than ${MAX_GRAPHS} graphs cached for one client (FORGET old ones)`);
+  const { graph, buffers } = decodeGraph(r, (id) => ({ buffer: s.buffer(id).cpu, size: s.buffer(id).size }), (op) => allowedOp(d, op),
+    (op, params, what) => (op === Op.ALL_REDUCE ? groupParams(s, device, params, what) : params));
+  const g = { graph, device, buffers };
+  s.graphs.set(gid, g);
+  return g;
+}
 
 /** An ALL_REDUCE's params with the client's group id replaced by its native group's, checked. */
 function groupParams(s: Session, device: number, params: number[], what: string): number[] {
