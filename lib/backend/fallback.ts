@@ -158,6 +158,14 @@ export function mapFile(bt: BufferType, path: string): Buffer {
   return bt.mapFile(path);
 }
 
+/** Writes the whole of a tensor from bytes `read` can produce again (see Buffer.setTensorFrom). */
+export function setTensorFrom(t: Tensor, read: () => Uint8Array): void {
+  const { tensor } = t.root();
+  const b = tensor.buffer as Buffer | null;
+  if (b?.setTensorFrom && t === tensor) b.setTensorFrom(t, read);
+  else setTensorData(t, read());
+}
+
 /** Gets a graph ready ahead of its first compute, where the backend can (else nothing). */
 export function prepareGraph(be: Backend, graph: Graph): void {
   be.prepare?.(graph);

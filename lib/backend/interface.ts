@@ -40,6 +40,10 @@ export interface Buffer {
   /** (optional) writes bytes [offset, offset + data.byteLength) of tensor t (placed in this
    * buffer, as seen through its shape); default: set() at the tensor's byte position */
   setTensor?(t: Tensor, data: ArrayBufferView, offset: number): void;
+  /** (optional) writes the whole of tensor t from bytes that `read` can produce again (from
+   * a file): remote memory keeps `read` to restore the tensor after its server restarts;
+   * default: setTensor(t, read(), 0) */
+  setTensorFrom?(t: Tensor, read: () => Uint8Array): void;
   /** (optional) reads bytes [offset, offset + size) of tensor t; default: get() at its position */
   getTensor?(t: Tensor, offset: number, size: number): Uint8Array;
   /** (optional) device-side copy from another buffer; false if it cannot (the caller then

@@ -10,7 +10,9 @@ import { Tensor, TensorFlag, contiguousStrides } from "../core/tensor.js";
 import { TYPES } from "../core/types.js";
 import type { AllocTensorsOptions, Buffer, BufferType, BufferUsage, Device } from "../backend/interface.js";
 import { allocateWeights } from "../backend/alloc.js";
-import { getTensorData, setTensorData } from "../backend/fallback.js";
+import { closeSync, openSync } from "node:fs";
+import type { FileTensor } from "../backend/interface.js";
+import { getTensorData, readFileRange, setTensorData, setTensorFrom } from "../backend/fallback.js";
 import { SplitState, axisOffset, axisSize, axisTotal, describeState, isAxis, localShape } from "../split/state.js";
 import type { MetaDevice } from "./device.js";
 import { Program, compileGraph } from "./compile.js";
@@ -176,6 +178,31 @@ export class MetaBuffer implements Buffer {
       return;
     }
     locals.forEach((l, d) => setTensorData(l, sliceBytes(t, state, d, bytes)));
+  }
+
+  /**
+   * Weights from a file: each tensor read once and each device's slice written; a slice
+   * can be read from the file again (a remote device restores it after its server restarts).
+   */
+  async loadFromFile(file: string, tensors: readonly FileTensor[], step: (bytes: number) => Promise<void>): Promise<void> {
+    const fd = openSync(file, "r");
+    try {
+      for (const x of tensors) {
+        const { state, locals } = this.part(x.t);
+        let bytes: Uint8Array | null = readFileRange(fd, file, x.offset, x.size);
+        const read = () => {
+          if (bytes) return bytes;
+          const f = openSync(file, "r");
+          try { return readFileRange(f, file, x.offset, x.size); } finally { closeSync(f); }
+        };
+        locals.forEach((l, d) => setTensorFrom(l,
+          state.kind === "MIRRORED" ? read : state.kind === "PARTIAL" ? () => (d === 0 ? read() : new Uint8Array(read().length)) : () => sliceBytes(x.t, state, d, read())));
+        bytes = null;  // from here on (a restore), read again from the file
+        await step(x.size);
+      }
+    } finally {
+      closeSync(fd);
+    }
   }
 
   getTensor(t: Tensor, offset: number, size: number): Uint8Array {

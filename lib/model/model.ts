@@ -276,6 +276,10 @@ export class Model {
     const dead = [...conns].filter((c) => c.closed);
     if (!dead.length) return false;
     for (const c of dead) await c.reconnect(opts);
+    // graphs are rebuilt: a tensor-parallel step's collective group died with the server
+    // (a new one links the servers again), and the servers forgot the graphs
+    for (const g of this.#graphs.values()) g.sg.dispose();
+    this.#graphs.clear();
     const seq = this.#history;
     this.reset();
     if (seq.length) await this.evaluate(seq, { signal: opts.signal });

@@ -136,6 +136,8 @@ interface Entry {
   readonly size: number;
   /** where a weight came from (to place it again after a reconnect) */
   source: { file: string; offset: number; hash: string } | null;
+  /** or how to produce its bytes again (a slice of a file's tensor: setTensorFrom) */
+  restore: (() => Uint8Array) | null;
 }
 
 /**
@@ -156,7 +158,7 @@ export class RpcTensors extends RpcMemory {
     let at = 0;
     this.#entries = tensors.map((t) => {
       const size = bt.allocSize(t);
-      const e: Entry = { t, at, size, source: null };
+      const e: Entry = { t, at, size, source: null, restore: null };
       at += Math.ceil(Math.max(size, 1) / ALIGNMENT) * ALIGNMENT;
       return e;
     });
@@ -194,6 +196,13 @@ export class RpcTensors extends RpcMemory {
     if (this.bufferType.layout === Layout.REPACKED && (!t || offset !== e.at || data.length !== t.nbytes))
       throw weftError("BAD_ARGUMENT", `${this.bufferType.name}: a repacked matrix is written whole (setTensorData)`);
     return setFrame(this.locate(offset, data.length), t, data, this.bufferType.layout);
+  }
+  /** writes a whole tensor and keeps `read`, to write it again after a reconnect */
+  setTensorFrom(t: Tensor, read: () => Uint8Array): void {
+    const e = this.#entry(tensorOffset(t), t.nbytes);
+    if (e.t !== t) throw weftError("BAD_ARGUMENT", `${t.describe()} is not a whole tensor of this buffer`);
+    e.restore = read;
+    this.setTensor(t, read(), 0);
   }
   clear(value: number): void {
     if (this.bufferType.layout === Layout.REPACKED) throw weftError("BAD_ARGUMENT", `${this.bufferType.name} memory holds repacked matrices: it cannot be filled`);
@@ -270,6 +279,7 @@ export class RpcTensors extends RpcMemory {
     this.#ensure();
     if (this.#fill !== null) this.memset(0, this.size, this.#fill);
     for (const e of this.#entries) {
+      if (e.restore) { this.setTensor(e.t, e.restore(), 0); continue; }
       if (!e.source) continue;
       const fd = openSync(e.source.file, "r");
       try { await this.#placeWeight(e, () => readFileRange(fd, e.source!.file, e.source!.offset, e.t.nbytes)); } finally { closeSync(fd); }

@@ -124,6 +124,8 @@ class Session {
   pending = 0;
   queuedBytes = 0;
   tail: Promise<void> = Promise.resolve();
+  /** when the request chain last let the event loop turn */
+  turned = performance.now();
   readonly reader: FrameReader;
   readonly name: string;
   constructor(readonly core: RpcServer, readonly socket: Socket) {
@@ -629,6 +631,7 @@ export class RpcServer {
     const preauth = setTimeout(() => { if (s.state !== "READY") { this.log(`client ${s.name}: no handshake within ${PREAUTH_TIMEOUT_MS / 1000} s`); sock.destroy(); } }, PREAUTH_TIMEOUT_MS);
     preauth.unref();
     sock.on("data", (chunk: Buffer) => {
+      s.turned = performance.now();
       if (s.state === "CLOSED") return;
       try {
         // frame by frame: a handshake step changes the size allowed for the next header
@@ -756,6 +759,9 @@ export class RpcServer {
     // a client that sends faster than its work runs is paused (its frames wait in the kernel)
     if (s.queuedBytes > 2 * this.maxFrame) s.socket.pause();
     const run = async () => {
+      // a backlog of requests runs as one chain of promise callbacks: every 100 ms it lets
+      // the event loop turn, so heartbeats and other clients' frames are not held up
+      if (performance.now() - s.turned > 100) { await new Promise((r) => setImmediate(r)); s.turned = performance.now(); }
       try {
         if (s.state === "CLOSED") return;
         s.reply(cmd, id, await HANDLERS[name](s, new Reader(body)));
