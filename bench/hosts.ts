@@ -6,10 +6,13 @@
  * (bench/delay-relay.c, compiled on first use) in front of every server: every byte
  * between any two parties — the client and a server, or two servers over their peer
  * links — crosses one relay, which holds it DELAY µs (default 100: 0.2 ms more round
- * trip; netem, the usual tool, is not in every kernel). Then it runs `weft bench --rpc …`
- * with the arguments after `--`, and removes everything it made, whatever happened.
+ * trip; netem, the usual tool, is not in every kernel). The relay's own wake-ups add to
+ * its delay, so by default it is calibrated: the delay is adjusted until the round trip a
+ * PING measures through the relay exceeds the direct one by --added-rtt-ms (default 0.2).
+ * Then it runs `weft bench --rpc …` with the arguments after `--`, and removes everything
+ * it made, whatever happened.
  *
- *   sudo node dist/bench/hosts.js [--hosts 2] [--rate 1gbit] [--delay-us 100] -- \
+ *   sudo node dist/bench/hosts.js [--hosts 2] [--rate 1gbit] [--added-rtt-ms 0.2 | --delay-us N] -- \
  *     -m model.gguf -dev rpc:0 -dev rpc:0,rpc:1 -sm none,layer,tensor -p 128 -n 64 -r 3
  *
  * Needs root (ip netns, tc) and a C compiler. It prints the round trip it measured
@@ -31,12 +34,18 @@ export interface HostsOptions {
   rate?: string;
   /** one-way delay the relay adds, µs (default 100) */
   delayUs?: number;
+  /** instead: the round trip the relay should add, ms (the delay is calibrated to it) */
+  addedRttMs?: number;
   /** extra rpc-server arguments */
   serverArgs?: string[];
   log?: (line: string) => void;
 }
 
 export interface Hosts {
+  /** the relay's delay each way, µs, and the round trip it added as measured (ms) */
+  delayUs: number;
+  addedRttMs: number;
+  directRttMs: number;
   /** what a client passes to --rpc: the relays in front of the servers */
   endpoints: string[];
   /** the servers' own addresses (inside their namespaces) */
@@ -119,11 +128,27 @@ export async function makeHosts(opts: HostsOptions = {}): Promise<Hosts> {
       direct.push(`${ip}:50052`);
     }
     const endpoints = direct.map((_, i) => `${net}.1:${41000 + i}`);
-    const r = spawn(relay, [String(delay), ...direct.map((d, i) => `${endpoints[i]}=${d}`)], { stdio: ["ignore", "pipe", "pipe"] });
-    procs.push(r);
-    await waitFor(r, "stdout", /ready/, "the delay relay");
-    log(`hosts: ${n} namespaces on bridge ${bridge} (${net}.0/24), links ${rate} each way, relay delay ${delay} µs each way`);
-    return { endpoints, direct, tokenFile, token, close };
+    const startRelay = async (us: number) => {
+      const r = spawn(relay, [String(us), ...direct.map((d, i) => `${endpoints[i]}=${d}`)], { stdio: ["ignore", "pipe", "pipe"] });
+      procs.push(r);
+      await waitFor(r, "stdout", /ready/, "the delay relay");
+      return r;
+    };
+    let us = opts.addedRttMs !== undefined ? (opts.addedRttMs * 1000) / 2 : delay;
+    let r = await startRelay(us);
+    const directRtt = await pingMs(direct[0]!, token);
+    let added = (await pingMs(endpoints[0]!, token)) - directRtt;
+    // calibration: the relay's wake-ups add to its delay
+    for (let i = 0; opts.addedRttMs !== undefined && i < 4 && Math.abs(added - opts.addedRttMs) > 0.02; i++) {
+      us = Math.max(0, us + ((opts.addedRttMs - added) * 1000) / 2);
+      r.kill("SIGKILL");
+      await new Promise((res) => r.once("exit", res));
+      r = await startRelay(us);
+      added = (await pingMs(endpoints[0]!, token)) - directRtt;
+    }
+    log(`hosts: ${n} namespaces on bridge ${bridge} (${net}.0/24), links ${rate} each way, relay delay ${us.toFixed(0)} µs each way: ` +
+      `PING ${directRtt.toFixed(3)} ms direct, +${added.toFixed(3)} ms through the relay`);
+    return { endpoints, direct, tokenFile, token, delayUs: us, addedRttMs: added, directRttMs: directRtt, close };
   } catch (e) {
     await close();
     throw e;
@@ -146,22 +171,22 @@ async function main(argv: string[]): Promise<number> {
   const own = cut < 0 ? argv : argv.slice(0, cut), benchArgs = cut < 0 ? [] : argv.slice(cut + 1);
   const opt = (name: string) => { const i = own.indexOf(name); return i < 0 ? undefined : own[i + 1]; };
   if (own.includes("--help") || own.includes("-h")) {
-    console.log("usage: node dist/bench/hosts.js [--hosts 2] [--rate 1gbit] [--delay-us 100] -- WEFT_BENCH_ARGS…\n(needs root: ip netns, tc; and a C compiler for the delay relay)");
+    console.log("usage: node dist/bench/hosts.js [--hosts 2] [--rate 1gbit] [--added-rtt-ms 0.2 | --delay-us N] -- WEFT_BENCH_ARGS…\n(needs root: ip netns, tc; and a C compiler for the delay relay)");
     return 0;
   }
   if (sh("ip netns list").status !== 0 || (process.getuid && process.getuid() !== 0)) {
     console.error("bench/hosts needs root and iproute2 (ip netns, tc): run it with sudo");
     return 2;
   }
+  const delayUs = opt("--delay-us");
   const hosts = await makeHosts({
-    hosts: Number(opt("--hosts") ?? 2), rate: opt("--rate") ?? "1gbit", delayUs: Number(opt("--delay-us") ?? 100), log: (l) => console.error(l),
+    hosts: Number(opt("--hosts") ?? 2), rate: opt("--rate") ?? "1gbit", log: (l) => console.error(l),
+    ...(delayUs !== undefined ? { delayUs: Number(delayUs) } : { addedRttMs: Number(opt("--added-rtt-ms") ?? 0.2) }),
   });
   const stop = () => { void hosts.close().then(() => process.exit(130)); };
   process.once("SIGINT", stop);
   process.once("SIGTERM", stop);
   try {
-    const direct = await pingMs(hosts.direct[0]!, hosts.token), relayed = await pingMs(hosts.endpoints[0]!, hosts.token);
-    console.error(`hosts: PING round trip client → host 0: ${direct.toFixed(3)} ms direct, ${relayed.toFixed(3)} ms through the relay (+${(relayed - direct).toFixed(3)} ms)`);
     const args = benchArgs.length ? benchArgs : ["-dev", "rpc:0", "-dev", "rpc:0,rpc:1", "-sm", "none,layer,tensor", "-p", "128", "-n", "64", "-r", "3"];
     const b = spawn(process.execPath, [BIN, "bench", "--rpc", hosts.endpoints.join(","), "--token-file", hosts.tokenFile, ...args], { stdio: "inherit" });
     return await new Promise<number>((r) => b.on("exit", (c) => r(c ?? 1)));
