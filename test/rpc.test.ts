@@ -487,7 +487,7 @@ test("faults: a server that goes silent (SIGSTOP) fails pending work with RPC_CL
 
 // ---- the CLI
 
-test("CLI: weft logits --rpc equals local; weft devices --rpc lists remote devices with memory; weft bench rows name them; the token file works", async () => {
+test("CLI: weft logits --rpc equals local; weft devices --rpc lists remote devices with memory; weft bench rows name them; the token file works; a tensor split over two servers (peer links, --no-peer-links, --allreduce-type) prints what the same split here prints", async () => {
   const tokenFile = join(dir, "token");
   writeFileSync(tokenFile, "a-shared-token\n");
   const srv = await spawnServer(["--port", "0", "--token-file", tokenFile]);
@@ -514,6 +514,23 @@ test("CLI: weft logits --rpc equals local; weft devices --rpc lists remote devic
     const dead = weft("devices", "--rpc", `127.0.0.1:${await freePort()}`);
     assert.is(dead.status, 1);
     assert.match(dead.stderr, /connection refused \(is weft rpc-server running there\?\)/);
+    // a tensor split over two servers with the same token: peer links, the generic path
+    // (--no-peer-links) and the same split on this machine print the same logits
+    const srv2 = await spawnServer(["--port", "0", "--token-file", tokenFile]);
+    try {
+      const split = ["logits", "-m", path, "-p", "Once upon a time", "-t", "1", "--split-mode", "tensor"];
+      const here = weft(...split, "--device", "cpu:0,cpu:1");
+      const rpc = ["--rpc", `${srv.endpoint},${srv2.endpoint}`, "--token-file", tokenFile, "--device", "rpc:0,rpc:1"];
+      const peer = weft(...split, ...rpc), generic = weft(...split, ...rpc, "--no-peer-links");
+      assert.is(peer.status, 0, peer.stderr);
+      assert.is(generic.status, 0, generic.stderr);
+      assert.is(peer.stdout, here.stdout, "tensor split over two servers (peer links)");
+      assert.is(generic.stdout, here.stdout, "tensor split over two servers (--no-peer-links)");
+      const q8 = weft(...split, ...rpc, "--allreduce-type", "q8_0");
+      assert.is(q8.status, 0, q8.stderr);
+      const bad = weft(...split, ...rpc, "--allreduce-type", "q4");
+      assert.match(bad.stderr, /--allreduce-type must be f32, f16 or q8_0, got 'q4'/);
+    } finally { await kill(srv2.proc); }
   } finally { await kill(srv.proc); }
 });
 

@@ -72,6 +72,8 @@ export const BENCH_COMMAND: Command = {
   --no-repack               keep Q4_0/Q8_0/Q4_K matrices in rows (default: repacked, as weft run)
   --allreduce-type LIST     how partial sums cross the links between RPC servers in a tensor
                             split: f32, f16 and/or q8_0 (default f32); one row each
+  --no-peer-links           a tensor split's partial sums pass through this machine, not
+                            server to server (the generic path, for comparison)
   --rpc LIST                weft rpc-servers (host:port, comma-separated): their devices are
                             rpc:0, rpc:1, … for -dev; rows name the devices they ran on
   --token-file FILE         the servers' shared token (default: WEFT_RPC_TOKEN)
@@ -94,7 +96,7 @@ weft's (devices, memory per device as weights, kv and compute bytes, peer_avg_ts
       splitMode: { names: ["-sm", "--split-mode"], multiple: true }, device: { names: ["-dev", "--device"], multiple: true },
       tensorSplit: { names: ["-ts", "--tensor-split"] }, cacheTypeK: { names: ["-ctk", "--cache-type-k"], multiple: true },
       cacheTypeV: { names: ["-ctv", "--cache-type-v"], multiple: true }, noRepack: { names: ["--no-repack"], switch: true },
-      allReduceType: { names: ["--allreduce-type"], multiple: true },
+      allReduceType: { names: ["--allreduce-type"], multiple: true }, noPeerLinks: { names: ["--no-peer-links"], switch: true },
       ...RPC_FLAGS, ...LLAMA_IGNORED,
     });
     const list = (xs: string[] | undefined) => xs?.flatMap((x) => x.split(",").map((s) => s.trim())).filter((s) => s !== "");
@@ -178,7 +180,7 @@ weft's (devices, memory per device as weights, kv and compute bytes, peer_avg_ts
       try {
         for (const c of configs) {
           signal.throwIfAborted();
-          loaded.push({ c, m: await loadModel(path, { threads: c.th, batchSize: Math.min(c.ub, c.b), contextSize: ctx, devices: c.devs, splitMode: c.sm as SplitMode, tensorSplit, kvType: c.kv, allReduceType: c.ar, repack: !v.noRepack, signal }) });
+          loaded.push({ c, m: await loadModel(path, { threads: c.th, batchSize: Math.min(c.ub, c.b), contextSize: ctx, devices: c.devs, splitMode: c.sm as SplitMode, tensorSplit, kvType: c.kv, allReduceType: c.ar, allReduce: v.noPeerLinks ? "generic" : undefined, repack: !v.noRepack, signal }) });
         }
         if (peerDir) for (const th of threads) {
           const p = new Peer(peerDir, th);

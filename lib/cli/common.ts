@@ -50,6 +50,7 @@ export const MODEL_FLAGS = {
   tensorSplit: { names: ["-ts", "--tensor-split"] },
   noRepack: { names: ["--no-repack"], switch: true },
   allReduceType: { names: ["--allreduce-type"] },
+  noPeerLinks: { names: ["--no-peer-links"], switch: true },
   ...LLAMA_IGNORED,
 } as const;
 
@@ -99,6 +100,9 @@ ${RPC_FLAGS_HELP}
   --allreduce-type T       with a tensor split over RPC servers, how partial sums cross the
                            links between them: f32 (exact, default), f16 (half the bytes) or
                            q8_0 (3.8× fewer; logits move by the NMSE the README lists)
+  --no-peer-links          partial sums of a tensor split over RPC servers pass through this
+                           machine instead of server to server (slower: for servers that
+                           cannot reach each other at the --rpc addresses)
   -ngl, -fa, -mg, --mlock, --no-mmap, --numa
                            llama.cpp flags with no effect in weft yet (accepted, with a note)`;
 
@@ -130,6 +134,7 @@ export function loadOptions(v: ModelValues): LoadModelOptions {
     kvType: kvType(v),
     repack: !v.noRepack,
     allReduceType: v.allReduceType === undefined ? undefined : allReduceTypeOf(v.allReduceType),
+    allReduce: v.noPeerLinks ? "generic" : undefined,
   };
 }
 
@@ -190,9 +195,11 @@ export async function openModel(v: ModelValues, signal?: AbortSignal): Promise<M
     for (const u of mem) log(`    ${u.device}: layers ${u.layers[0]}..${u.layers[1] - 1}, weights ${(u.weightBytes / 2 ** 20).toFixed(1)} MiB, KV ${(u.kvBytes / 2 ** 20).toFixed(1)} MiB`);
     for (const u of mem) if (u.layers[1] <= u.layers[0] && m.splitMode === "layer") log(`weft: ${u.device} gets no layers with this --tensor-split; it holds nothing but its empty queue`);
   }
-  const threads = mem.length * m.threads;
+  // -t is the threads of each device of this machine (a server sets its own)
+  const local = mem.filter((u) => u.device.startsWith("cpu")).length;
+  const threads = local * m.threads;
   if (threads > usableCores())
-    log(`weft: ${mem.length > 1 ? `${mem.length} devices × ${m.threads} thread(s) = ` : ""}${threads} threads on ${usableCores()} core(s): they take turns, slower than one thread per core (-t)`);
+    log(`weft: ${local > 1 ? `${local} devices × ${m.threads} thread(s) = ` : ""}${threads} threads on ${usableCores()} core(s): they take turns, slower than one thread per core (-t)`);
   return m;
 }
 

@@ -14,7 +14,7 @@ import { allocateTensors } from "../backend/alloc.js";
 import { canMapFiles, deviceBytes } from "../backend/fallback.js";
 import { ScheduledGraph, Scheduler, planLayerSplit } from "../backend/sched.js";
 import { cpuDevice, usableCores } from "../cpu/index.js";
-import { deviceFromSpec, isMeta, metaDevice } from "../meta/index.js";
+import { AllReducePath, deviceFromSpec, isMeta, metaDevice } from "../meta/index.js";
 import { planLlamaSplit } from "../split/plan.js";
 import { RpcConnection } from "../rpc/client.js";
 import { RpcDevice } from "../rpc/device.js";
@@ -43,6 +43,9 @@ export interface LoadModelOptions {
   /** with a tensor split over RPC servers: how partial sums cross the links between them
    * (f32 exact, default; f16 or q8_0 fewer bytes, rounded; see MetaOptions.allReduceType) */
   allReduceType?: AllReduceType;
+  /** how a tensor split's partial sums travel (MetaOptions.allReduce): "auto" (default),
+   * "collective" or "generic" (RPC servers that cannot reach each other: through this process) */
+  allReduce?: AllReducePath;
   /** context length (default: the model's training context, at most 4096) */
   contextSize?: number;
   /** KV cache type (default f16) */
@@ -113,15 +116,15 @@ interface CachedGraph { fg: ForwardGraph; sg: ScheduledGraph; mask: Float32Array
 export interface DeviceUsage { device: string; layers: [number, number]; weightBytes: number; kvBytes: number; computeBytes: number }
 
 /** The devices a load places work on, from the options (a tensor split is one meta device). */
-export function resolveDevices(opts: Pick<LoadModelOptions, "devices" | "splitMode" | "tensorSplit" | "allReduceType">): { devices: Device[]; mode: SplitMode } {
-  const listed = (opts.devices?.length ? [...opts.devices] : ["cpu:0"]).map((d) => deviceFromSpec(d, { allReduceType: opts.allReduceType }));
+export function resolveDevices(opts: Pick<LoadModelOptions, "devices" | "splitMode" | "tensorSplit" | "allReduceType" | "allReduce">): { devices: Device[]; mode: SplitMode } {
+  const listed = (opts.devices?.length ? [...opts.devices] : ["cpu:0"]).map((d) => deviceFromSpec(d, { allReduceType: opts.allReduceType, allReduce: opts.allReduce }));
   if (new Set(listed).size !== listed.length) throw weftError("BAD_ARGUMENT", `a device is listed twice: ${listed.map((d) => d.name).join(",")}`);
   const mode = opts.splitMode ?? "none";
   if (mode !== "none" && mode !== "layer" && mode !== "tensor") throw weftError("BAD_ARGUMENT", `split mode must be none, layer or tensor, got '${mode}'`);
   if (mode === "tensor") {
     if (listed.length === 1 && isMeta(listed[0]!)) return { devices: listed, mode };
     if (listed.some(isMeta)) throw weftError("BAD_ARGUMENT", "with --split-mode tensor, list plain devices (cpu:0,cpu:1); + groups are for a layer split");
-    return { devices: [metaDevice(listed, { tensorSplit: opts.tensorSplit, allReduceType: opts.allReduceType })], mode };
+    return { devices: [metaDevice(listed, { tensorSplit: opts.tensorSplit, allReduceType: opts.allReduceType, allReduce: opts.allReduce })], mode };
   }
   return { devices: mode === "none" ? listed.slice(0, 1) : listed, mode };
 }

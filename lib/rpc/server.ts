@@ -437,7 +437,7 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, Handler> = {
     if (bad || s.state === "CLOSED") {
       for (const fd of fds) if (fd >= 0) native().closePeerSocket(fd);
       const why = bad ? (bad.reason as Error).message : "the client left";
-      s.groups.set(gid, { failed: why });
+      s.groups.set(gid, { failed: `${why} (the servers of a tensor split must reach each other at the addresses the client uses; else --no-peer-links)` });
       throw bad?.reason instanceof WeftError ? bad.reason : weftError("RPC_CLOSED", why);
     }
     s.groups.set(gid, { native: native().createPeerGroup(size, rank, fds, wire), device, rank });
