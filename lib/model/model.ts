@@ -326,7 +326,8 @@ export class Model {
     this.#lastLogits = null;
     try {
       const all = opts.allLogits ?? false;
-      const out = new Float32Array(all ? tokens.length * nV : nV);
+      const out = all ? new Float32Array(tokens.length * nV) : null;
+      let final: Float32Array | null = null;  // the last token's logits, viewed where they were read
       // One device: a micro-batch is queued when the previous one is done (it could not
       // overlap anyway), so an abort stops within one micro-batch. Several devices: up to
       // PIPELINE_SLOTS micro-batches in flight, device k on micro-batch i while k+1 is on i−1.
@@ -359,8 +360,8 @@ export class Model {
             const at = start;
             pending.push(sg.getOutput(fg.logits).then((bytes) => {
               const rows = new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
-              if (all) out.set(rows, at * nV);
-              else out.set(rows.subarray(rows.length - nV));
+              if (out) out.set(rows, at * nV);
+              else final = rows.subarray(rows.length - nV);
             }));
           }
         }
@@ -376,8 +377,9 @@ export class Model {
       }
       await Promise.all(pending);
       if (opts.signal?.aborted) throw abortError(opts.signal);
-      this.#lastLogits = out.slice(out.length - nV);
-      return out;
+      const result = out ?? final!;
+      this.#lastLogits = result.slice(result.length - nV);
+      return result;
     } finally {
       if (opts.signal?.aborted) this.#history.length = this.#pos;  // an abort keeps what was queued
       this.#busy = false;

@@ -159,7 +159,7 @@ export class RpcBackend implements Backend {
     this.#check();
     const p = this.#memory(t).locate(tensorAt(t) + offset, size);
     const r = (await this.#request("GET", new Writer().u32(p.id).u64(p.offset).u64(size).body())).r;
-    return r.rest();
+    return r.restView();
   }
   set2dAsync(b: Buffer, offset: number, data: ArrayBufferView, rows: number, rowBytes: number, stride: number): void {
     this.#check();
@@ -175,7 +175,7 @@ export class RpcBackend implements Backend {
     if (m.conn !== this.#conn) throw weftError("BAD_ARGUMENT", `${b.bufferType.name} memory is not ${this.name}'s`);
     const p = m.locate(offset, rows ? (rows - 1) * stride + rowBytes : 0);
     const r = (await this.#request("GET2D", new Writer().u32(p.id).u64(p.offset).u64(rows).u64(rowBytes).u64(stride).body())).r;
-    return r.rest();
+    return r.restView();
   }
 
   /**

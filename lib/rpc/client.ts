@@ -231,9 +231,11 @@ export class RpcConnection {
 
   /**
    * Writes a frame. Frames of one turn of the event loop leave in one write (a load's
-   * many small requests), except that a COMPUTE leaves at once, with whatever waits before
-   * it: the server starts the step a turn earlier (requests after it, such as the output
-   * read, follow in the next write, while the step runs).
+   * many small requests), except that a COMPUTE leaves as soon as the code that sent it
+   * yields (a microtask later), with whatever waits before it: the server starts the step
+   * a turn earlier, and a meta device's COMPUTEs to all its servers leave back to back
+   * (requests after them, such as the output read, follow in the next write while the
+   * step runs).
    */
   #write(parts: Uint8Array[], now = false): void {
     const s = this.#socket!;
@@ -243,8 +245,14 @@ export class RpcConnection {
       setImmediate(() => { if (this.#corked) { this.#corked = false; s.uncork(); } });
     }
     for (const p of parts) s.write(p);
-    if (now) { this.#corked = false; s.uncork(); }
+    // at the end of this microtask run, not now: the COMPUTEs a meta device sends every
+    // server of a step leave back to back (a server that starts late holds up the others)
+    if (now && !this.#flushing) {
+      this.#flushing = true;
+      queueMicrotask(() => { this.#flushing = false; if (this.#corked) { this.#corked = false; s.uncork(); } });
+    }
   }
+  #flushing = false;
 
   /** A small write the next COMPUTE carries (a step's inputs: one frame, one reply, for the whole step). */
   queueInput(id: number, offset: number, data: Uint8Array): void {

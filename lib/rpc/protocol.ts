@@ -167,6 +167,14 @@ export class Reader {
     this.#at = this.buf.length;
     return out;
   }
+  /** the bytes left as a view where they start 8-byte aligned (the caller may view them as
+   * floats), else copied; a view shares the frame's memory, which nothing else reuses */
+  restView(): Uint8Array {
+    const at = this.#at;
+    if ((this.buf.byteOffset + at) % 8 !== 0) return this.rest();
+    this.#at = this.buf.length;
+    return this.buf.subarray(at);
+  }
   end(what: string): void { if (this.left !== 0) throw protocolError(`${what}: ${this.left} unexpected bytes at the end`); }
 }
 
@@ -243,7 +251,9 @@ export class FrameReader {
         if (!emit({ h, body })) return out;
       } else {
         this.#header = h;
-        this.#body = Buffer.allocUnsafe(h.length);
+        // its own memory, placed so that an OK reply's payload (after 9 bytes of status
+        // and empty strings) starts 8-byte aligned: read back as it is (Reader.restView)
+        this.#body = Buffer.allocUnsafeSlow(h.length + 7).subarray(7);
       }
     }
     return out;
