@@ -363,6 +363,21 @@ test("fuzz: 20,000 mutated frames from recorded sessions: the server never crash
         (dev as RpcDevice).conn.close();
       }));
     }
+    // a tensor split's session as its rank 1 sees it (GROUP, PREPARE, graphs with ALL_REDUCE
+    // nodes); rank 0 is closed before the fuzzing, so replayed groups fail to link
+    const rank0 = await server();
+    try {
+      sessions.push(await recordSession(srv.endpoint, async (proxy) => {
+        const [d0] = await openRpcServer(rank0.endpoint), [d1] = await openRpcServer(proxy);
+        const { metaDevice: meta } = await import("../lib/meta/index.js");
+        const m = await loadModel(TINY, { threads: 1, devices: [meta([d0!, d1!])], contextSize: 64, batchSize: 4 });
+        await m.evaluate([1, 2, 3, 4, 5, 6], { allLogits: true });
+        await m.evaluate([7]);
+        await m.dispose();
+        (d0 as RpcDevice).conn.close(); (d1 as RpcDevice).conn.close();
+      }));
+    } finally { await stop(rank0); }
+    assert.ok(sessions[sessions.length - 1]!.some((f) => f.cmd === Cmd.GROUP), "the tensor split's session has its GROUP");
     assert.ok(sessions.every((s) => s.length > 20), "recorded sessions");
     const warm = await fuzzServer({ host: "127.0.0.1", port: srv.port, sessions, frames: 2000, seed: 7, pid: srv.proc.pid });
     const r = await fuzzServer({ host: "127.0.0.1", port: srv.port, sessions, frames: 20_000, seed: 11, pid: srv.proc.pid });
@@ -709,7 +724,9 @@ test("peer links: hostile GROUP and PEER requests get errors; a peer server kill
     await conn.request("ALLOC", new Writer().u32(1).u32(0).u8(Layout.PLAIN).u64(4096).body());
     await rejectsWith(conn.request("COMPUTE", [new Writer().u32(0).u64(6).u8(1).body(), encodeGraph(G.buildGraph(ar), () => ({ id: 1, offset: 0 }))]), /collective group 1 has no peer links: linking to rank 0/);
     // a PEER in the wrong direction ends that connection
-    assert.match(await ask("PEER", new Writer().bytes(key).u32(0).u32(1).body()), /the higher rank dials the lower/);
+    // a group whose two ranks are this one server: it will not link to itself
+    assert.match(await ask("GROUP", group(1, 2, key, [s.endpoint, s.endpoint])), /cannot be a peer of itself/);
+    assert.match(await ask("PEER", new Writer().bytes(key).u32(0).u32(1).bytes(new Uint8Array(16)).body()), /the higher rank dials the lower/);
     conn.close();
     // still serving
     const [dev] = await openRpcServer(s.endpoint);

@@ -16,6 +16,7 @@ import type { Backend, Buffer, Event } from "../backend/interface.js";
 import type { RpcConnection } from "./client.js";
 import type { RpcDevice, RpcMemory } from "./device.js";
 import { encodeGraph } from "./graph.js";
+import { groupsLinking } from "./peer.js";
 import { CmdName, Layout, Reply, Writer } from "./protocol.js";
 
 /** writes up to this size are carried by the next COMPUTE instead of a SET of their own */
@@ -115,10 +116,16 @@ export class RpcBackend implements Backend {
     });
   }
 
+  /** a graph naming collective groups is sent once their servers have linked */
+  #awaitGroups(graph: Graph): void {
+    for (const p of groupsLinking(graph)) this.#hold(p);
+  }
+
   /** sends a graph ahead of its first compute: the server decodes it while it runs other work */
   prepare(graph: Graph): void {
     this.#check();
     if (this.#sent.get(graph.uid) === this.#conn.session) return;
+    this.#awaitGroups(graph);
     const body = [new Writer().u32(this.device.index).u64(graph.uid).body(), this.#encode(graph)];
     this.#sent.set(graph.uid, this.#conn.session);
     this.#request("PREPARE", body).catch((e: WeftError) => {
@@ -131,6 +138,7 @@ export class RpcBackend implements Backend {
     try {
       this.#check();
       const fresh = this.#sent.get(graph.uid) !== this.#conn.session;
+      if (fresh) this.#awaitGroups(graph);
       const head = new Writer().u32(this.device.index).u64(graph.uid).u8(fresh ? 1 : 0).body().slice();
       const body = fresh ? [head, this.#encode(graph)] : [head];
       if (fresh) this.#sent.set(graph.uid, this.#conn.session);

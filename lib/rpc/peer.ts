@@ -12,6 +12,8 @@ import { connect, Socket } from "node:net";
 import { randomBytes } from "node:crypto";
 import { weftError, WeftError } from "../core/errors.js";
 import type { AllReduceType, CollectiveGroup, Device } from "../backend/interface.js";
+import type { Graph } from "../core/graph.js";
+import { Op } from "../core/ops.js";
 import { native } from "../cpu/index.js";
 import {
   Cmd, FrameReader, Kind, NONCE_BYTES, PROTOCOL_VERSION, Status, Writer, authProof, frame, proofsEqual, readReply, tablesDigest,
@@ -122,7 +124,7 @@ export class PeerRendezvous {
  * Dials the server of a lower rank and links to it: HELLO, AUTH with this server's token
  * where it asks for one, PEER; resolves to the adopted descriptor.
  */
-export async function dialPeer(endpoint: string, token: string | null, key: Uint8Array, from: number, to: number, timeoutMs: number): Promise<number> {
+export async function dialPeer(endpoint: string, token: string | null, key: Uint8Array, from: number, to: number, timeoutMs: number, self: Uint8Array): Promise<number> {
   const { host, port } = parseEndpoint(endpoint);
   const sock = connect({ host, port, noDelay: true });
   const reader = new FrameReader(() => 1 << 20);
@@ -171,7 +173,7 @@ export async function dialPeer(endpoint: string, token: string | null, key: Uint
       if (!proofsEqual(r.bytes("server proof"), authProof(token, "server", mine, nonce)))
         throw weftError("RPC_AUTH", `rank ${to} at ${endpoint} could not prove it holds the token`);
     }
-    await ask(Cmd.PEER, new Writer().bytes(key).u32(from).u32(to).body());
+    await ask(Cmd.PEER, new Writer().bytes(key).u32(from).u32(to).bytes(self).body());
     sock.removeAllListeners("data");
     try { return takeSocket(sock); } finally { sock.destroy(); }
   } catch (e) {
@@ -196,21 +198,27 @@ export class RpcGroup {
   readonly size: number;
   #live = true;
   refs = 0;
+  /** resolves once every server has linked to the others (a graph naming the group is sent after it) */
+  readonly ready: Promise<void>;
+  linked = false;
   constructor(readonly devices: readonly RpcDevice[], readonly wire: AllReduceType, readonly key: string) {
     this.size = devices.length;
     const secret = randomBytes(PEER_KEY_BYTES);
     const endpoints = devices.map((d) => d.conn.endpoint);
-    devices.forEach((d, rank) => {
+    this.ready = Promise.all(devices.map((d, rank) => {
       const w = new Writer().u32(this.id).u32(d.index).u32(rank).u32(this.size).u8(WIRE[wire]).bytes(secret);
       for (const e of endpoints) w.str(e);
-      d.conn.post("GROUP", w.body());
-    });
+      return d.conn.request("GROUP", w.body());
+    })).then(() => { this.linked = true; });
+    this.ready.catch(() => {});  // reported by the steps that use the group
+    byId.set(this.id, this);
   }
   get live(): boolean { return this.#live && this.devices.every((d) => !d.conn.closed); }
   /** ends it on every server (a step waiting in it there fails at once) */
   end(): void {
     if (!this.#live) return;
     this.#live = false;
+    byId.delete(this.id);
     if (groups.get(this.key) === this) groups.delete(this.key);
     for (const d of this.devices) if (!d.conn.closed) d.conn.post("UNGROUP", new Writer().u32(this.id).body());
   }
@@ -227,6 +235,18 @@ export class RpcGroup {
 }
 
 const groups = new Map<string, RpcGroup>();
+const byId = new Map<number, RpcGroup>();
+
+/** What a graph must wait for before it is sent: the linking of the groups its ALL_REDUCE nodes name. */
+export function groupsLinking(graph: Graph): Promise<void>[] {
+  const out: Promise<void>[] = [];
+  for (const t of graph.nodes) {
+    if (t.op !== Op.ALL_REDUCE) continue;
+    const g = byId.get(t.params[0]!);
+    if (g && !g.linked && !out.includes(g.ready)) out.push(g.ready);
+  }
+  return out;
+}
 
 /** A group over `devices` where they are RPC devices of distinct servers, else null. */
 export function rpcCollectiveGroup(devices: readonly Device[], isRpc: (d: Device) => d is RpcDevice, wire: AllReduceType = "f32"): CollectiveGroup | null {

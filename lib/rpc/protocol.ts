@@ -39,8 +39,9 @@ export const CMD_NAMES: Record<number, CmdName> = Object.fromEntries(Object.entr
 // GROUP: group id u32, device u32, rank u32, size u32, wire u8, session key (bytes), then
 // every rank's endpoint (str): answered once this server has linked to every other rank
 // (peer links, lib/rpc/peer.ts). UNGROUP: group id u32 (runs at once, not in turn: it
-// wakes a step waiting on a dead peer). PEER: session key, from rank u32, to rank u32,
-// sent by a server on a connection of its own; after the reply the connection is a link.
+// wakes a step waiting on a dead peer). PEER: session key, from rank u32, to rank u32, the
+// dialing server's random id (a server refuses itself), sent by a server on a connection
+// of its own; after the reply the connection is a link.
 
 /** Buffer layouts: rows as in a GGUF file, or the CPU's eight-row repacked groups. */
 export const Layout = { PLAIN: 0, REPACKED: 1 } as const;

@@ -94,7 +94,7 @@ interface ServedBuffer { readonly cpu: CpuBuffer; readonly size: number; readonl
 interface Staging { readonly b: ServedBuffer; readonly bufferId: number; readonly offset: number; readonly t: Tensor; readonly hash: string; readonly hasher: Hash | null; got: number }
 interface ServedGraph { readonly graph: Graph; readonly device: number; readonly buffers: Set<number> }
 /** A collective group the client made (GROUP): its native group over the peer links, or why it has none. */
-type ServedGroup = { readonly native: number; readonly device: number; readonly rank: number } | { readonly failed: string };
+type ServedGroup = { readonly native: number; readonly device: number; readonly rank: number } | { readonly failed: string } | { readonly forming: true };
 
 /** ops a served CPU device runs for a client (ALL_REDUCE: in a group the client made with GROUP) */
 function allowedOp(d: CpuDevice, op: Op): boolean {
@@ -425,8 +425,12 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, Handler> = {
     s.ungroup(gid, "the client made the group again");
     if (s.groups.size >= MAX_GROUPS) throw weftError("RPC_LIMIT", `more than ${MAX_GROUPS} collective groups for one client`);
     const hex = Buffer.from(key).toString("hex");
+    // linking runs beside the client's queue (its later requests go on; the client sends a
+    // COMPUTE that needs the group only after this reply); UNGROUP meanwhile cancels it
+    const entry = { forming: true } as const;
+    s.groups.set(gid, entry);
     // rank r dials every lower rank and waits for every higher one
-    const dials = endpoints.slice(0, rank).map((e, q) => dialPeer(e, s.core.token, key, rank, q, LINK_TIMEOUT_MS));
+    const dials = endpoints.slice(0, rank).map((e, q) => dialPeer(e, s.core.token, key, rank, q, LINK_TIMEOUT_MS, s.core.id));
     const above = Array.from({ length: size - rank - 1 }, (_, i) => rank + 1 + i);
     const settled = await Promise.allSettled([...dials, s.core.rendezvous.take(hex, rank, above, LINK_TIMEOUT_MS)]);
     const fds = Array<number>(size).fill(-1);
@@ -434,10 +438,11 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, Handler> = {
     const last = settled[rank]!;
     if (last.status === "fulfilled") for (const [q, fd] of last.value as Map<number, number>) fds[q] = fd;
     const bad = settled.find((x): x is PromiseRejectedResult => x.status === "rejected");
-    if (bad || s.state === "CLOSED") {
+    const current = s.groups.get(gid) === entry && s.state !== "CLOSED";
+    if (bad || !current) {
       for (const fd of fds) if (fd >= 0) native().closePeerSocket(fd);
-      const why = bad ? (bad.reason as Error).message : "the client left";
-      s.groups.set(gid, { failed: `${why} (the servers of a tensor split must reach each other at the addresses the client uses; else --no-peer-links)` });
+      const why = bad ? (bad.reason as Error).message : s.state === "CLOSED" ? "the client left" : "the client ended the group";
+      if (current) s.groups.set(gid, { failed: `${why} (the servers of a tensor split must reach each other at the addresses the client uses; else --no-peer-links)` });
       throw bad?.reason instanceof WeftError ? bad.reason : weftError("RPC_CLOSED", why);
     }
     s.groups.set(gid, { native: native().createPeerGroup(size, rank, fds, wire), device, rank });
@@ -476,6 +481,7 @@ function groupParams(s: Session, device: number, params: number[], what: string)
   const g = s.groups.get(params[0]!);
   if (!g) throw weftError("BAD_ARGUMENT", `${what}: no collective group ${params[0]} (the client sends GROUP first)`);
   if ("failed" in g) throw weftError("RPC_CLOSED", `${what}: collective group ${params[0]} has no peer links: ${g.failed}`);
+  if ("forming" in g) throw weftError("BAD_ARGUMENT", `${what}: collective group ${params[0]} is still linking its servers (send the graph after GROUP's reply)`);
   if (params[1] !== g.rank || g.device !== device) throw weftError("BAD_ARGUMENT", `${what}: rank ${params[1]} on device ${device}, but this server is rank ${g.rank} on device ${g.device} of group ${params[0]}`);
   return [g.native, ...params.slice(1)];
 }
@@ -498,6 +504,8 @@ export class RpcServer {
   readonly #sessions = new Set<Session>();
   /** @internal peer links waiting for their group */
   readonly rendezvous = new PeerRendezvous();
+  /** @internal this server's random id: a server refuses to link to itself */
+  readonly id = randomBytes(16);
   /** @internal one line per client event */
   readonly log: (line: string) => void;
   readonly #maxClients: number;
@@ -642,7 +650,7 @@ export class RpcServer {
           if (s.state !== "READY") this.#handshake(s, h.cmd, h.id, body);
           else if (!name || name === "HELLO" || name === "AUTH") s.fail(h.cmd, h.id, protocolError(`unknown or repeated command ${h.cmd}`));
           else if (name === "PEER") return this.#peer(s, h.id, body);
-          else if (name === "UNGROUP") this.#now(s, name, h.cmd, h.id, body);
+          else if (name === "UNGROUP" || name === "GROUP") this.#now(s, name, h.cmd, h.id, body);
           else this.#enqueue(s, name, h.cmd, h.id, body);
           return true;
         });
@@ -717,9 +725,11 @@ export class RpcServer {
     let fd = -1;
     try {
       const r = new Reader(body);
-      const key = r.bytes("session key"), from = r.u32("from rank"), to = r.u32("to rank");
+      const key = r.bytes("session key"), from = r.u32("from rank"), to = r.u32("to rank"), dialer = r.bytes("server id");
       r.end("PEER");
       PeerRendezvous.check(key, from, to);
+      // two ranks of one group on one server would wait on each other's parts forever
+      if (Buffer.compare(dialer, this.id) === 0) throw weftError("BAD_ARGUMENT", "a server cannot be a peer of itself (two ranks of the group name the same server)");
       if (s.pending > 0) throw protocolError("PEER on a connection with requests in flight");
       fd = takeSocket(s.socket);
       s.state = "CLOSED";
@@ -734,9 +744,16 @@ export class RpcServer {
     return false;
   }
 
-  /** A request that runs at once, ahead of the client's queue (UNGROUP: it must reach a step that waits). */
-  #now(s: Session, name: "UNGROUP", cmd: number, id: number, body: Uint8Array): void {
-    try { s.reply(cmd, id, HANDLERS[name](s, new Reader(body)) as Out); } catch (e) { s.fail(cmd, id, e); }
+  /**
+   * A request that runs at once, beside the client's queue: UNGROUP (it must reach a step
+   * that waits on a dead peer) and GROUP (linking takes a while; it must not hold up the
+   * requests behind it). Counted as pending, so the client hears heartbeats meanwhile.
+   */
+  #now(s: Session, name: "UNGROUP" | "GROUP", cmd: number, id: number, body: Uint8Array): void {
+    s.pending++;
+    void (async () => {
+      try { s.reply(cmd, id, await HANDLERS[name](s, new Reader(body))); } catch (e) { s.fail(cmd, id, e); } finally { s.pending--; }
+    })();
   }
 
   /** An error reply (where there is a request to answer), then the connection ends. */
