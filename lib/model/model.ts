@@ -153,6 +153,7 @@ export class Model {
   /** the tokens of the sequence (what reconnect() evaluates again) and the last logits (what resume() samples from) */
   #history: number[] = [];
   #lastLogits: Float32Array | null = null;
+  #lastLogitsBuf: Float32Array | null = null;
   #busy = false;
   #disposed = false;
 
@@ -378,7 +379,10 @@ export class Model {
       await Promise.all(pending);
       if (opts.signal?.aborted) throw abortError(opts.signal);
       const result = out ?? final!;
-      this.#lastLogits = result.slice(result.length - nV);
+      // kept for resume(), in one buffer for the model's life (not a new one per token)
+      this.#lastLogitsBuf ??= new Float32Array(nV);
+      this.#lastLogitsBuf.set(result.subarray(result.length - nV));
+      this.#lastLogits = this.#lastLogitsBuf;
       return result;
     } finally {
       if (opts.signal?.aborted) this.#history.length = this.#pos;  // an abort keeps what was queued
