@@ -87,6 +87,9 @@ class Barrier {
   bool wait(int64_t deadline_ns = 0, int64_t spin = -1) {
     if (n_ == 1) return !aborted_.load(std::memory_order_acquire);
     const uint32_t ph = phase_.load(std::memory_order_acquire);
+    // an abort that came first: its phase step may be the one just read, and no other
+    // step will come (abort() sets aborted_ before it steps the phase)
+    if (aborted_.load(std::memory_order_acquire)) return false;
     if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
       count_.store(0, std::memory_order_relaxed);
       phase_.fetch_add(1, std::memory_order_seq_cst);
