@@ -172,7 +172,10 @@ export class Reader {
    * floats), else copied; a view shares the frame's memory, which nothing else reuses */
   restView(): Uint8Array {
     const at = this.#at;
-    if ((this.buf.byteOffset + at) % 8 !== 0) return this.rest();
+    // only a body FrameReader assembled in memory of its own (7 bytes in, nothing after);
+    // a body that arrived whole is a view of the socket's chunk: copied, as by rest()
+    const own = this.buf.byteOffset === 7 && this.buf.buffer.byteLength === this.buf.length + 7;
+    if (!own || (this.buf.byteOffset + at) % 8 !== 0) return this.rest();
     this.#at = this.buf.length;
     return this.buf.subarray(at);
   }
