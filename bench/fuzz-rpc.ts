@@ -12,9 +12,8 @@ import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { loadModel } from "../lib/model/model.js";
-import { RpcDevice, openRpcServer, startRpcServer } from "../lib/rpc/index.js";
-import { metaDevice } from "../lib/meta/index.js";
-import { fuzzServer, recordSession, rssKiB } from "../test/rpc-fuzz.js";
+import { RpcDevice, openRpcServer } from "../lib/rpc/index.js";
+import { fuzzServer, recordClientSessions, rssKiB } from "../test/rpc-fuzz.js";
 import { writeTinyModel } from "../test/tiny-model.js";
 import { FIXTURES, haveFixtures } from "../test/helpers.js";
 
@@ -37,31 +36,7 @@ try {
   });
   const port = Number(endpoint.split(":").pop());
   const models = [tiny, ...(haveFixtures ? [join(FIXTURES, "nano-q8_0.gguf"), join(FIXTURES, "nano-q4_k_m.gguf")] : [])];
-  const sessions = [];
-  for (const path of models) {
-    sessions.push(await recordSession(endpoint, async (proxy) => {
-      const [dev] = await openRpcServer(proxy);
-      const m = await loadModel(path, { threads: 1, devices: [dev!], contextSize: 64, batchSize: 4 });
-      await m.evaluate([1, 2, 3, 4, 5, 6], { allLogits: true });
-      await m.evaluate([7]);
-      await m.dispose();
-      await (dev as RpcDevice).updateMemory();
-      (dev as RpcDevice).conn.close();
-    }));
-  }
-  // a tensor split's session as its rank 1 sees it (GROUP, PREPARE, ALL_REDUCE graphs);
-  // rank 0 is closed before the fuzzing, so replayed groups fail to link
-  const rank0 = await startRpcServer({ port: 0, threads: 1 });
-  try {
-    sessions.push(await recordSession(endpoint, async (proxy) => {
-      const [d0] = await openRpcServer(rank0.endpoint), [d1] = await openRpcServer(proxy);
-      const m = await loadModel(tiny, { threads: 1, devices: [metaDevice([d0!, d1!])], contextSize: 64, batchSize: 4 });
-      await m.evaluate([1, 2, 3, 4, 5, 6], { allLogits: true });
-      await m.evaluate([7]);
-      await m.dispose();
-      (d0 as RpcDevice).conn.close(); (d1 as RpcDevice).conn.close();
-    }));
-  } finally { await rank0.close(); }
+  const sessions = await recordClientSessions(endpoint, models, tiny);
   console.log(`server ${endpoint} (pid ${proc.pid}); ${sessions.length} recorded sessions of ${sessions.map((s) => s.length).join(", ")} frames; RSS ${rssKiB(proc.pid!)} KiB`);
   const t0 = performance.now();
   let last = 0;

@@ -276,6 +276,7 @@ bool peer_all_reduce(Group& g, const Tensor& t, const Tensor& a, float* tmp, std
   };
   // this rank's own part, as every rank will add it (rounded through the wire type too)
   const char* own = a.data;
+  int64_t own_count = E;
   if (sliced) {
     // peer q gets rows [b_q, b_q+1) of every outer block of this rank's partial, packed
     g.packs.resize(n);
@@ -284,20 +285,20 @@ bool peer_all_reduce(Group& g, const Tensor& t, const Tensor& a, float* tmp, std
       g.packs[q].resize((size_t)(outer * w * inner));
       for (int64_t o = 0; o < outer; ++o)
         std::memcpy(g.packs[q].data() + o * w * inner, a.data + (o * axis + lo) * inner * 4, (size_t)(w * inner * 4));
-      if (q != self) encode(q, g.packs[q].data(), outer * w * inner);
+      encode(q, g.packs[q].data(), outer * w * inner);  // q == self: its own slice, rounded like the others
     }
     own = (const char*)g.packs[self].data();
+    own_count = outer * len * inner;
   } else if (!gather) {
-    for (int q = 0; q < n; ++q) if (q != self) encode(q, (const float*)a.data, E);
+    // the whole partial, encoded once for every peer
+    encode(self, (const float*)a.data, E);
+    for (int q = 0; q < n; ++q) { out_data[q] = out_data[self]; out_bytes[q] = out_bytes[self]; }
   } else {
-    for (int q = 0; q < n; ++q) if (q != self) { out_data[q] = a.data; out_bytes[q] = (size_t)E * 4; }
+    for (int q = 0; q < n; ++q) { out_data[q] = a.data; out_bytes[q] = (size_t)E * 4; }
   }
-  const int64_t own_count = sliced ? outer * len * inner : E;
   if (!gather && wire != WIRE_F32) {
-    std::vector<char> enc(wire_bytes(wire, own_count));
-    wire_encode(wire, (const float*)own, own_count, enc.data());
     g.dec[self].resize((size_t)own_count);
-    wire_decode(wire, enc.data(), own_count, g.dec[self].data());
+    wire_decode(wire, g.txs[self].data(), own_count, g.dec[self].data());
     own = (const char*)g.dec[self].data();
   }
   const size_t in_bytes = gather ? 0 : wire_bytes(wire, in_count);

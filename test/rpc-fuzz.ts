@@ -11,9 +11,39 @@
 import { connect, createServer, Socket } from "node:net";
 import { readFileSync } from "node:fs";
 import { Cmd, FrameReader, Kind, PROTOCOL_VERSION, Writer, frame, tablesDigest } from "../lib/rpc/protocol.js";
+import { mulberry32 } from "../lib/core/random.js";
+import { loadModel } from "../lib/model/model.js";
+import { metaDevice } from "../lib/meta/index.js";
+import { RpcDevice, openRpcServer, startRpcServer } from "../lib/rpc/index.js";
 
 /** One recorded client→server frame (header and body as sent). */
 export interface RecordedFrame { readonly cmd: number; readonly bytes: Uint8Array }
+
+/**
+ * The sessions both fuzzers replay, recorded against `endpoint`: a client running each of
+ * `models` there (load, a prompt, a token, a memory query), and `splitModel` tensor-split
+ * over another server and this one as rank 1 (GROUP, PREPARE, graphs with ALL_REDUCE
+ * nodes). That other server is closed before this returns, so replayed groups fail to link.
+ */
+export async function recordClientSessions(endpoint: string, models: readonly string[], splitModel: string): Promise<RecordedFrame[][]> {
+  const run = async (devices: RpcDevice[], path: string) => {
+    const m = await loadModel(path, { threads: 1, devices: devices.length > 1 ? [metaDevice(devices)] : devices, contextSize: 64, batchSize: 4 });
+    await m.evaluate([1, 2, 3, 4, 5, 6], { allLogits: true });
+    await m.evaluate([7]);
+    await m.dispose();
+    await devices[devices.length - 1]!.updateMemory();
+    for (const d of devices) d.conn.close();
+  };
+  const sessions: RecordedFrame[][] = [];
+  for (const path of models)
+    sessions.push(await recordSession(endpoint, async (proxy) => run((await openRpcServer(proxy)) as RpcDevice[], path)));
+  const rank0 = await startRpcServer({ port: 0, threads: 1 });
+  try {
+    sessions.push(await recordSession(endpoint, async (proxy) =>
+      run([...(await openRpcServer(rank0.endpoint)), ...(await openRpcServer(proxy))] as RpcDevice[], splitModel)));
+  } finally { await rank0.close(); }
+  return sessions;
+}
 
 /**
  * Runs `session` against a proxy in front of `endpoint` and returns every frame the client
@@ -44,18 +74,6 @@ export async function recordSession(endpoint: string, session: (proxyEndpoint: s
     await new Promise<void>((r) => proxy.close(() => r()));
   }
   return frames;
-}
-
-/** small deterministic PRNG */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 const BOUNDARY = [0n, 1n, 7n, 0xffn, 0xffffn, 0x7fffffffn, 0xffffffffn, 0x100000000n, 2n ** 53n - 1n, 2n ** 53n, 2n ** 63n, 2n ** 64n - 1n];
@@ -229,7 +247,7 @@ function probe(o: FuzzOptions): Promise<boolean> {
 
 /** Sends `o.frames` frames over as many connections as it takes; returns what happened. */
 export async function fuzzServer(o: FuzzOptions): Promise<FuzzResult> {
-  const r = prng(o.seed ?? 1);
+  const r = mulberry32(o.seed ?? 1);
   const res: FuzzResult = { frames: 0, connections: 0, replies: 0, errorReplies: 0, closedByServer: 0, hangs: 0, kinds: {}, rssKiB: [], ms: 0 };
   const t0 = performance.now();
   const per = o.perConnection ?? 60, parallel = o.parallel ?? 4;

@@ -29,7 +29,7 @@ import { FrameReader, Kind, Cmd, Layout, Reader, Writer, frame } from "../lib/rp
 import { encodeGraph } from "../lib/rpc/graph.js";
 import { ROOT, assertSameArray, fixture, haveFixtures, rejectsWith, warnNoFixtures } from "./helpers.js";
 import { writeTinyModel } from "./tiny-model.js";
-import { fuzzServer, recordSession } from "./rpc-fuzz.js";
+import { fuzzServer, recordClientSessions } from "./rpc-fuzz.js";
 
 const dir = mkdtempSync(join(tmpdir(), "weft-rpc-"));
 process.env.WEFT_CACHE_DIR = join(dir, "client-cache");  // the client's hash cache, private to this run
@@ -350,33 +350,7 @@ test("hostile requests get error replies and the server stays up: unknown buffer
 test("fuzz: 20,000 mutated frames from recorded sessions: the server never crashes or hangs, its memory stays flat, and it still serves a valid client", async () => {
   const srv = await spawnServer(["--port", "0", "-q"]);
   try {
-    const sessions = [];
-    const models = haveFixtures ? [TINY, fixture("nano-q8_0.gguf")] : [TINY];
-    for (const path of models) {
-      sessions.push(await recordSession(srv.endpoint, async (proxy) => {
-        const [dev] = await openRpcServer(proxy);
-        const m = await loadModel(path, { threads: 1, devices: [dev!], contextSize: 64, batchSize: 4 });
-        await m.evaluate([1, 2, 3, 4, 5, 6], { allLogits: true });
-        await m.evaluate([7]);
-        await m.dispose();
-        await (dev as RpcDevice).updateMemory();
-        (dev as RpcDevice).conn.close();
-      }));
-    }
-    // a tensor split's session as its rank 1 sees it (GROUP, PREPARE, graphs with ALL_REDUCE
-    // nodes); rank 0 is closed before the fuzzing, so replayed groups fail to link
-    const rank0 = await server();
-    try {
-      sessions.push(await recordSession(srv.endpoint, async (proxy) => {
-        const [d0] = await openRpcServer(rank0.endpoint), [d1] = await openRpcServer(proxy);
-        const { metaDevice: meta } = await import("../lib/meta/index.js");
-        const m = await loadModel(TINY, { threads: 1, devices: [meta([d0!, d1!])], contextSize: 64, batchSize: 4 });
-        await m.evaluate([1, 2, 3, 4, 5, 6], { allLogits: true });
-        await m.evaluate([7]);
-        await m.dispose();
-        (d0 as RpcDevice).conn.close(); (d1 as RpcDevice).conn.close();
-      }));
-    } finally { await stop(rank0); }
+    const sessions = await recordClientSessions(srv.endpoint, haveFixtures ? [TINY, fixture("nano-q8_0.gguf")] : [TINY], TINY);
     assert.ok(sessions[sessions.length - 1]!.some((f) => f.cmd === Cmd.GROUP), "the tensor split's session has its GROUP");
     assert.ok(sessions.every((s) => s.length > 20), "recorded sessions");
     const warm = await fuzzServer({ host: "127.0.0.1", port: srv.port, sessions, frames: 2000, seed: 7, pid: srv.proc.pid });

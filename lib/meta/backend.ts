@@ -47,8 +47,7 @@ export class MetaBackend implements Backend {
         const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
         if (state.kind === "MIRRORED") { locals.forEach((l, d) => void setTensorAsync(backends[d]!, l, bytes, offset)); return; }
         wholeOnly(t, offset, bytes.length);
-        locals.forEach((l, d) => void setTensorAsync(backends[d]!, l,
-          state.kind === "PARTIAL" ? (d === 0 ? bytes : new Uint8Array(bytes.length)) : sliceBytes(t, state, d, bytes)));
+        locals.forEach((l, d) => void setTensorAsync(backends[d]!, l, sliceBytes(t, state, d, bytes)));
       };
       this.getTensorAsync = async (t, offset, size) => {
         if (this.#chain) await this.#chain;

@@ -86,8 +86,12 @@ function axisBytes(t: Tensor, axis: number): number {
   return axis === 0 ? tr.typeSize / tr.blockSize : t.nb[axis]!;
 }
 
-/** Device d's bytes of a whole contiguous tensor cut by `s` (AXIS). */
+/**
+ * Device d's bytes of a whole contiguous tensor in state `s`: its slice (AXIS), the whole
+ * (MIRRORED), or the whole on device 0 and zeros elsewhere (PARTIAL: the sum is the value).
+ */
 export function sliceBytes(t: Tensor, s: SplitState, d: number, full: Uint8Array): Uint8Array {
+  if (s.kind === "PARTIAL") return d === 0 ? full : new Uint8Array(full.length);
   if (!isAxis(s)) return full;
   const unit = axisBytes(t, s.axis), along = t.ne[s.axis]! * unit;
   const outer = along ? full.length / along : 0;
@@ -173,10 +177,6 @@ export class MetaBuffer implements Buffer {
     const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
     if (state.kind === "MIRRORED") { for (const l of locals) setTensorData(l, bytes, offset); return; }
     wholeOnly(t, offset, bytes.length);
-    if (state.kind === "PARTIAL") {
-      locals.forEach((l, d) => setTensorData(l, d === 0 ? bytes : new Uint8Array(bytes.length)));
-      return;
-    }
     locals.forEach((l, d) => setTensorData(l, sliceBytes(t, state, d, bytes)));
   }
 
@@ -195,8 +195,7 @@ export class MetaBuffer implements Buffer {
           const f = openSync(file, "r");
           try { return readFileRange(f, file, x.offset, x.size); } finally { closeSync(f); }
         };
-        locals.forEach((l, d) => setTensorFrom(l,
-          state.kind === "MIRRORED" ? read : state.kind === "PARTIAL" ? () => (d === 0 ? read() : new Uint8Array(read().length)) : () => sliceBytes(x.t, state, d, read())));
+        locals.forEach((l, d) => setTensorFrom(l, () => sliceBytes(x.t, state, d, read())));
         bytes = null;  // from here on (a restore), read again from the file
         await step(x.size);
       }

@@ -109,6 +109,9 @@ const GRAPH_CACHE = 32;
 /** graph instances per shape when several devices pipeline micro-batches */
 const PIPELINE_SLOTS = 3;
 
+/** The graph cache's key: tokens, KV length, whether every token's logits are read, pipeline slot. */
+const graphKey = (n: number, kvLen: number, allLogits: boolean, slot: number) => `${n}:${kvLen}:${allLogits ? 1 : 0}:${slot}`;
+
 /** mask: the graph's mask input, refilled each step (setInput copies it before it resolves) */
 interface CachedGraph { fg: ForwardGraph; sg: ScheduledGraph; mask: Float32Array }
 
@@ -296,7 +299,7 @@ export class Model {
   }
 
   #graph(n: number, kvLen: number, allLogits: boolean, slot: number): CachedGraph {
-    const key = `${n}:${kvLen}:${allLogits ? 1 : 0}:${slot}`;
+    const key = graphKey(n, kvLen, allLogits, slot);
     const hit = this.#graphs.get(key);
     if (hit) { this.#graphs.delete(key); this.#graphs.set(key, hit); return hit; }
     if (this.#graphs.size >= GRAPH_CACHE) {
@@ -371,7 +374,7 @@ export class Model {
         // RPC servers receive it now instead of with the next step)
         if (!all && !opts.signal?.aborted && this.#pos < this.contextSize) {
           const kvNext = Math.min(this.contextSize, Math.ceil((this.#pos + 1) / KV_BUCKET) * KV_BUCKET);
-          if (!this.#graphs.has(`1:${kvNext}:0:0`)) this.#graph(1, kvNext, false, 0).sg.prepare();
+          if (!this.#graphs.has(graphKey(1, kvNext, false, 0))) this.#graph(1, kvNext, false, 0).sg.prepare();
         }
       } finally {
         await Promise.allSettled(pending);  // nothing of this call is still running when it returns or throws

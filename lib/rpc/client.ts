@@ -310,6 +310,21 @@ export class RpcConnection {
     for (const restore of this.#restorers) await restore(this);
   }
 
+  /**
+   * @internal Hands the socket over (a server's peer link, once PEER is answered): nothing
+   * more is read or checked here, and this connection counts as closed.
+   */
+  detach(): Socket {
+    const s = this.#socket;
+    if (!s || this.#closed || this.#pending.size) throw weftError("BAD_ARGUMENT", `the connection to ${this.endpoint} cannot be handed over now`);
+    if (this.#timer) { clearInterval(this.#timer); this.#timer = null; }
+    for (const ev of ["data", "error", "close"]) s.removeAllListeners(ev);
+    s.on("error", () => {});
+    this.#closed = weftError("DISPOSED", `the connection to ${this.endpoint} was handed over`);
+    this.#socket = null;
+    return s;
+  }
+
   /** Ends the session: the server frees everything this client held there. */
   close(): void {
     this.#fail(weftError("DISPOSED", `the connection to ${this.endpoint} was closed`));

@@ -8,17 +8,15 @@
  * (PeerRendezvous). Once a link is up, its socket is handed to native code, which runs
  * the ALL_REDUCE nodes over it (csrc/peer.cpp); the JS thread no longer sees its bytes.
  */
-import { connect, Socket } from "node:net";
+import type { Socket } from "node:net";
 import { randomBytes } from "node:crypto";
 import { weftError, WeftError } from "../core/errors.js";
 import type { AllReduceType, CollectiveGroup, Device } from "../backend/interface.js";
 import type { Graph } from "../core/graph.js";
 import { Op } from "../core/ops.js";
 import { native } from "../cpu/index.js";
-import {
-  Cmd, FrameReader, Kind, NONCE_BYTES, PROTOCOL_VERSION, Status, Writer, authProof, frame, proofsEqual, readReply, tablesDigest,
-} from "./protocol.js";
-import { parseEndpoint } from "./client.js";
+import { Writer } from "./protocol.js";
+import { RpcConnection } from "./client.js";
 import type { RpcDevice } from "./device.js";
 
 /** How partial sums cross a peer link: as F32, F16 or Q8_0 blocks (csrc/peer.cpp WireType). */
@@ -69,9 +67,13 @@ export class PeerRendezvous {
     }
   }
 
+  /** checks a session key's length; throws what is wrong */
+  static checkKey(key: Uint8Array): void {
+    if (key.length !== PEER_KEY_BYTES) throw weftError("RPC_PROTOCOL", `a peer session key is ${PEER_KEY_BYTES} bytes, got ${key.length}`);
+  }
   /** checks a PEER request's fields; throws what is wrong */
   static check(key: Uint8Array, from: number, to: number): void {
-    if (key.length !== PEER_KEY_BYTES) throw weftError("RPC_PROTOCOL", `a peer session key is ${PEER_KEY_BYTES} bytes, got ${key.length}`);
+    PeerRendezvous.checkKey(key);
     if (!(to < from && from < MAX_GROUP)) throw weftError("BAD_ARGUMENT", `a peer of rank ${from} cannot link to rank ${to} (the higher rank dials the lower)`);
   }
 
@@ -121,66 +123,21 @@ export class PeerRendezvous {
 }
 
 /**
- * Dials the server of a lower rank and links to it: HELLO, AUTH with this server's token
- * where it asks for one, PEER; resolves to the adopted descriptor.
+ * Dials the server of a lower rank and links to it: a client connection (HELLO, and AUTH
+ * with this server's token where it asks for one), then PEER; resolves to the adopted
+ * descriptor.
  */
 export async function dialPeer(endpoint: string, token: string | null, key: Uint8Array, from: number, to: number, timeoutMs: number, self: Uint8Array): Promise<number> {
-  const { host, port } = parseEndpoint(endpoint);
-  const sock = connect({ host, port, noDelay: true });
-  const reader = new FrameReader(() => 1 << 20);
-  const replies: Array<{ status: number; code: string; message: string; r: ReturnType<typeof readReply>["r"] }> = [];
-  let wake: (() => void) | null = null;
-  let failure: WeftError | null = null;
-  const fail = (why: string) => { failure ??= weftError("RPC_CLOSED", `linking to rank ${to} at ${endpoint}: ${why}`); wake?.(); };
-  sock.on("data", (chunk: Buffer) => {
-    try {
-      reader.push(chunk, ({ h, body }) => {
-        if (h.kind === Kind.NOTICE) return true;
-        replies.push(readReply(body));
-        wake?.();
-        return true;
-      });
-    } catch (e) { fail((e as Error).message); }
-  });
-  sock.on("error", (e: NodeJS.ErrnoException) => fail(e.code === "ECONNREFUSED" ? "connection refused" : e.message));
-  sock.on("close", () => fail("the connection closed"));
-  const timer = setTimeout(() => fail(`no answer within ${timeoutMs / 1000} s`), timeoutMs);
-  let id = 0;
-  const ask = async (cmd: number, body: Uint8Array) => {
-    for (const p of frame(Kind.REQUEST, cmd, ++id, body)) sock.write(p);
-    while (!replies.length && !failure) await new Promise<void>((r) => { wake = r; });
-    wake = null;
-    if (failure) throw failure;
-    const rep = replies.shift()!;
-    if (rep.status === Status.ERROR) throw weftError(rep.code === "RPC_AUTH" ? "RPC_AUTH" : "RPC_CLOSED", `linking to rank ${to} at ${endpoint}: ${rep.message}`);
-    return rep.r;
-  };
+  let conn: RpcConnection | null = null;
   try {
-    await new Promise<void>((resolve, reject) => {
-      sock.once("connect", resolve);
-      sock.once("error", () => reject(failure));
-      sock.once("close", () => reject(failure));
-    });
-    const hello = await ask(Cmd.HELLO, new Writer().u32(PROTOCOL_VERSION).str(`weft rpc-server, rank ${from}`).str(tablesDigest()).body());
-    if (hello.u32("version") !== PROTOCOL_VERSION) throw weftError("RPC_PROTOCOL", `rank ${to} at ${endpoint} runs another weft version`);
-    hello.str("server");
-    const authRequired = hello.u8("auth flag") === 1;
-    const nonce = hello.bytes("nonce").slice();
-    if (authRequired) {
-      if (!token) throw weftError("RPC_AUTH", `rank ${to} at ${endpoint} wants a token and this server has none: start every server of a group with the same --token-file`);
-      const mine = randomBytes(NONCE_BYTES);
-      const r = await ask(Cmd.AUTH, new Writer().bytes(mine).bytes(authProof(token, "client", nonce, mine)).body());
-      if (!proofsEqual(r.bytes("server proof"), authProof(token, "server", mine, nonce)))
-        throw weftError("RPC_AUTH", `rank ${to} at ${endpoint} could not prove it holds the token`);
-    }
-    await ask(Cmd.PEER, new Writer().bytes(key).u32(from).u32(to).bytes(self).body());
-    sock.removeAllListeners("data");
+    conn = await RpcConnection.open(endpoint, { token, timeoutMs });
+    await conn.request("PEER", new Writer().bytes(key).u32(from).u32(to).bytes(self).body());
+    const sock = conn.detach();
     try { return takeSocket(sock); } finally { sock.destroy(); }
   } catch (e) {
-    sock.destroy();
-    throw e;
-  } finally {
-    clearTimeout(timer);
+    conn?.close();
+    const err = e as WeftError;
+    throw weftError(err.code === "RPC_AUTH" ? "RPC_AUTH" : "RPC_CLOSED", `linking to rank ${to} at ${endpoint}: ${err.message}`, e);
   }
 }
 
@@ -197,7 +154,7 @@ export class RpcGroup {
   readonly id = nextGroupId++;
   readonly size: number;
   #live = true;
-  refs = 0;
+  #refs = 0;
   /** resolves once every server has linked to the others (a graph naming the group is sent after it) */
   readonly ready: Promise<void>;
   linked = false;
@@ -224,12 +181,12 @@ export class RpcGroup {
   }
   /** a reference for one compiled graph */
   handle(): CollectiveGroup {
-    this.refs++;
+    this.#refs++;
     let done = false;
     return {
       id: this.id, size: this.size,
       abort: () => this.end(),
-      dispose: () => { if (!done) { done = true; if (--this.refs === 0) this.end(); } },
+      dispose: () => { if (!done) { done = true; if (--this.#refs === 0) this.end(); } },
     };
   }
 }

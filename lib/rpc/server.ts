@@ -420,7 +420,7 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, Handler> = {
     r.end("GROUP");
     s.device(device);
     if (wire > 2) throw protocolError(`unknown all-reduce wire type ${wire}`);
-    PeerRendezvous.check(key, size - 1, 0);
+    PeerRendezvous.checkKey(key);
     endpoints.forEach((e) => parseEndpoint(e));
     s.ungroup(gid, "the client made the group again");
     if (s.groups.size >= MAX_GROUPS) throw weftError("RPC_LIMIT", `more than ${MAX_GROUPS} collective groups for one client`);
