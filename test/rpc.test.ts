@@ -27,6 +27,7 @@ import { loadModel } from "../lib/model/model.js";
 import { RpcServer, addRpcServer, closeRpcServers, openRpcServer, startRpcServer, RpcConnection, RpcDevice } from "../lib/rpc/index.js";
 import { FrameReader, Kind, Cmd, Layout, Reader, Writer, frame } from "../lib/rpc/protocol.js";
 import { encodeGraph } from "../lib/rpc/graph.js";
+import { PeerAllowList } from "../lib/rpc/peer.js";
 import { ROOT, assertSameArray, fixture, haveFixtures, rejectsWith, warnNoFixtures } from "./helpers.js";
 import { writeTinyModel } from "./tiny-model.js";
 import { fuzzServer, recordClientSessions } from "./rpc-fuzz.js";
@@ -674,6 +675,37 @@ test("one launch per token: generating on a meta device of 2 servers sends each 
     if (layers.length > 1) assert.not.equal(layers[0], layers[1], "the two models differ in layer count");
     for (const d of devs) d.conn.close();
   } finally { RpcConnection.prototype.request = orig; await stop(a); await stop(b); }
+});
+
+test("peer links: a server dials only the addresses its --peer-allow list names (default: loopback and private networks); names are resolved and checked first; a refused link is an error naming the flag", async () => {
+  const def = new PeerAllowList();
+  for (const a of ["127.0.0.1", "10.1.2.3", "172.20.0.5", "192.168.1.9", "100.100.1.1", "::1", "fd12::5", "::ffff:192.168.0.4"]) assert.ok(def.allows(a), `private: ${a}`);
+  for (const a of ["8.8.8.8", "172.32.0.1", "2001:db8::1", "::ffff:1.2.3.4", "not-an-ip"]) assert.not.ok(def.allows(a), `not private: ${a}`);
+  const mine = new PeerAllowList(["203.0.113.7", "198.51.100.0/24"]);
+  assert.ok(mine.allows("203.0.113.7") && mine.allows("198.51.100.200"));
+  assert.not.ok(mine.allows("203.0.113.8") || mine.allows("127.0.0.1"), "a list replaces the default");
+  assert.ok(new PeerAllowList(["any"]).allows("8.8.8.8"));
+  for (const bad of ["10.0.0.0/33", "example.com", "10.0.0.0/x", ""]) assert.throws(() => new PeerAllowList([bad]), /--peer-allow/);
+  const { metaDevice } = await import("../lib/meta/index.js");
+  const { cpuDevice } = await import("../lib/cpu/index.js");
+  // rank 1 may dial only 10.0.0.0/8: its link to rank 0 on loopback is refused, and the step says why
+  const a = await server(), b = await server({ peerAllow: ["10.0.0.0/8"] });
+  try {
+    const devs = [...(await openRpcServer(a.endpoint)), ...(await openRpcServer(b.endpoint))] as RpcDevice[];
+    const m = await loadModel(TINY, { threads: 1, devices: [metaDevice(devs)] });
+    await rejectsWith(m.evaluate([1, 2, 3]), /127\.0\.0\.1 is outside this server's --peer-allow list \(10\.0\.0\.0\/8\)/);
+    await m.dispose();
+    for (const d of devs) d.conn.close();
+  } finally { await stop(a); await stop(b); }
+  // a name: resolved, checked (127.0.0.1 allowed) and dialed at the address checked
+  const c = await server(), d = await server({ peerAllow: ["127.0.0.1"] });
+  try {
+    const devs = [...(await openRpcServer(`localhost:${c.port}`)), ...(await openRpcServer(d.endpoint))] as RpcDevice[];
+    const m = await loadModel(TINY, { threads: 1, devices: [metaDevice(devs)] });
+    assertSameArray(await m.evaluate([1, 2, 3], { allLogits: true }), await localLogits(TINY, [1, 2, 3], { devices: [metaDevice([cpuDevice("cpu:0"), cpuDevice("cpu:1")])] }), "linked through a name");
+    await m.dispose();
+    for (const x of devs) x.conn.close();
+  } finally { await stop(c); await stop(d); }
 });
 
 test("peer links: hostile GROUP and PEER requests get errors; a peer server killed mid-generation fails the step within seconds (RPC_CLOSED); restarted, reconnect() and resume() give the uninterrupted greedy text; its partner still serves", async () => {

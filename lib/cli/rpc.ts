@@ -16,7 +16,7 @@ export function parseSize(s: string, flag: string): number {
 export const RPC_SERVER_COMMAND: Command = {
   summary: "serve this machine's devices to weft on other machines (--rpc host:port there)",
   usage: `weft rpc-server [--host 127.0.0.1] [--port ${DEFAULT_RPC_PORT}] [--token-file FILE] [-t N] [--device cpu:0]
-                [--max-memory SIZE] [--cache DIR] [--models DIR] [--insecure]
+                [--max-memory SIZE] [--cache DIR] [--models DIR] [--peer-allow LIST] [--insecure]
 
   --host ADDR          address to listen on (default 127.0.0.1: this machine only); any other
                        address needs a token (or --insecure)
@@ -32,6 +32,10 @@ export const RPC_SERVER_COMMAND: Command = {
                        again uploads nothing (weights are mapped from DIR)
   --models DIR         GGUF files clients may name instead of uploading them (checked by hash)
   --max-clients N      most clients at once (default 16)
+  --peer-allow LIST    where this server may connect for a tensor split's peer links (the
+                       client names its servers' addresses), comma-separated: private
+                       (default: loopback, 10/8, 172.16/12, 192.168/16, 100.64/10, link-local,
+                       fc00::/7), any, addresses or subnets (e.g. 203.0.113.7,10.1.0.0/16)
   -q, --quiet          no line per client
 Prints its endpoint, devices and memory, then one line per client. Runs until Ctrl-C or
 SIGTERM; a client's memory is freed when it disconnects. No encryption: the token keeps
@@ -42,7 +46,7 @@ tunnel (ssh -L, WireGuard) across networks you do not trust.`,
       host: { names: ["--host"] }, port: { names: ["--port"] }, tokenFile: { names: ["--token-file"] },
       insecure: { names: ["--insecure"], switch: true }, threads: { names: ["-t", "--threads"] },
       device: { names: ["-dev", "--device"] }, maxMemory: { names: ["--max-memory"] }, cache: { names: ["--cache"] },
-      models: { names: ["--models"] }, maxClients: { names: ["--max-clients"] }, quiet: { names: ["-q", "--quiet"], switch: true },
+      models: { names: ["--models"] }, peerAllow: { names: ["--peer-allow"] }, maxClients: { names: ["--max-clients"] }, quiet: { names: ["-q", "--quiet"], switch: true },
     });
     const token = readToken(v.tokenFile);
     const srv = await startRpcServer({
@@ -50,6 +54,7 @@ tunnel (ssh -L, WireGuard) across networks you do not trust.`,
       threads: int(v.threads, "--threads", usableCores(), 1), devices: v.device?.split(",").map((s) => s.trim()),
       maxMemory: v.maxMemory ? parseSize(v.maxMemory, "--max-memory") : undefined,
       cacheDir: v.cache ?? null, modelsDir: v.models ?? null, maxClients: int(v.maxClients, "--max-clients", 16, 1),
+      peerAllow: v.peerAllow?.split(",").map((x) => x.trim()).filter(Boolean),
       log: v.quiet ? undefined : (s) => log(`rpc-server: ${s}`),
     });
     log(`weft rpc-server listening on ${srv.endpoint} (${token ? "token required" : "no token: loopback only"}${v.insecure && !token ? ", INSECURE" : ""})`);
@@ -58,6 +63,7 @@ tunnel (ssh -L, WireGuard) across networks you do not trust.`,
       log(`  device ${i}: ${d.name}, ${d.description}, ${srv.threads} thread(s), memory ${(m.free / 2 ** 30).toFixed(1)} / ${(m.total / 2 ** 30).toFixed(1)} GiB free`);
     });
     if (v.cache) log(`  weight cache: ${v.cache}`);
+    if (v.peerAllow) log(`  peer links to: ${srv.peerAllow}`);
     if (v.models) log(`  models: ${v.models}`);
     log(`  per client: at most ${(srv.maxMemory / 2 ** 30).toFixed(1)} GiB`);
     await new Promise<void>((resolve) => signal.addEventListener("abort", () => resolve(), { once: true }));

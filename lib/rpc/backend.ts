@@ -89,9 +89,13 @@ export class RpcBackend implements Backend {
       this.#pumping = false;
     }
   }
-  /** a request in queue order; resolves to its reply */
-  #request(cmd: CmdName, body: Uint8Array | Uint8Array[]): Promise<Reply> {
-    return new Promise<Reply>((resolve, reject) => this.#submit(() => { this.#conn.request(cmd, body).then(resolve, reject); }));
+  /** a request in queue order; resolves to its reply (`refuse`: checked when its turn comes; an error is its answer, nothing is sent) */
+  #request(cmd: CmdName, body: Uint8Array | Uint8Array[], refuse?: () => WeftError | null): Promise<Reply> {
+    return new Promise<Reply>((resolve, reject) => this.#submit(() => {
+      const no = refuse?.();
+      if (no) reject(no);
+      else this.#conn.request(cmd, body).then(resolve, reject);
+    }));
   }
   /** a request in queue order whose reply nobody awaits (its failure: at the next synchronize) */
   #post(cmd: CmdName, body: Uint8Array | Uint8Array[]): void {
@@ -116,19 +120,24 @@ export class RpcBackend implements Backend {
     });
   }
 
-  /** a graph naming collective groups is sent once their servers have linked */
-  #awaitGroups(graph: Graph): void {
-    for (const p of groupsLinking(graph)) this.#hold(p);
+  /**
+   * A graph naming collective groups is sent once their servers have linked; where one
+   * failed to, the graph is not sent and the returned check gives that failure instead.
+   */
+  #awaitGroups(graph: Graph): () => WeftError | null {
+    const linking = groupsLinking(graph);
+    for (const g of linking) this.#hold(g.ready.catch(() => {}));
+    return () => linking.find((g) => g.failure)?.failure ?? null;
   }
 
   /** sends a graph ahead of its first compute: the server decodes it while it runs other work */
   prepare(graph: Graph): void {
     this.#check();
     if (this.#sent.get(graph.uid) === this.#conn.session) return;
-    this.#awaitGroups(graph);
+    const refuse = this.#awaitGroups(graph);
     const body = [new Writer().u32(this.device.index).u64(graph.uid).body(), this.#encode(graph)];
     this.#sent.set(graph.uid, this.#conn.session);
-    this.#request("PREPARE", body).catch((e: WeftError) => {
+    this.#request("PREPARE", body, refuse).catch((e: WeftError) => {
       if (this.#sent.get(graph.uid) === this.#conn.session) this.#sent.delete(graph.uid);  // the first compute sends it again
       this.#failure ??= e;
     });
@@ -138,11 +147,11 @@ export class RpcBackend implements Backend {
     try {
       this.#check();
       const fresh = this.#sent.get(graph.uid) !== this.#conn.session;
-      if (fresh) this.#awaitGroups(graph);
+      const refuse = fresh ? this.#awaitGroups(graph) : undefined;
       const head = new Writer().u32(this.device.index).u64(graph.uid).u8(fresh ? 1 : 0).body().slice();
       const body = fresh ? [head, this.#encode(graph)] : [head];
       if (fresh) this.#sent.set(graph.uid, this.#conn.session);
-      return this.#request("COMPUTE", body).then(() => {
+      return this.#request("COMPUTE", body, refuse).then(() => {
         const f = this.#takeFailure();
         if (f) throw f;
       }, (e: WeftError) => {

@@ -8,7 +8,8 @@
  * (PeerRendezvous). Once a link is up, its socket is handed to native code, which runs
  * the ALL_REDUCE nodes over it (csrc/peer.cpp); the JS thread no longer sees its bytes.
  */
-import type { Socket } from "node:net";
+import { BlockList, isIP, type Socket } from "node:net";
+import { lookup } from "node:dns/promises";
 import { randomBytes } from "node:crypto";
 import { weftError, WeftError } from "../core/errors.js";
 import type { AllReduceType, CollectiveGroup, Device } from "../backend/interface.js";
@@ -16,7 +17,7 @@ import type { Graph } from "../core/graph.js";
 import { Op } from "../core/ops.js";
 import { native } from "../cpu/index.js";
 import { Writer } from "./protocol.js";
-import { RpcConnection } from "./client.js";
+import { RpcConnection, parseEndpoint } from "./client.js";
 import type { RpcDevice } from "./device.js";
 
 /** How partial sums cross a peer link: as F32, F16 or Q8_0 blocks (csrc/peer.cpp WireType). */
@@ -122,15 +123,65 @@ export class PeerRendezvous {
   }
 }
 
+/** The networks `private` stands for: loopback, RFC 1918, CGNAT (Tailscale and the like), link-local, IPv6 ULA. */
+const PRIVATE_NETS = ["127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16", "::1/128", "fc00::/7", "fe80::/10"];
+
 /**
- * Dials the server of a lower rank and links to it: a client connection (HELLO, and AUTH
- * with this server's token where it asks for one), then PEER; resolves to the adopted
- * descriptor.
+ * The addresses a server may dial for its peer links (rpc-server --peer-allow). A client
+ * names the endpoints of a group, so without a limit an authenticated client could make
+ * the server open connections (and send a HELLO) anywhere it can reach. Entries: "private"
+ * (the default), "any", an address or a subnet (10.0.0.0/24, fd00::/8). A name is resolved
+ * before the check and the link goes to the address that was checked.
  */
-export async function dialPeer(endpoint: string, token: string | null, key: Uint8Array, from: number, to: number, timeoutMs: number, self: Uint8Array): Promise<number> {
+export class PeerAllowList {
+  readonly #nets = new BlockList();
+  readonly any: boolean;
+  constructor(readonly entries: readonly string[] = ["private"]) {
+    if (entries.length === 0) throw weftError("BAD_ARGUMENT", "--peer-allow needs at least one entry (private, any, an address or a subnet)");
+    this.any = entries.includes("any");
+    for (const raw of entries) {
+      const e = raw.trim();
+      if (e === "any") continue;
+      if (e === "private") { for (const n of PRIVATE_NETS) this.#addSubnet(n, raw); continue; }
+      if (e.includes("/")) this.#addSubnet(e, raw);
+      else if (isIP(e)) this.#nets.addAddress(e, isIP(e) === 6 ? "ipv6" : "ipv4");
+      else throw weftError("BAD_ARGUMENT", `--peer-allow: '${raw}' is not private, any, an IP address or a subnet such as 10.0.0.0/24`);
+    }
+  }
+  #addSubnet(net: string, raw: string): void {
+    const [addr, bits] = net.split("/");
+    const kind = isIP(addr ?? ""), prefix = Number(bits);
+    if (!kind || !/^\d+$/.test(bits ?? "") || prefix > (kind === 6 ? 128 : 32))
+      throw weftError("BAD_ARGUMENT", `--peer-allow: '${raw}' is not a subnet such as 10.0.0.0/24 or fd00::/8`);
+    this.#nets.addSubnet(addr!, prefix, kind === 6 ? "ipv6" : "ipv4");
+  }
+  /** whether an IP address may be dialed (an IPv4-mapped IPv6 address counts as its IPv4 one) */
+  allows(address: string): boolean {
+    if (this.any) return true;
+    const v4 = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address)?.[1];
+    if (v4) return this.#nets.check(v4, "ipv4");
+    const kind = isIP(address);
+    return kind !== 0 && this.#nets.check(address, kind === 6 ? "ipv6" : "ipv4");
+  }
+  toString(): string { return this.entries.join(","); }
+}
+
+/**
+ * Dials the server of a lower rank and links to it: its name resolved and checked against
+ * the server's allow-list, then a client connection to that address (HELLO, and AUTH with
+ * this server's token where it asks for one), then PEER; resolves to the adopted descriptor.
+ */
+export async function dialPeer(endpoint: string, token: string | null, key: Uint8Array, from: number, to: number, timeoutMs: number, self: Uint8Array, allow: PeerAllowList): Promise<number> {
   let conn: RpcConnection | null = null;
   try {
-    conn = await RpcConnection.open(endpoint, { token, timeoutMs });
+    const { host, port } = parseEndpoint(endpoint);
+    let address: string;
+    try { address = isIP(host) ? host : (await lookup(host)).address; } catch (e) {
+      throw weftError("RPC_CLOSED", `cannot resolve ${host}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`, e);
+    }
+    if (!allow.allows(address))
+      throw weftError("RPC_AUTH", `${address} is outside this server's --peer-allow list (${allow}): start the server with --peer-allow naming that address or its subnet, or give the client --no-peer-links`);
+    conn = await RpcConnection.open(isIP(address) === 6 ? `[${address}]:${port}` : `${address}:${port}`, { token, timeoutMs });
     await conn.request("PEER", new Writer().bytes(key).u32(from).u32(to).bytes(self).body());
     const sock = conn.detach();
     try { return takeSocket(sock); } finally { sock.destroy(); }
@@ -158,6 +209,8 @@ export class RpcGroup {
   /** resolves once every server has linked to the others (a graph naming the group is sent after it) */
   readonly ready: Promise<void>;
   linked = false;
+  /** why linking failed (a graph naming the group is then refused with it, not sent) */
+  failure: WeftError | null = null;
   constructor(readonly devices: readonly RpcDevice[], readonly wire: AllReduceType, readonly key: string) {
     this.size = devices.length;
     const secret = randomBytes(PEER_KEY_BYTES);
@@ -166,16 +219,25 @@ export class RpcGroup {
       const w = new Writer().u32(this.id).u32(d.index).u32(rank).u32(this.size).u8(WIRE[wire]).bytes(secret);
       for (const e of endpoints) w.str(e);
       return d.conn.request("GROUP", w.body());
-    })).then(() => { this.linked = true; });
+    })).then(() => { this.linked = true; }, (e: WeftError) => {
+      // the servers that did link stop waiting for the others; the steps that name the group say why
+      this.failure = e;
+      this.#stop();
+      throw e;
+    });
     this.ready.catch(() => {});  // reported by the steps that use the group
     byId.set(this.id, this);
   }
   get live(): boolean { return this.#live && this.devices.every((d) => !d.conn.closed); }
   /** ends it on every server (a step waiting in it there fails at once) */
   end(): void {
+    byId.delete(this.id);
+    this.#stop();
+  }
+  /** ends it on the servers; a failed group stays known to its graphs (they are refused with its failure) until disposed */
+  #stop(): void {
     if (!this.#live) return;
     this.#live = false;
-    byId.delete(this.id);
     if (groups.get(this.key) === this) groups.delete(this.key);
     for (const d of this.devices) if (!d.conn.closed) d.conn.post("UNGROUP", new Writer().u32(this.id).body());
   }
@@ -194,13 +256,13 @@ export class RpcGroup {
 const groups = new Map<string, RpcGroup>();
 const byId = new Map<number, RpcGroup>();
 
-/** What a graph must wait for before it is sent: the linking of the groups its ALL_REDUCE nodes name. */
-export function groupsLinking(graph: Graph): Promise<void>[] {
-  const out: Promise<void>[] = [];
+/** The groups a graph's ALL_REDUCE nodes name that are still linking: it is sent once they have linked, or refused. */
+export function groupsLinking(graph: Graph): RpcGroup[] {
+  const out: RpcGroup[] = [];
   for (const t of graph.nodes) {
     if (t.op !== Op.ALL_REDUCE) continue;
     const g = byId.get(t.params[0]!);
-    if (g && !g.linked && !out.includes(g.ready)) out.push(g.ready);
+    if (g && !g.linked && !out.includes(g)) out.push(g);
   }
   return out;
 }

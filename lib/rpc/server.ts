@@ -29,7 +29,7 @@ import { CpuBackend, CpuBuffer, CpuDevice, cpuDevice, native, usableCores } from
 import { canRepack, repackedBytes } from "../cpu/repack.js";
 import type { RepackedBuffer } from "../cpu/buffer.js";
 import { decodeGraph } from "./graph.js";
-import { LINK_TIMEOUT_MS, MAX_GROUP, PeerRendezvous, dialPeer, takeSocket } from "./peer.js";
+import { LINK_TIMEOUT_MS, MAX_GROUP, PeerAllowList, PeerRendezvous, dialPeer, takeSocket } from "./peer.js";
 import { parseEndpoint } from "./client.js";
 import {
   CMD_NAMES, Cmd, CmdName, DEFAULT_MAX_FRAME, FrameReader, Kind, Layout, NONCE_BYTES, Notice, PREAUTH_MAX_BODY,
@@ -61,6 +61,9 @@ export interface RpcServerOptions {
   modelsDir?: string | null;
   /** most clients at once (default 16) */
   maxClients?: number;
+  /** where this server may dial the peers of a tensor split (default ["private"]: loopback
+   * and private networks); entries: "private", "any", addresses, subnets (PeerAllowList) */
+  peerAllow?: readonly string[];
   /** one line per client event (default: none) */
   log?: (line: string) => void;
 }
@@ -413,40 +416,27 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, Handler> = {
     await s.core.storeWeight(st.hash, st.t, st.b.layout, () => st.b.cpu.readLayout(st.offset, size));
   },
   async GROUP(s, r) {
-    const gid = r.u32("group id"), device = r.u32("device"), rank = r.u32("rank"), size = r.u32("group size"), wire = r.u8("wire type");
-    const key = r.bytes("session key");
-    if (size < 2 || size > MAX_GROUP || rank >= size) throw weftError("BAD_ARGUMENT", `rank ${rank} of a group of ${size} (2 to ${MAX_GROUP} ranks)`);
-    const endpoints = Array.from({ length: size }, (_, i) => r.str(`endpoint ${i}`, 300));
-    r.end("GROUP");
-    s.device(device);
-    if (wire > 2) throw protocolError(`unknown all-reduce wire type ${wire}`);
-    PeerRendezvous.checkKey(key);
-    endpoints.forEach((e) => parseEndpoint(e));
-    s.ungroup(gid, "the client made the group again");
+    const g = readGroup(s, r);
+    s.ungroup(g.gid, "the client made the group again");
     if (s.groups.size >= MAX_GROUPS) throw weftError("RPC_LIMIT", `more than ${MAX_GROUPS} collective groups for one client`);
-    const hex = Buffer.from(key).toString("hex");
     // linking runs beside the client's queue (its later requests go on; the client sends a
     // COMPUTE that needs the group only after this reply); UNGROUP meanwhile cancels it
     const entry = { forming: true } as const;
-    s.groups.set(gid, entry);
-    // rank r dials every lower rank and waits for every higher one
-    const dials = endpoints.slice(0, rank).map((e, q) => dialPeer(e, s.core.token, key, rank, q, LINK_TIMEOUT_MS, s.core.id));
-    const above = Array.from({ length: size - rank - 1 }, (_, i) => rank + 1 + i);
-    const settled = await Promise.allSettled([...dials, s.core.rendezvous.take(hex, rank, above, LINK_TIMEOUT_MS)]);
-    const fds = Array<number>(size).fill(-1);
-    settled.slice(0, rank).forEach((x, q) => { if (x.status === "fulfilled") fds[q] = x.value as number; });
-    const last = settled[rank]!;
-    if (last.status === "fulfilled") for (const [q, fd] of last.value as Map<number, number>) fds[q] = fd;
-    const bad = settled.find((x): x is PromiseRejectedResult => x.status === "rejected");
-    const current = s.groups.get(gid) === entry && s.state !== "CLOSED";
-    if (bad || !current) {
-      for (const fd of fds) if (fd >= 0) native().closePeerSocket(fd);
-      const why = bad ? (bad.reason as Error).message : s.state === "CLOSED" ? "the client left" : "the client ended the group";
-      if (current) s.groups.set(gid, { failed: `${why} (the servers of a tensor split must reach each other at the addresses the client uses; else --no-peer-links)` });
-      throw bad?.reason instanceof WeftError ? bad.reason : weftError("RPC_CLOSED", why);
+    s.groups.set(g.gid, entry);
+    const current = () => s.groups.get(g.gid) === entry && s.state !== "CLOSED";
+    let fds: number[];
+    try {
+      fds = await linkPeers(s.core, g);
+    } catch (e) {
+      if (current()) s.groups.set(g.gid, { failed: `${(e as Error).message} (the servers of a tensor split must reach each other at the addresses the client uses; else --no-peer-links)` });
+      throw e;
     }
-    s.groups.set(gid, { native: native().createPeerGroup(size, rank, fds, wire), device, rank });
-    s.core.log(`client ${s.name}: group ${gid} linked (rank ${rank} of ${size})`);
+    if (!current()) {
+      for (const fd of fds) if (fd >= 0) native().closePeerSocket(fd);
+      throw weftError("RPC_CLOSED", s.state === "CLOSED" ? "the client left" : "the client ended the group");
+    }
+    s.groups.set(g.gid, { native: native().createPeerGroup(g.size, g.rank, fds, g.wire), device: g.device, rank: g.rank });
+    s.core.log(`client ${s.name}: group ${g.gid} linked (rank ${g.rank} of ${g.size})`);
   },
   UNGROUP(s, r) {
     const gid = r.u32("group id");
@@ -463,6 +453,40 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, Handler> = {
     return w.u64(s.used).u32(s.core.clients).u64(live.count).u64(live.bytes).body();
   },
 };
+
+interface GroupRequest { gid: number; device: number; rank: number; size: number; wire: number; key: Uint8Array; endpoints: string[] }
+
+/** A GROUP request's fields, every one checked (the endpoints as host:port; dialing checks the addresses). */
+function readGroup(s: Session, r: Reader): GroupRequest {
+  const gid = r.u32("group id"), device = r.u32("device"), rank = r.u32("rank"), size = r.u32("group size"), wire = r.u8("wire type");
+  const key = r.bytes("session key");
+  if (size < 2 || size > MAX_GROUP || rank >= size) throw weftError("BAD_ARGUMENT", `rank ${rank} of a group of ${size} (2 to ${MAX_GROUP} ranks)`);
+  const endpoints = Array.from({ length: size }, (_, i) => r.str(`endpoint ${i}`, 300));
+  r.end("GROUP");
+  s.device(device);
+  if (wire > 2) throw protocolError(`unknown all-reduce wire type ${wire}`);
+  PeerRendezvous.checkKey(key);
+  endpoints.forEach((e) => parseEndpoint(e));
+  return { gid, device, rank, size, wire, key, endpoints };
+}
+
+/**
+ * This rank's links: it dials every lower rank and waits for every higher one. Resolves to
+ * one descriptor per rank (-1 for its own); on any failure the links made are closed.
+ */
+async function linkPeers(core: RpcServer, g: GroupRequest): Promise<number[]> {
+  const dials = g.endpoints.slice(0, g.rank).map((e, q) => dialPeer(e, core.token, g.key, g.rank, q, LINK_TIMEOUT_MS, core.id, core.peerAllow));
+  const above = Array.from({ length: g.size - g.rank - 1 }, (_, i) => g.rank + 1 + i);
+  const settled = await Promise.allSettled([...dials, core.rendezvous.take(Buffer.from(g.key).toString("hex"), g.rank, above, LINK_TIMEOUT_MS)]);
+  const fds = Array<number>(g.size).fill(-1);
+  settled.slice(0, g.rank).forEach((x, q) => { if (x.status === "fulfilled") fds[q] = x.value as number; });
+  const last = settled[g.rank]!;
+  if (last.status === "fulfilled") for (const [q, fd] of last.value as Map<number, number>) fds[q] = fd;
+  const bad = settled.find((x): x is PromiseRejectedResult => x.status === "rejected");
+  if (!bad) return fds;
+  for (const fd of fds) if (fd >= 0) native().closePeerSocket(fd);
+  throw bad.reason instanceof WeftError ? bad.reason : weftError("RPC_CLOSED", String(bad.reason));
+}
 
 /** Decodes a graph sent with COMPUTE or PREPARE and keeps it under its id (replacing one of that id). */
 function receiveGraph(s: Session, r: Reader, device: number, gid: number): ServedGraph {
@@ -497,6 +521,8 @@ export class RpcServer {
   readonly threads: number;
   readonly maxMemory: number;
   readonly maxFrame: number;
+  /** where this server may dial its peers */
+  readonly peerAllow: PeerAllowList;
   readonly token: string | null;
   readonly cacheDir: string | null;
   readonly modelsDir: string | null;
@@ -529,6 +555,7 @@ export class RpcServer {
     this.cacheDir = opts.cacheDir ?? null;
     this.modelsDir = opts.modelsDir ?? null;
     this.#maxClients = opts.maxClients ?? 16;
+    this.peerAllow = new PeerAllowList(opts.peerAllow);
     this.log = opts.log ?? (() => {});
     this.#server = server;
     if (this.cacheDir) ensureDir(join(this.cacheDir, "weights"), "create the weight cache");
