@@ -144,7 +144,8 @@ export interface Backend {
 export interface DeviceMemory { free: number; total: number }
 
 /** How partial sums travel between processes (peer links): F32, or F16 / Q8_0 blocks. */
-export type AllReduceType = "f32" | "f16" | "q8_0";
+export const ALL_REDUCE_TYPES = ["f32", "f16", "q8_0"] as const;
+export type AllReduceType = (typeof ALL_REDUCE_TYPES)[number];
 
 export interface CollectiveOptions {
   /** the wire type of partial sums where they cross a network (default f32) */

@@ -3,7 +3,7 @@
  * loading with progress and warnings, Ctrl-C and SIGTERM as an abort, and stdout that may
  * be a closed pipe.
  */
-import type { AllReduceType } from "../backend/interface.js";
+import { ALL_REDUCE_TYPES, type AllReduceType } from "../backend/interface.js";
 import { readFileSync, statSync } from "node:fs";
 import { weftError } from "../core/errors.js";
 import { TYPES, typeName } from "../core/types.js";
@@ -56,8 +56,8 @@ export const MODEL_FLAGS = {
 
 /** --allreduce-type's value, checked. */
 export function allReduceTypeOf(x: string): AllReduceType {
-  if (x !== "f32" && x !== "f16" && x !== "q8_0") throw weftError("USAGE", `--allreduce-type must be f32, f16 or q8_0, got '${x}'`);
-  return x;
+  if (!(ALL_REDUCE_TYPES as readonly string[]).includes(x)) throw weftError("USAGE", `--allreduce-type must be f32, f16 or q8_0, got '${x}'`);
+  return x as AllReduceType;
 }
 
 /** Connects to the --rpc servers (their devices become rpc:N); nothing without --rpc. */

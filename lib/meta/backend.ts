@@ -135,8 +135,8 @@ export class MetaBackend implements Backend {
   /** compiles the program now (the devices get their graphs ready too: servers receive theirs) */
   prepare(graph: Graph): void {
     const program = this.#program(graph);
-    program.graphs.forEach((g, d) => { if (program.path === "collective") prepareGraph(this.backends[d]!, g); });
-    for (const s of program.steps) if ("graph" in s) prepareGraph(this.backends[s.device]!, s.graph);
+    if (program.path === "collective") program.graphs.forEach((g, d) => prepareGraph(this.backends[d]!, g));
+    else for (const s of program.steps) if ("graph" in s) prepareGraph(this.backends[s.device]!, s.graph);
   }
 
   copyTensorAsync(): boolean { return false; }  // into meta memory: the fallback scatters through setTensorAsync

@@ -8,7 +8,7 @@
 import { weftError } from "../core/errors.js";
 import { Op } from "../core/ops.js";
 import { Tensor } from "../core/tensor.js";
-import type { AllReduceType, Device, DeviceCaps, DeviceMemory } from "../backend/interface.js";
+import { ALL_REDUCE_TYPES, type AllReduceType, type Device, type DeviceCaps, type DeviceMemory } from "../backend/interface.js";
 import { checkShares } from "../split/plan.js";
 import type { SplitState } from "../split/state.js";
 import { MetaBackend } from "./backend.js";
@@ -53,7 +53,7 @@ export class MetaDevice implements Device {
     if (!["auto", "collective", "generic"].includes(this.allReduce))
       throw weftError("BAD_ARGUMENT", `allReduce must be auto, collective or generic, got '${this.allReduce}'`);
     this.allReduceType = opts.allReduceType ?? "f32";
-    if (!["f32", "f16", "q8_0"].includes(this.allReduceType))
+    if (!ALL_REDUCE_TYPES.includes(this.allReduceType))
       throw weftError("BAD_ARGUMENT", `allReduceType must be f32, f16 or q8_0, got '${this.allReduceType}'`);
     this.splitState = opts.splitState;
     this.caps = { async: true, events: true, collectives: false };
