@@ -222,12 +222,23 @@ static BufRange buf_range(Napi::Env env, const Napi::CallbackInfo& info) {
   return r;
 }
 
+// (buffer, offset, length[, into]): the bytes into `into` (a Uint8Array of exactly that
+// length: a step's output read every token allocates nothing), else into a new array
 static Napi::Value BufferGet(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const auto [b, off, len] = buf_range(env, info);
-  Napi::Uint8Array out = Napi::Uint8Array::New(env, (size_t)len);
-  if (len > 0) std::memcpy(out.Data(), b.base + (size_t)off, (size_t)len);
-  return out;
+  if (info.Length() > 3 && !info[3].IsUndefined()) {
+    if (!info[3].IsTypedArray() || info[3].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
+      throw weft_error(env, "BAD_ARGUMENT", "bufferGet: into must be a Uint8Array");
+    Napi::Uint8Array into = info[3].As<Napi::Uint8Array>();
+    if (into.ByteLength() != (size_t)len) throw weft_error(env, "BAD_ARGUMENT", "bufferGet: into is not as long as the range");
+    if (len > 0) std::memcpy(into.Data(), b.base + (size_t)off, (size_t)len);
+    return into;
+  }
+  // memory Node leaves uninitialized (every byte is written here), viewed as a plain Uint8Array
+  Napi::Buffer<uint8_t> mem = Napi::Buffer<uint8_t>::New(env, (size_t)len);
+  if (len > 0) std::memcpy(mem.Data(), b.base + (size_t)off, (size_t)len);
+  return Napi::Uint8Array::New(env, (size_t)len, mem.ArrayBuffer(), mem.ByteOffset());
 }
 
 static Napi::Value BufferFill(const Napi::CallbackInfo& info) {

@@ -99,6 +99,20 @@ test("one batch, micro-batches and token-by-token evaluation agree", async () =>
   for (let i = 0; i < toks.length; i++) stepwise.set(await m2.evaluate([toks[i]!]), i * V);
   assert.ok(nmse(stepwise, all) < 1e-10, `token-by-token NMSE ${nmse(stepwise, all)}`);
   assert.is(m2.position, toks.length);
+  // `out`: the logits land in the caller's array, which is returned (the same bits as a new one)
+  m2.reset();
+  const out = new Float32Array(V).fill(NaN), into = new Float32Array(all.length).fill(NaN);
+  for (let i = 0; i < toks.length; i++) {
+    const got = await m2.evaluate([toks[i]!], { out });
+    assert.ok(got === out, "evaluate returns the out array");
+    assert.equal(Array.from(out), Array.from(stepwise.subarray(i * V, (i + 1) * V)), `token ${i} into out`);
+  }
+  m2.reset();
+  assert.ok((await m2.evaluate(toks, { allLogits: true, out: into })) === into);
+  assert.equal(Array.from(into), Array.from(chunked), "allLogits into out");
+  m2.reset();
+  await rejectsWith(m2.evaluate([1, 2], { out: new Float32Array(V - 1) }), /out must be a Float32Array of \d+ floats/);
+  await rejectsWith(m2.evaluate([1, 2], { allLogits: true, out: new Float32Array(V) }), /tokens × nVocab/);
   await m.dispose(); await m2.dispose();
 });
 

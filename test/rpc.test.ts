@@ -120,6 +120,22 @@ test("protocol: frames cut at every byte reassemble; a bad magic or an oversized
       assert.equal(got, [{ id: 7, len: 0 }, { id: 8, len: 12 + 300 }, { id: 9, len: 5 }]);
     }
   }
+  // transient: every chunk arrives in one reused buffer (as the client's socket reads) and
+  // a body longer than its chunk in reused scratch; each body holds its bytes while push()'s
+  // caller runs, then the memory is reused
+  const want = frames.map((f) => Buffer.from(f.subarray(20)));
+  for (const step of [1, 7, 64, all.length]) {
+    const r = new FrameReader(() => 1 << 20, true);
+    const chunk = new Uint8Array(step);
+    const bodies: string[] = [];
+    for (let i = 0; i < all.length; i += step) {
+      const n = Math.min(step, all.length - i);
+      chunk.set(all.subarray(i, i + n));
+      for (const f of r.push(chunk.subarray(0, n))) bodies.push(Buffer.from(f.body).toString("hex"));
+      chunk.fill(0xee);
+    }
+    assert.equal(bodies, want.map((b) => b.toString("hex")), `transient, chunks of ${step}`);
+  }
   const bad = Buffer.from(frames[0]!); bad[0] ^= 1;
   assert.throws(() => new FrameReader(() => 1 << 20).push(bad), (e: WeftError) => e.code === "RPC_PROTOCOL");
   assert.throws(() => new FrameReader(() => 100).push(frames[1]!), (e: WeftError) => e.code === "RPC_LIMIT" && /larger than the 100 allowed/.test(e.message));
@@ -675,6 +691,30 @@ test("one launch per token: generating on a meta device of 2 servers sends each 
     if (layers.length > 1) assert.not.equal(layers[0], layers[1], "the two models differ in layer count");
     for (const d of devs) d.conn.close();
   } finally { RpcConnection.prototype.request = orig; await stop(a); await stop(b); }
+});
+
+test("output reads into the caller's array (evaluate's out): token by token on rpc:0, a tensor split over 2 servers (each slice read into its place) and cpu:0 + a server, the same bits as new arrays", async () => {
+  const a = await server(), b = await server();
+  try {
+    const devs = [...(await openRpcServer(a.endpoint)), ...(await openRpcServer(b.endpoint))] as RpcDevice[];
+    const path = haveFixtures ? fixture("stories260K.gguf") : TINY;
+    const tokens = haveFixtures ? goldenTokens("stories260K").slice(0, 12) : [1, 2, 3, 4, 5, 6, 7];
+    for (const [what, devices] of [["rpc:0", [devs[0]!]], ["2 servers, tensor", [metaDevice(devs)]], ["cpu:0 + a server, tensor", [metaDevice([cpuDevice("cpu:0"), devs[1]!])]]] as Array<[string, Device[]]>) {
+      const m = await loadModel(path, { threads: 1, devices });
+      try {
+        const V = m.hparams.nVocab;
+        const fresh: Float32Array[] = [];
+        for (const t of tokens) fresh.push(await m.evaluate([t]));
+        m.reset();
+        const out = new Float32Array(V).fill(NaN);
+        for (const [i, t] of tokens.entries()) {
+          assert.ok((await m.evaluate([t], { out })) === out, `${what}: evaluate returns out`);
+          assertSameArray(out, fresh[i]!, `${what}: token ${i} into out`);
+        }
+      } finally { await m.dispose(); }
+    }
+    for (const d of devs) d.conn.close();
+  } finally { await stop(a); await stop(b); }
 });
 
 test("peer links: a server dials only the addresses its --peer-allow list names (default: loopback and private networks); names are resolved and checked first; a refused link is an error naming the flag", async () => {

@@ -66,12 +66,22 @@ export async function setTensorAsync(be: Backend, t: Tensor, data: ArrayBufferVi
   setTensorData(t, data, offset);
 }
 
-/** Reads a tensor (or bytes [offset, offset + size) of it) after the work already queued on `be`. */
-export async function getTensorAsync(be: Backend, t: Tensor, offset = 0, size = t.nbytes - offset): Promise<Uint8Array> {
+/**
+ * Reads a tensor (or bytes [offset, offset + size) of it) after the work already queued on
+ * `be`; with `into` (size bytes), into that array, which is returned.
+ */
+export async function getTensorAsync(be: Backend, t: Tensor, offset = 0, size = t.nbytes - offset, into?: Uint8Array): Promise<Uint8Array> {
   checkRange(t, offset, size);
-  if (be.getTensorAsync) return be.getTensorAsync(t, offset, size);
-  await be.synchronize();
-  return getTensorData(t, offset, size);
+  if (into && into.length !== size) throw weftError("BAD_ARGUMENT", `reading ${size} bytes of ${t.describe()} into an array of ${into.length}`);
+  let bytes: Uint8Array;
+  if (be.getTensorAsync) bytes = await be.getTensorAsync(t, offset, size, into);
+  else {
+    await be.synchronize();
+    bytes = getTensorData(t, offset, size);
+  }
+  if (!into || bytes === into) return bytes;
+  into.set(bytes);
+  return into;
 }
 
 /** Marks the current end of `be`'s queue. */

@@ -113,8 +113,10 @@ export interface Backend {
   /** (optional) queued write of bytes [offset, …) of t (the data is copied at once); a
    * failure surfaces at the next synchronize or compute; default: synchronize, then write */
   setTensorAsync?(t: Tensor, data: ArrayBufferView, offset: number): void;
-  /** (optional) queued read; default: synchronize, then read */
-  getTensorAsync?(t: Tensor, offset: number, size: number): Promise<Uint8Array>;
+  /** (optional) queued read; default: synchronize, then read. With `into` (size bytes) the
+   * bytes may be read into it, and it is returned: a step's output read every token then
+   * allocates nothing (a backend that ignores it has its answer copied there) */
+  getTensorAsync?(t: Tensor, offset: number, size: number, into?: Uint8Array): Promise<Uint8Array>;
   /** (optional) strided rows into / out of a buffer of this device, in queue order */
   set2dAsync?(b: Buffer, offset: number, data: ArrayBufferView, rows: number, rowBytes: number, stride: number): void;
   get2dAsync?(b: Buffer, offset: number, rows: number, rowBytes: number, stride: number): Promise<Uint8Array>;

@@ -67,10 +67,10 @@ export class ScheduledGraph {
     await setTensorAsync(be, x, data);
     for (const [r, rbe] of this.#replicas.get(t) ?? []) await setTensorAsync(rbe, r, data);
   }
-  /** Reads an output once the queued work that computes it has run. */
-  getOutput(t: Tensor): Promise<Uint8Array> {
+  /** Reads an output once the queued work that computes it has run (into `into`, where given). */
+  getOutput(t: Tensor, into?: Uint8Array): Promise<Uint8Array> {
     const [x, be] = this.#locate(t);
-    return getTensorAsync(be, x);
+    return getTensorAsync(be, x, 0, x.nbytes, into);
   }
 
   /** Enqueues one run and resolves when every split of it has run. */

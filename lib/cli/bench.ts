@@ -194,7 +194,9 @@ weft's (devices, memory per device as weights, kv and compute bytes, peer_avg_ts
           if (t.depth) await m.evaluate(Array.from({ length: t.depth }, (_, i) => tokenAt(i + 1000)), { signal });
           const t0 = performance.now();
           if (t.nPrompt) await m.evaluate(Array.from({ length: t.nPrompt }, (_, i) => tokenAt(i)), { signal });
-          for (let i = 0; i < t.nGen; i++) await m.evaluate([1 + ((i * 31) % (V - 1))], { signal });
+          // logits into one array, as llama-bench's decode fills its context's
+          const out = new Float32Array(V);
+          for (let i = 0; i < t.nGen; i++) await m.evaluate([1 + ((i * 31) % (V - 1))], { signal, out });
           return (t.nPrompt + t.nGen) / ((performance.now() - t0) / 1000);
         };
         const timedPeer = async (p: Peer, t: Test): Promise<number> => {

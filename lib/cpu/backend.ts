@@ -52,9 +52,9 @@ export class CpuBackend implements Backend {
         const bytes = bytesOf(data).slice();  // the caller may reuse its array once this returns
         this.#fireAndForget(() => buffer.writeTensor(t, bytes, offset, at));
       };
-      this.getTensorAsync = (t, offset, size) => {
+      this.getTensorAsync = (t, offset, size, into) => {
         const { buffer, offset: at } = cpuPlace(t);
-        return this.#host(() => buffer.readTensor(t, offset, size, at));
+        return this.#host(() => buffer.readTensor(t, offset, size, at, into));
       };
       this.set2dAsync = (b, off, data, rows, rowBytes, stride) => {
         const buf = cpuBuffer(b), bytes = bytesOf(data).slice();

@@ -35,8 +35,9 @@ export class CpuBuffer implements Buffer {
   set(offset: number, data: ArrayBufferView): void {
     try { native().bufferSet(this.id, offset, bytesOf(data)); } catch (e) { throw fromNative(e); }
   }
-  get(offset: number, length: number): Uint8Array {
-    try { return native().bufferGet(this.id, offset, length); } catch (e) { throw fromNative(e); }
+  /** bytes [offset, offset + length), into `into` (exactly that long) where given */
+  get(offset: number, length: number, into?: Uint8Array): Uint8Array {
+    try { return native().bufferGet(this.id, offset, length, into); } catch (e) { throw fromNative(e); }
   }
   memset(offset: number, length: number, value: number): void {
     try { native().bufferFill(this.id, offset, length, value); } catch (e) { throw fromNative(e); }
@@ -71,7 +72,7 @@ export class CpuBuffer implements Buffer {
   /** @internal writes bytes [offset, …) of t, which lies at byte `at` of this buffer (the CPU backend's queued writes) */
   writeTensor(_t: Tensor, data: ArrayBufferView, offset: number, at: number): void { this.set(at + offset, data); }
   /** @internal reads bytes [offset, offset + size) of t, which lies at byte `at` */
-  readTensor(_t: Tensor, offset: number, size: number, at: number): Uint8Array { return this.get(at + offset, size); }
+  readTensor(_t: Tensor, offset: number, size: number, at: number, into?: Uint8Array): Uint8Array { return this.get(at + offset, size, into); }
 
   dispose(): void {
     if (this.#id < 0) return;

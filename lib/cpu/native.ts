@@ -16,7 +16,7 @@ export interface NativeAddon {
   /** reads bytes [fileOffset, +length) of a file into a buffer at offset (any layout) */
   bufferLoadFile(id: number, offset: number, path: string, fileOffset: number, length: number): void;
   bufferSet(id: number, offset: number, data: Uint8Array): void;
-  bufferGet(id: number, offset: number, length: number): Uint8Array;
+  bufferGet(id: number, offset: number, length: number, into?: Uint8Array): Uint8Array;
   bufferFill(id: number, offset: number, length: number, value: number): void;
   /** reads one byte per page (prefaults a mapping); returns a checksum */
   bufferTouch(id: number, offset: number, length: number): number;

@@ -15,7 +15,7 @@ import { Tensor } from "../core/tensor.js";
 import type { Backend, Event } from "../backend/interface.js";
 import { allocGraph } from "../backend/alloc.js";
 import { copyTensorAsync, enqueueCopy, forgetGraph, getTensorAsync, prepareGraph, recordEvent, setTensorAsync, tensorPlace, waitEvent } from "../backend/fallback.js";
-import { MetaBuffer, joinSlices, sliceBytes, sumPartials, wholeOnly } from "./buffer.js";
+import { MetaBuffer, joinSlices, sliceBytes, sliceRanges, sumPartials, wholeOnly } from "./buffer.js";
 import type { Program } from "./compile.js";
 import type { MetaDevice } from "./device.js";
 
@@ -49,13 +49,20 @@ export class MetaBackend implements Backend {
         wholeOnly(t, offset, bytes.length);
         locals.forEach((l, d) => void setTensorAsync(backends[d]!, l, sliceBytes(t, state, d, bytes)));
       };
-      this.getTensorAsync = async (t, offset, size) => {
+      this.getTensorAsync = async (t, offset, size, into) => {
         if (this.#chain) await this.#chain;
         const { state, locals } = this.#part(t);
-        if (state.kind === "MIRRORED") return getTensorAsync(backends[0]!, locals[0]!, offset, size);
+        if (state.kind === "MIRRORED") return getTensorAsync(backends[0]!, locals[0]!, offset, size, into);
+        const whole = offset === 0 && size === t.nbytes;
+        // a step's output cut along its outermost axis: each slice read into its place
+        const ranges = whole && into ? sliceRanges(t, state, locals.length) : null;
+        if (ranges) {
+          await Promise.all(locals.map((l, d) => getTensorAsync(backends[d]!, l, 0, l.nbytes, into!.subarray(ranges[d]![0], ranges[d]![0] + ranges[d]![1]))));
+          return into!;
+        }
         const slices = await Promise.all(locals.map((l, d) => getTensorAsync(backends[d]!, l)));
-        const whole = state.kind === "PARTIAL" ? sumPartials(slices) : joinSlices(t, state, slices);
-        return whole.subarray(offset, offset + size);
+        const all = state.kind === "PARTIAL" ? sumPartials(slices) : joinSlices(t, state, slices, whole ? into : undefined);
+        return all.subarray(offset, offset + size);
       };
     }
     // every device waits natively (registered at once): the queues stall, the JS thread does not

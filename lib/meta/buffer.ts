@@ -108,11 +108,23 @@ export function sliceBytes(t: Tensor, s: SplitState, d: number, full: Uint8Array
   return out;
 }
 
-/** The whole tensor's bytes from each device's slice (AXIS). */
-export function joinSlices(t: Tensor, s: SplitState, slices: readonly Uint8Array[]): Uint8Array {
+/**
+ * Where each device's slice (AXIS) lies in the whole tensor's bytes, where every slice is
+ * one range of them (the cut axis is the outermost and cut once): the slices can then be
+ * read straight into their places. Null otherwise.
+ */
+export function sliceRanges(t: Tensor, s: SplitState, n: number): Array<[number, number]> | null {
+  if (!isAxis(s) || s.segments.length !== 1) return null;
+  const unit = axisBytes(t, s.axis), along = t.ne[s.axis]! * unit;
+  if (along !== t.nbytes) return null;
+  return Array.from({ length: n }, (_, d) => [axisOffset(s, d, 0) * unit, axisSize(s, d) * unit]);
+}
+
+/** The whole tensor's bytes from each device's slice (AXIS), in `into` where given. */
+export function joinSlices(t: Tensor, s: SplitState, slices: readonly Uint8Array[], into?: Uint8Array): Uint8Array {
   if (!isAxis(s)) return slices[0]!;
   const unit = axisBytes(t, s.axis), along = t.ne[s.axis]! * unit;
-  const full = new Uint8Array(t.nbytes);
+  const full = into ?? new Uint8Array(t.nbytes);
   const outer = along ? full.length / along : 0;
   slices.forEach((sl, d) => {
     const mine = axisSize(s, d) * unit;

@@ -67,6 +67,10 @@ export interface LoadModelOptions {
 export interface EvaluateOptions {
   /** return logits for every position (default: only the last) */
   allLogits?: boolean;
+  /** write the logits here (nVocab floats, or tokens × nVocab with allLogits) and return
+   * it instead of a new array: a loop evaluating token after token then allocates nothing
+   * per token (as llama.cpp's context-owned logits) */
+  out?: Float32Array;
   signal?: AbortSignal;
 }
 
@@ -324,13 +328,16 @@ export class Model {
     for (const t of tokens) if (!Number.isInteger(t) || t < 0 || t >= nV) throw weftError("OUT_OF_RANGE", `token id ${t} is outside the vocabulary (0..${nV - 1})`);
     if (this.#pos + tokens.length > this.contextSize)
       throw weftError("OUT_OF_RANGE", `context full: ${this.#pos} + ${tokens.length} tokens exceed the context size ${this.contextSize} (use a larger contextSize / -c)`);
+    const all = opts.allLogits ?? false;
+    const want = all ? tokens.length * nV : nV;
+    if (opts.out && !(opts.out instanceof Float32Array && opts.out.length === want))
+      throw weftError("BAD_ARGUMENT", `out must be a Float32Array of ${want} floats (${all ? "tokens × nVocab" : "nVocab"})`);
     this.#busy = true;
     // the tokens join the sequence now: if a device fails on the way, reconnect() evaluates them again
     this.#history.push(...tokens);
     this.#lastLogits = null;
     try {
-      const all = opts.allLogits ?? false;
-      const out = all ? new Float32Array(tokens.length * nV) : null;
+      const out = all ? opts.out ?? new Float32Array(want) : null;
       let final: Float32Array | null = null;  // the last token's logits, viewed where they were read
       // One device: a micro-batch is queued when the previous one is done (it could not
       // overlap anyway), so an abort stops within one micro-batch. Several devices: up to
@@ -362,7 +369,10 @@ export class Model {
           this.#pos += n;
           if (all || last) {
             const at = start;
-            pending.push(sg.getOutput(fg.logits).then((bytes) => {
+            // the last token's logits straight into the caller's array, where it gave one
+            const into = !all && opts.out && fg.logits.nbytes === nV * 4 ? new Uint8Array(opts.out.buffer, opts.out.byteOffset, nV * 4) : undefined;
+            pending.push(sg.getOutput(fg.logits, into).then((bytes) => {
+              if (into) { final = opts.out!; return; }
               const rows = new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
               if (out) out.set(rows, at * nV);
               else final = rows.subarray(rows.length - nV);
@@ -381,10 +391,11 @@ export class Model {
       }
       await Promise.all(pending);
       if (opts.signal?.aborted) throw abortError(opts.signal);
-      const result = out ?? final!;
+      let result = out ?? final!;
+      if (!all && opts.out && result !== opts.out) { opts.out.set(result); result = opts.out; }
       // kept for resume(), in one buffer for the model's life (not a new one per token)
       this.#lastLogitsBuf ??= new Float32Array(nV);
-      this.#lastLogitsBuf.set(result.subarray(result.length - nV));
+      if (result !== this.#lastLogitsBuf) this.#lastLogitsBuf.set(result.subarray(result.length - nV));
       this.#lastLogits = this.#lastLogitsBuf;
       return result;
     } finally {
@@ -443,7 +454,8 @@ export class Model {
         yield { token: tok, text: decoder.decode(this.tokenizer.tokenToPiece(tok), { stream: true }) };
         if (i + 1 >= limit) { stop("maxTokens"); break; }
         if (this.#pos >= this.contextSize) { stop("contextFull"); break; }
-        logits = await this.evaluate([tok], { signal: opts.signal });
+        // into the model's own array (sampled before the next token is evaluated)
+        logits = await this.evaluate([tok], { signal: opts.signal, out: (this.#lastLogitsBuf ??= new Float32Array(this.hparams.nVocab)) });
       }
     } catch (e) {
       if (e instanceof WeftError && e.code === "ABORTED") stop("aborted");

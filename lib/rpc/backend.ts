@@ -90,11 +90,11 @@ export class RpcBackend implements Backend {
     }
   }
   /** a request in queue order; resolves to its reply (`refuse`: checked when its turn comes; an error is its answer, nothing is sent) */
-  #request(cmd: CmdName, body: Uint8Array | Uint8Array[], refuse?: () => WeftError | null): Promise<Reply> {
+  #request(cmd: CmdName, body: Uint8Array | Uint8Array[], refuse?: () => WeftError | null, into?: Uint8Array): Promise<Reply> {
     return new Promise<Reply>((resolve, reject) => this.#submit(() => {
       const no = refuse?.();
       if (no) reject(no);
-      else this.#conn.request(cmd, body).then(resolve, reject);
+      else this.#conn.request(cmd, body, into).then(resolve, reject);
     }));
   }
   /** a request in queue order whose reply nobody awaits (its failure: at the next synchronize) */
@@ -148,7 +148,7 @@ export class RpcBackend implements Backend {
       this.#check();
       const fresh = this.#sent.get(graph.uid) !== this.#conn.session;
       const refuse = fresh ? this.#awaitGroups(graph) : undefined;
-      const head = new Writer().u32(this.device.index).u64(graph.uid).u8(fresh ? 1 : 0).body().slice();
+      const head = new Writer().u32(this.device.index).u64(graph.uid).u8(fresh ? 1 : 0).body();
       const body = fresh ? [head, this.#encode(graph)] : [head];
       if (fresh) this.#sent.set(graph.uid, this.#conn.session);
       return this.#request("COMPUTE", body, refuse).then(() => {
@@ -172,11 +172,11 @@ export class RpcBackend implements Backend {
       this.#submit(() => this.#conn.queueInput(p.id, p.offset, bytes));
     } else this.#post("SET", m.setBody(t, bytes, tensorAt(t) + offset));
   }
-  async getTensorAsync(t: Tensor, offset: number, size: number): Promise<Uint8Array> {
+  async getTensorAsync(t: Tensor, offset: number, size: number, into?: Uint8Array): Promise<Uint8Array> {
     this.#check();
     const p = this.#memory(t).locate(tensorAt(t) + offset, size);
-    const r = (await this.#request("GET", new Writer().u32(p.id).u64(p.offset).u64(size).body())).r;
-    return r.restView();
+    const r = (await this.#request("GET", new Writer().u32(p.id).u64(p.offset).u64(size).body(), undefined, into)).r;
+    return into ?? r.restView();
   }
   set2dAsync(b: Buffer, offset: number, data: ArrayBufferView, rows: number, rowBytes: number, stride: number): void {
     this.#check();

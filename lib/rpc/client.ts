@@ -12,12 +12,14 @@ import { randomBytes } from "node:crypto";
 import { ERROR_CODES, WeftError, WeftErrorCode, weftError } from "../core/errors.js";
 import {
   Cmd, CmdName, FrameReader, Kind, NONCE_BYTES, PROTOCOL_VERSION, Reader, Reply, Status, Writer, authProof, frame,
-  proofsEqual, readReply, tablesDigest,
+  proofsEqual, protocolError, readReply, tablesDigest,
 } from "./protocol.js";
 
 /** how long a server with work pending may stay silent (it sends heartbeats every second) */
 export const LIVENESS_MS = 5000;
 const CONNECT_TIMEOUT_MS = 10_000;
+/** bytes one read from the socket takes at most */
+const READ_BUFFER = 256 << 10;
 
 export interface RemoteDeviceInfo {
   readonly index: number;
@@ -44,7 +46,18 @@ export interface RpcConnectOptions {
   timeoutMs?: number;
 }
 
-interface Pending { cmd: CmdName; resolve: (r: Reply) => void; reject: (e: WeftError) => void }
+interface Pending { cmd: CmdName; resolve: (r: Reply) => void; reject: (e: WeftError) => void; into?: Uint8Array }
+
+/** a payload up to this size is kept in Node's shared pool (no memory of its own to collect) */
+const POOLED_PAYLOAD = 1024;
+
+/** A reply payload in memory of its own (the frame it came in is reused once read). */
+function keep(payload: Uint8Array): Reader {
+  if (payload.length <= POOLED_PAYLOAD) return new Reader(Buffer.from(payload));
+  const own = new Uint8Array(payload.length);
+  own.set(payload);
+  return new Reader(own, true);
+}
 
 /** "host:port" → its parts (IPv6 as [::1]:50052). */
 export function parseEndpoint(endpoint: string): { host: string; port: number } {
@@ -109,10 +122,15 @@ export class RpcConnection {
 
   async #open(opts: RpcConnectOptions): Promise<void> {
     const timeout = opts.timeoutMs ?? CONNECT_TIMEOUT_MS;
-    const sock = connect({ host: this.host, port: this.port, noDelay: true });
+    // replies are read into one buffer of this connection's (Node would allocate one per
+    // read: with a step's output read every token, garbage that makes V8 collect often)
+    const sock = connect({
+      host: this.host, port: this.port, noDelay: true,
+      onread: { buffer: this.#readBuf, callback: (n: number, buf: Uint8Array) => { this.#onData(buf.subarray(0, n)); return true; } },
+    });
     this.#socket = sock;
     this.#closed = null;
-    this.#reader = new FrameReader(() => Number.MAX_SAFE_INTEGER);
+    this.#reader = new FrameReader(() => Number.MAX_SAFE_INTEGER, true);
     const onAbort = () => this.#fail(weftError("ABORTED", `connecting to ${this.endpoint} aborted`, opts.signal?.reason));
     opts.signal?.addEventListener("abort", onAbort, { once: true });
     const timer = setTimeout(() => this.#fail(this.#closedError(`no answer within ${timeout / 1000} s (is weft rpc-server running there, and the port open?)`)), timeout);
@@ -124,7 +142,6 @@ export class RpcConnection {
       });
       sock.removeAllListeners("error");
       sock.removeAllListeners("close");
-      sock.on("data", (chunk: Buffer) => this.#onData(chunk));
       sock.on("error", (e: NodeJS.ErrnoException) => this.#fail(this.#closedError(e.code === "ECONNRESET" ? "the connection was reset (the server died?)" : e.message)));
       sock.on("close", () => this.#fail(this.#closedError("the connection closed (the server stopped or the link dropped)")));
       this.#lastHeard = performance.now();
@@ -184,7 +201,8 @@ export class RpcConnection {
       throw weftError("RPC_AUTH", `the RPC server ${this.endpoint} could not prove it holds the token: it is not the server you meant`);
   }
 
-  #onData(chunk: Buffer): void {
+  readonly #readBuf = Buffer.allocUnsafeSlow(READ_BUFFER);
+  #onData(chunk: Uint8Array): void {
     this.#lastHeard = performance.now();
     let frames;
     try { frames = this.#reader!.push(chunk); } catch (e) { return this.#fail(this.#closedError(`sent a malformed frame: ${(e as Error).message}`)); }
@@ -194,11 +212,17 @@ export class RpcConnection {
       if (h.kind !== Kind.REPLY || !p) return this.#fail(this.#closedError(`sent a reply to no request (id ${h.id})`));
       this.#pending.delete(h.id);
       try {
+        // the body is valid only until this returns (the socket reads into one buffer)
         const { status, code, message, r } = readReply(body);
+        const payload = body.subarray(body.length - r.left);
         if (status === Status.ERROR) {
           const c = (ERROR_CODES.has(code) ? code : "RPC_PROTOCOL") as WeftErrorCode;
           p.reject(weftError(c, `${this.endpoint}: ${p.cmd}: ${message}`));
-        } else p.resolve({ status, r });
+        } else if (p.into && status === Status.OK) {
+          if (payload.length !== p.into.length) throw protocolError(`${p.cmd} answered ${payload.length} bytes, not the ${p.into.length} asked for`);
+          p.into.set(payload);
+          p.resolve({ status, r: new Reader(p.into) });
+        } else p.resolve({ status, r: keep(payload) });
       } catch (e) {
         p.reject(e as WeftError);
       }
@@ -207,9 +231,10 @@ export class RpcConnection {
 
   /**
    * Sends a request now; resolves to its reply (status OK or MISSING), rejects with the
-   * server's error (its code, the endpoint in the message) or RPC_CLOSED.
+   * server's error (its code, the endpoint in the message) or RPC_CLOSED. With `into`, an
+   * OK reply's payload is read into it (it must be exactly that long): no memory per reply.
    */
-  request(cmd: CmdName, body: Uint8Array | Uint8Array[]): Promise<Reply> {
+  request(cmd: CmdName, body: Uint8Array | Uint8Array[], into?: Uint8Array): Promise<Reply> {
     if (this.#closed) return Promise.reject(this.#closed);
     // queued inputs ride in the next COMPUTE (after its head: device, graph id, graph flag);
     // any other request sends them first, as SETs, so that the order stays
@@ -224,7 +249,7 @@ export class RpcConnection {
     if (bytes - 20 > this.#info?.maxFrame) return Promise.reject(weftError("RPC_LIMIT", `${cmd} of ${bytes} bytes is more than the server's ${this.#info.maxFrame}-byte frames`));
     return new Promise<Reply>((resolve, reject) => {
       if (this.#pending.size === 0) this.#lastHeard = performance.now();
-      this.#pending.set(id, { cmd, resolve, reject });
+      this.#pending.set(id, { cmd, resolve, reject, into });
       this.#write(parts, cmd === "COMPUTE");
     });
   }

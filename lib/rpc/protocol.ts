@@ -66,18 +66,20 @@ const MAX_SAFE = Number.MAX_SAFE_INTEGER;
 
 /** Builds a frame body (and the frame). */
 export class Writer {
-  #buf = new Uint8Array(256);
-  #view = new DataView(this.#buf.buffer);
+  // small bodies (every request of a step) come out of Node's shared pool, not an
+  // ArrayBuffer each: a client sends several per token and each would be garbage to collect
+  #buf: Uint8Array = Buffer.allocUnsafe(256);
+  #view = new DataView(this.#buf.buffer, this.#buf.byteOffset, this.#buf.byteLength);
   #len = 0;
 
   #room(n: number): void {
     if (this.#len + n <= this.#buf.length) return;
     let cap = this.#buf.length * 2;
     while (cap < this.#len + n) cap *= 2;
-    const b = new Uint8Array(cap);
+    const b = Buffer.allocUnsafe(cap);
     b.set(this.#buf.subarray(0, this.#len));
     this.#buf = b;
-    this.#view = new DataView(b.buffer);
+    this.#view = new DataView(b.buffer, b.byteOffset, b.byteLength);
   }
   u8(v: number): this { this.#room(1); this.#view.setUint8(this.#len, v); this.#len += 1; return this; }
   u16(v: number): this { this.#room(2); this.#view.setUint16(this.#len, v, true); this.#len += 2; return this; }
@@ -90,7 +92,8 @@ export class Writer {
   /** a byte string: u64 length, then the bytes */
   bytes(b: Uint8Array): this { this.u64(b.length); this.#room(b.length); this.#buf.set(b, this.#len); this.#len += b.length; return this; }
   get length(): number { return this.#len; }
-  body(): Uint8Array { return this.#buf.subarray(0, this.#len); }
+  /** a view of the bytes written (a plain Uint8Array: its slice() copies) */
+  body(): Uint8Array { return new Uint8Array(this.#buf.buffer, this.#buf.byteOffset, this.#len); }
 }
 
 /** The header of a frame around `body` (a separate buffer: a big body is not copied). */
@@ -121,7 +124,8 @@ export function parseHeader(h: Uint8Array, maxBody: number): FrameHeader {
 export class Reader {
   #v: DataView;
   #at = 0;
-  constructor(readonly buf: Uint8Array) { this.#v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength); }
+  /** `owned`: buf is memory of this frame's alone (restView may hand out views of it) */
+  constructor(readonly buf: Uint8Array, private readonly owned = false) { this.#v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength); }
   #need(n: number, what: string): void {
     if (this.#at + n > this.buf.length) throw protocolError(`${what}: the frame ends ${this.buf.length - this.#at} bytes short of ${n}`);
   }
@@ -168,14 +172,11 @@ export class Reader {
     this.#at = this.buf.length;
     return out;
   }
-  /** the bytes left as a view where they start 8-byte aligned (the caller may view them as
-   * floats), else copied; a view shares the frame's memory, which nothing else reuses */
+  /** the bytes left as a view where they start 8-byte aligned in memory the frame owns (the
+   * caller may view them as floats), else copied */
   restView(): Uint8Array {
     const at = this.#at;
-    // only a body FrameReader assembled in memory of its own (7 bytes in, nothing after);
-    // a body that arrived whole is a view of the socket's chunk: copied, as by rest()
-    const own = this.buf.byteOffset === 7 && this.buf.buffer.byteLength === this.buf.length + 7;
-    if (!own || (this.buf.byteOffset + at) % 8 !== 0) return this.rest();
+    if (!this.owned || (this.buf.byteOffset + at) % 8 !== 0) return this.rest();
     this.#at = this.buf.length;
     return this.buf.subarray(at);
   }
@@ -205,16 +206,39 @@ export function frame(kind: number, cmd: number, id: number, body: Uint8Array | 
  * when its header arrives, at most `maxBody` bytes). `maxBody` is asked for each header,
  * so the limit can tighten before authentication.
  */
+/**
+ * Cuts a byte stream into frames. A body that arrives whole in one chunk is handed out as
+ * a view of it; a longer one is copied once, chunk by chunk, into its own buffer (made
+ * when its header arrives, at most `maxBody` bytes). `maxBody` is asked for each header,
+ * so the limit can tighten before authentication.
+ *
+ * `transient`: the bodies handed out are valid only until the caller of push() returns
+ * (a socket that reads into one buffer of its own reuses it for the next chunk, and a
+ * body longer than a chunk is assembled in scratch memory reused for the next such body):
+ * the caller copies what it keeps. No memory is allocated per frame then.
+ */
 export class FrameReader {
   readonly #head = new Uint8Array(HEADER_BYTES);
   #headLen = 0;
   #header: FrameHeader | null = null;
   #body: Uint8Array | null = null;
   #bodyLen = 0;
-  constructor(private readonly maxBody: () => number) {}
+  #scratch: Uint8Array | null = null;
+  constructor(private readonly maxBody: () => number, private readonly transient = false) {}
 
   /** bytes received of a frame not yet complete */
   get buffered(): number { return this.#headLen + this.#bodyLen; }
+
+  /** where a body longer than its chunk is assembled */
+  #bodyMemory(n: number): Uint8Array {
+    if (!this.transient || n > SCRATCH_MAX) {
+      // its own memory, placed so that an OK reply's payload (after 9 bytes of status and
+      // empty strings) starts 8-byte aligned: read back as it is (Reader.restView)
+      return Buffer.allocUnsafeSlow(n + 7).subarray(7);
+    }
+    if (!this.#scratch || this.#scratch.length < n) this.#scratch = new Uint8Array(Math.max(n, 2 * (this.#scratch?.length ?? 0)));
+    return this.#scratch.subarray(0, n);
+  }
 
   /**
    * Adds bytes; returns the frames they complete (throws RPC_PROTOCOL / RPC_LIMIT for a bad
@@ -255,14 +279,15 @@ export class FrameReader {
         if (!emit({ h, body })) return out;
       } else {
         this.#header = h;
-        // its own memory, placed so that an OK reply's payload (after 9 bytes of status
-        // and empty strings) starts 8-byte aligned: read back as it is (Reader.restView)
-        this.#body = Buffer.allocUnsafeSlow(h.length + 7).subarray(7);
+        this.#body = this.#bodyMemory(h.length);
       }
     }
     return out;
   }
 }
+
+/** bodies up to this size reuse a transient reader's scratch memory (larger ones get their own) */
+const SCRATCH_MAX = 4 << 20;
 
 /** A reply as the client sees it: its status, and the payload to read. */
 export interface Reply { status: number; r: Reader }
