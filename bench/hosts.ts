@@ -166,14 +166,35 @@ export async function pingMs(endpoint: string, token: string, count = 200): Prom
   } finally { c.close(); }
 }
 
+/**
+ * This script's own options (each with a value) apart from weft bench's: everything else,
+ * and all after a "--", goes to weft bench (npm run eats one "--", so
+ * `npm run bench:hosts -- -m x.gguf` must reach the bench).
+ */
+export function splitHostsArgs(argv: readonly string[]): { own: Map<string, string>; benchArgs: string[]; help: boolean } {
+  const OWN = new Set(["--hosts", "--rate", "--added-rtt-ms", "--delay-us"]);
+  const own = new Map<string, string>(), benchArgs: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    if (a === "--") { benchArgs.push(...argv.slice(i + 1)); break; }
+    if (a === "--help" || a === "-h") return { own, benchArgs, help: true };
+    if (!OWN.has(a)) { benchArgs.push(a); continue; }
+    if (i + 1 >= argv.length) throw new Error(`${a} needs a value`);
+    own.set(a, argv[++i]!);
+  }
+  return { own, benchArgs, help: false };
+}
+
 async function main(argv: string[]): Promise<number> {
-  const cut = argv.indexOf("--");
-  const own = cut < 0 ? argv : argv.slice(0, cut), benchArgs = cut < 0 ? [] : argv.slice(cut + 1);
-  const opt = (name: string) => { const i = own.indexOf(name); return i < 0 ? undefined : own[i + 1]; };
-  if (own.includes("--help") || own.includes("-h")) {
-    console.log("usage: node dist/bench/hosts.js [--hosts 2] [--rate 1gbit] [--added-rtt-ms 0.2 | --delay-us N] -- WEFT_BENCH_ARGS…\n(needs root: ip netns, tc; and a C compiler for the delay relay)");
+  let parsed: ReturnType<typeof splitHostsArgs>;
+  try { parsed = splitHostsArgs(argv); } catch (e) { console.error(`bench/hosts: ${(e as Error).message}`); return 2; }
+  const { own, benchArgs, help } = parsed;
+  if (help) {
+    console.log("usage: node dist/bench/hosts.js [--hosts 2] [--rate 1gbit] [--added-rtt-ms 0.2 | --delay-us N] [WEFT_BENCH_ARGS…]\n" +
+      "(needs root: ip netns, tc; and a C compiler for the delay relay). Other arguments go to weft bench, which gets --rpc and --token-file");
     return 0;
   }
+  const opt = (name: string) => own.get(name);
   if (sh("ip netns list").status !== 0 || (process.getuid && process.getuid() !== 0)) {
     console.error("bench/hosts needs root and iproute2 (ip netns, tc): run it with sudo");
     return 2;

@@ -28,6 +28,7 @@ import { RpcServer, addRpcServer, closeRpcServers, openRpcServer, startRpcServer
 import { FrameReader, Kind, Cmd, Layout, Reader, Writer, frame } from "../lib/rpc/protocol.js";
 import { encodeGraph } from "../lib/rpc/graph.js";
 import { PeerAllowList } from "../lib/rpc/peer.js";
+import { splitHostsArgs } from "../bench/hosts.js";
 import { ROOT, assertSameArray, fixture, haveFixtures, rejectsWith, warnNoFixtures } from "./helpers.js";
 import { writeTinyModel } from "./tiny-model.js";
 import { fuzzServer, recordClientSessions } from "./rpc-fuzz.js";
@@ -541,6 +542,17 @@ test("CLI: weft logits --rpc equals local; weft devices --rpc lists remote devic
 });
 
 // ---- another network namespace
+
+test("bench/hosts: its own options apart, every other argument reaches weft bench, with or without a \"--\" (npm run eats one)", () => {
+  const a = splitHostsArgs(["--delay-us", "85", "-m", "x.gguf", "-sm", "none,tensor", "--allreduce-type", "f32,q8_0", "-r", "3"]);
+  assert.equal([...a.own], [["--delay-us", "85"]]);
+  assert.equal(a.benchArgs, ["-m", "x.gguf", "-sm", "none,tensor", "--allreduce-type", "f32,q8_0", "-r", "3"]);
+  const b = splitHostsArgs(["--rate", "100mbit", "--", "--hosts", "3", "-n", "8"]);
+  assert.equal([...b.own], [["--rate", "100mbit"]]);
+  assert.equal(b.benchArgs, ["--hosts", "3", "-n", "8"], "after --, everything is the bench's");
+  assert.ok(splitHostsArgs(["-m", "x", "--help"]).help);
+  assert.throws(() => splitHostsArgs(["--hosts"]), /--hosts needs a value/);
+});
 
 test("a server inside a network namespace, reached over a veth pair with a token", async () => {
   const ns = `weft-t${process.pid}`, a = `wva${process.pid % 100000}`, b = `wvb${process.pid % 100000}`;

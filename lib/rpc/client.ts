@@ -80,6 +80,8 @@ export class RpcConnection {
   #postFailure: WeftError | null = null;
   #corked = false;
   #inputs: Array<{ id: number; offset: number; data: Uint8Array }> = [];
+  /** what the socket reads into (every session's): frames are copied out of it where kept */
+  readonly #readBuf = Buffer.allocUnsafeSlow(READ_BUFFER);
   #lastHeard = 0;
   #timer: NodeJS.Timeout | null = null;
   #info!: ServerInfo;
@@ -201,7 +203,6 @@ export class RpcConnection {
       throw weftError("RPC_AUTH", `the RPC server ${this.endpoint} could not prove it holds the token: it is not the server you meant`);
   }
 
-  readonly #readBuf = Buffer.allocUnsafeSlow(READ_BUFFER);
   #onData(chunk: Uint8Array): void {
     this.#lastHeard = performance.now();
     let frames;
