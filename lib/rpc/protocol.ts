@@ -200,12 +200,9 @@ export function frame(kind: number, cmd: number, id: number, body: Uint8Array | 
   return [frameHeader(kind, cmd, id, parts.reduce((n, p) => n + p.length, 0)), ...parts];
 }
 
-/**
- * Cuts a byte stream into frames. A body that arrives whole in one chunk is handed out as
- * a view of it; a longer one is copied once, chunk by chunk, into its own buffer (made
- * when its header arrives, at most `maxBody` bytes). `maxBody` is asked for each header,
- * so the limit can tighten before authentication.
- */
+/** bodies up to this size reuse a transient reader's scratch memory (larger ones get their own) */
+const SCRATCH_MAX = 4 << 20;
+
 /**
  * Cuts a byte stream into frames. A body that arrives whole in one chunk is handed out as
  * a view of it; a longer one is copied once, chunk by chunk, into its own buffer (made
@@ -231,11 +228,7 @@ export class FrameReader {
 
   /** where a body longer than its chunk is assembled */
   #bodyMemory(n: number): Uint8Array {
-    if (!this.transient || n > SCRATCH_MAX) {
-      // its own memory, placed so that an OK reply's payload (after 9 bytes of status and
-      // empty strings) starts 8-byte aligned: read back as it is (Reader.restView)
-      return Buffer.allocUnsafeSlow(n + 7).subarray(7);
-    }
+    if (!this.transient || n > SCRATCH_MAX) return Buffer.allocUnsafeSlow(n);
     if (!this.#scratch || this.#scratch.length < n) this.#scratch = new Uint8Array(Math.max(n, 2 * (this.#scratch?.length ?? 0)));
     return this.#scratch.subarray(0, n);
   }
@@ -285,9 +278,6 @@ export class FrameReader {
     return out;
   }
 }
-
-/** bodies up to this size reuse a transient reader's scratch memory (larger ones get their own) */
-const SCRATCH_MAX = 4 << 20;
 
 /** A reply as the client sees it: its status, and the payload to read. */
 export interface Reply { status: number; r: Reader }
