@@ -112,7 +112,15 @@ export class MetaBackend implements Backend {
     };
     if (program.path === "collective") {
       program.graphs.forEach((g, d) => run(d, g));
-      return Promise.all(pending).then(() => undefined);
+      // when a server dies, its partners' steps fail too (their links to it reset, the group
+      // is aborted), and one of those replies may come first: the failure reported is the
+      // device that is gone (RPC_CLOSED: reconnect() is the way on), not its consequence
+      return Promise.allSettled(pending).then((rs) => {
+        const errs = rs.flatMap((r) => (r.status === "rejected" ? [fromNative(r.reason)] : []));
+        if (!errs.length) return;
+        program.failure = errs.find((e) => e.code === "RPC_CLOSED") ?? errs[0]!;
+        throw program.failure;
+      });
     }
     // generic: queue the steps in order; a copy the devices cannot do themselves goes
     // through the host, and the steps after it are queued once it is done
