@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <condition_variable>
 #include <mutex>
+#include <functional>
 #include <chrono>
 #include <immintrin.h>
 #include <unordered_map>
@@ -531,6 +532,30 @@ static Napi::Value Compute(const Napi::CallbackInfo& info) {
   return p;
 }
 
+// ---------------------------------------------------------------- native runs (lane.cpp)
+
+void register_lane(Napi::Env env, Napi::Object exports);
+
+Context* native_context(const Napi::Value& v) { return v.IsExternal() ? context_of(v) : nullptr; }
+
+std::shared_ptr<Plan> context_plan(Context* ctx, double uid) {
+  auto it = ctx->plans.find(uid);
+  return it == ctx->plans.end() ? nullptr : it->second;
+}
+
+NativeRun run_plan_native(Context* ctx, const std::shared_ptr<Plan>& plan, std::string& err) {
+  if (!pin_buffers(plan->buffers)) return NativeRun::REFUSED;
+  // on the session's own thread, as worker 0 of the device's pool: the dispatcher is idle
+  // (the session's JS queue is), and a hand-off to it and back would cost two wake-ups
+  try { execute_plan(*plan, *ctx->pool, ctx->scratch); }
+  catch (const std::exception& e) { err = e.what(); }
+  unpin_buffers(plan->buffers);
+  return err.empty() ? NativeRun::OK : NativeRun::FAILED;
+}
+
+bool pin_buffer_ids(const std::vector<int64_t>& ids) { return pin_buffers(ids); }
+void unpin_buffer_ids(const std::vector<int64_t>& ids) { unpin_buffers(ids); }
+
 // Frees a context's threads, plans and scratch now instead of at garbage collection.
 static Napi::Value DestroyContext(const Napi::CallbackInfo& info) {
   Context* ctx = context_of(info[0]);
@@ -743,6 +768,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("adoptPeerSocket", Napi::Function::New(env, AdoptPeerSocket));
   exports.Set("closePeerSocket", Napi::Function::New(env, ClosePeerSocket));
   exports.Set("createPeerGroup", Napi::Function::New(env, CreatePeerGroup));
+  register_lane(env, exports);
   {
     // the op table and plan layout, checked against lib/core/ops.ts and lib/cpu/plan.ts at load
     Napi::Array names = Napi::Array::New(env, OP_COUNT);

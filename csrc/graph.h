@@ -7,6 +7,7 @@
 #include "common.h"
 #include "threadpool.h"
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -116,6 +117,16 @@ int peer_adopt_socket(int fd, std::string& err);
 std::unique_ptr<Plan> decode_plan(const double* rec, int64_t count, std::string& err);
 
 class ThreadPool;
+// A plan run for a native RPC session (lane.cpp), on the calling thread as worker 0 of
+// the device's pool (addon.cpp): REFUSED (nothing ran) when one of its buffers was freed.
+// Only while the device's dispatcher is idle: the session's JS queue must be (a device
+// runs one compute at a time), and this run is not counted among the device's computes
+// that other devices wait for (CpuBackend's submitted counts the JS ones).
+struct Context;
+enum class NativeRun { OK, REFUSED, FAILED };
+NativeRun run_plan_native(Context* ctx, const std::shared_ptr<Plan>& plan, std::string& err);
+bool pin_buffer_ids(const std::vector<int64_t>& ids);
+void unpin_buffer_ids(const std::vector<int64_t>& ids);
 // Runs a plan; throws std::runtime_error on failure (after every thread has stopped).
 void execute_plan(Plan& plan, ThreadPool& pool, std::vector<char>& scratch);
 

@@ -9,7 +9,7 @@
 // tarballs) has them, so we find that folder and pass --nodedir. Only if none exists do we
 // fall back to node-gyp's own lookup (which may download).
 import { spawnSync } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { createRequire } from "node:module";
 import { fileURLToPath } from "node:url";
@@ -38,7 +38,8 @@ if (process.argv.includes("--emulate-avx512")) {
   if (probe.status !== 0) { console.error(`the SIMDe headers (simde/x86/avx512.h) are not installed${simde ? ` in ${simde}` : ""}; Debian: apt install libsimde-dev`); process.exit(2); }
   if (!nodeDir) { console.error("Node headers not found"); process.exit(2); }
   const out = join(root, "build", "avx512-emulated", "weft.node");
-  const srcs = ["addon", "graph", "kernels", "quants", "peer"].map((f) => join(root, "csrc", `${f}.cpp`));
+  // the same sources as node-gyp's build (binding.gyp is JSON)
+  const srcs = JSON.parse(readFileSync(join(root, "binding.gyp"), "utf8")).targets[0].sources.map((f) => join(root, f));
   const flags = ["-shared", "-fPIC", "-pthread", "-O2", "-std=c++17", "-fexceptions", "-ffp-contract=off", "-fno-math-errno", "-w",
     "-mavx2", "-mfma", "-mf16c", "-DWEFT_EMULATE_AVX512", "-DNAPI_VERSION=8", "-DNAPI_CPP_EXCEPTIONS", "-DBUILDING_NODE_EXTENSION",
     `-I${join(nodeDir, "include", "node")}`, `-I${require("node-addon-api").include_dir.replace(/^"|"$/g, "")}`, ...(simde ? [`-I${simde}`] : [])];

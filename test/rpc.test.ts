@@ -25,7 +25,7 @@ import { native } from "../lib/cpu/index.js";
 import { Device } from "../lib/backend/interface.js";
 import { loadModel } from "../lib/model/model.js";
 import { RpcServer, addRpcServer, closeRpcServers, openRpcServer, startRpcServer, RpcConnection, RpcDevice } from "../lib/rpc/index.js";
-import { FrameReader, Kind, Cmd, Layout, Reader, Writer, frame } from "../lib/rpc/protocol.js";
+import { FrameReader, Kind, Cmd, Layout, PROTOCOL_VERSION, Reader, Writer, frame, tablesDigest } from "../lib/rpc/protocol.js";
 import { encodeGraph } from "../lib/rpc/graph.js";
 import { PeerAllowList } from "../lib/rpc/peer.js";
 import { splitHostsArgs } from "../bench/hosts.js";
@@ -362,6 +362,81 @@ test("hostile requests get error replies and the server stays up: unknown buffer
     assertSameArray(await localLogits(TINY, [1, 5, 9], { devices: [dev!] }), want, "after the hostile requests, with a client stalled mid-frame");
     (dev as RpcDevice).conn.close();
     stalled.destroy();
+  } finally { await stop(s); }
+});
+
+test("lane: after its first step a session's repeated steps run on a native thread: same results, requests in the order sent, hostile requests get the same errors, a malformed frame ends it and its memory is freed", async () => {
+  const lines: string[] = [];
+  const s = await server({ log: (l) => lines.push(l) });
+  try {
+    const conn = await RpcConnection.open(s.endpoint);
+    const code = async (p: Promise<unknown>) => { try { await p; return "OK"; } catch (e) { return (e as WeftError).code; } };
+    const f32 = (xs: number[]) => new Uint8Array(new Float32Array(xs).buffer);
+    const floats = async (offset: number) => [...new Float32Array((await conn.request("GET", new Writer().u32(1).u64(offset).u64(64).body())).r.rest().buffer)];
+    const step = (gid: number, x: number[] | null, graph?: Uint8Array) => {
+      if (x) conn.queueInput(1, 0, f32(x));
+      return conn.request("COMPUTE", [new Writer().u32(0).u64(gid).u8(graph ? 1 : 0).body(), ...(graph ? [graph] : [])]);
+    };
+    assert.is(await code(conn.request("ALLOC", new Writer().u32(1).u32(0).u8(Layout.PLAIN).u64(4096).body())), "OK");
+    const x = new Tensor({ type: GgmlType.F32, ne: [16, 1, 1, 1] });
+    const graph = encodeGraph(G.buildGraph(G.scale(x, 2)), (t) => ({ id: 1, offset: t === x ? 0 : 64 }));
+    const xs = Array.from({ length: 16 }, (_, i) => i * 0.5 - 3);
+    assert.is(await code(step(4, xs, graph)), "OK");
+    assert.equal(await floats(64), xs.map((v) => v * 2));
+    await until("the session to move to a lane", () => lines.some((l) => l.includes("a lane")));
+    // steps now run natively: new inputs, the same graph
+    for (let k = 1; k <= 3; k++) {
+      const ys = xs.map((v) => v + k);
+      assert.is(await code(step(4, ys)), "OK");
+      assert.equal(await floats(64), ys.map((v) => v * 2), `native step ${k}`);
+    }
+    // pipelined without waiting: a SET of the input (left to JS) and a step behind it run in order
+    const zs = xs.map((v) => -v);
+    const set = conn.request("SET", [new Writer().u32(1).u64(0).u8(0).u64(64).body(), f32(zs)]);
+    const [a, b, c] = await Promise.all([set, step(4, null), floats(64)]);
+    assert.ok(a && b);
+    assert.equal(c, zs.map((v) => v * 2), "SET, COMPUTE and GET sent back to back run in that order");
+    // what the lane does not serve itself gets JS's errors
+    assert.is(await code(conn.request("GET", new Writer().u32(1).u64(4090).u64(16).body())), "OUT_OF_RANGE");
+    assert.is(await code(conn.request("GET", new Writer().u32(9).u64(0).u64(4).body())), "BAD_ARGUMENT");
+    assert.is(await code(conn.request("COMPUTE", new Writer().u32(0).u64(424242).u8(0).body())), "BAD_ARGUMENT");
+    conn.queueInput(1, 4090, new Uint8Array(16));
+    assert.is(await code(conn.request("COMPUTE", new Writer().u32(0).u64(4).u8(0).body())), "OUT_OF_RANGE");
+    assert.is(await code(conn.request("COMPUTE", new Writer().u32(3).u64(4).u8(0).body())), "BAD_ARGUMENT");  // no device 3
+    assert.is(await code(conn.request("PING", new Uint8Array(0))), "OK");
+    assert.is(await code(step(5, xs, graph)), "OK");  // a graph sent along goes to JS, and its steps then run here
+    assert.is(await code(step(5, xs)), "OK");
+    // a freed buffer: its graphs are forgotten, so the step is refused, not run on freed memory
+    assert.is(await code(conn.request("FREE", new Writer().u32(1).body())), "OK");
+    assert.is(await code(step(4, null)), "BAD_ARGUMENT");
+    assert.is(await code(conn.request("GET", new Writer().u32(1).u64(0).u64(4).body())), "BAD_ARGUMENT");
+    conn.close();
+    await until("the lane's client to be released", () => s.clients === 0 && s.clientBytes === 0);
+    // a malformed frame on a lane ends that connection (and its memory goes)
+    const { connect } = await import("node:net");
+    const sock = connect({ host: "127.0.0.1", port: s.port });
+    sock.on("error", () => {});
+    const reader = new FrameReader(() => Number.MAX_SAFE_INTEGER);
+    const replies: number[] = [];
+    sock.on("data", (d: Buffer) => { for (const { h, body } of reader.push(d)) replies.push(h.id * 10 + body[0]!); });
+    const closed = new Promise<void>((r) => sock.on("close", () => r()));
+    const send = (cmd: number, id: number, body: Uint8Array | Uint8Array[]) => sock.write(Buffer.concat(frame(Kind.REQUEST, cmd, id, body)));
+    send(Cmd.HELLO, 1, new Writer().u32(PROTOCOL_VERSION).str("raw").str(tablesDigest()).body());
+    send(Cmd.ALLOC, 2, new Writer().u32(1).u32(0).u8(Layout.PLAIN).u64(4096).body());
+    send(Cmd.COMPUTE, 3, [new Writer().u32(0).u64(4).u8(1).u32(1).u32(1).u64(0).bytes(f32(xs)).body(), graph]);
+    await until("the raw client's step", () => replies.length === 3);
+    assert.equal(replies, [10, 20, 30], "HELLO, ALLOC and the step answered OK");
+    await until("the raw session to move to a lane", () => lines.filter((l) => l.includes("a lane")).length === 2);
+    assert.ok(s.clientBytes >= 4096, "it holds its buffer");
+    send(Cmd.COMPUTE, 4, new Writer().u32(0).u64(4).u8(0).u32(1).u32(1).u64(0).bytes(f32(xs.map((v) => v * 3))).body());
+    send(Cmd.GET, 5, new Writer().u32(1).u64(64).u64(64).body());
+    await until("a native step and its read", () => replies.length === 5);
+    const bad = Buffer.concat(frame(Kind.REQUEST, Cmd.PING, 6, new Uint8Array(0)));
+    bad.writeUInt32LE(0xdeadbeef, 0);
+    sock.write(bad);
+    await closed;
+    assert.equal(replies, [10, 20, 30, 40, 50], "nothing answers the malformed frame");
+    await until("the second client to be released", () => s.clients === 0 && s.clientBytes === 0);
   } finally { await stop(s); }
 });
 

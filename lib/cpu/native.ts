@@ -7,6 +7,9 @@ import { OP_NAMES } from "../core/ops.js";
 import { PLAN_LAYOUT } from "./layout.js";
 
 export interface NativeContext { readonly __brand: "NativeContext" }
+export interface NativeLane { readonly __brand: "NativeLane" }
+/** a lane's event: 0 a frame for JS (kind, cmd, id, body), 1 the connection is gone (why), 2 a malformed stream (what) */
+export type LaneListener = (type: number, kind: number, cmd: number, id: number, body: Buffer | string) => void;
 
 export interface NativeAddon {
   bufferAlloc(size: number): number;
@@ -45,6 +48,25 @@ export interface NativeAddon {
   /** a group whose other ranks are processes behind the adopted sockets (fds[self] = -1; it owns them
    * from here); wire: 0 F32, 1 F16, 2 Q8_0 partial sums */
   createPeerGroup(size: number, self: number, fds: readonly number[], wire: number): number;
+  /**
+   * An RPC server session's native lane (csrc/lane.cpp): takes a duplicate of the socket
+   * `fd` (the caller closes its own handle) and serves the repeated steps on a thread of
+   * its own; other frames reach `listener`, which must not throw.
+   */
+  laneOpen(fd: number, maxFrame: number, listener: LaneListener): NativeLane;
+  /** queues one whole frame (its parts) for the client */
+  laneSend(lane: NativeLane, parts: readonly Uint8Array[]): void;
+  /** a forwarded frame of `bytes` body bytes is finished (answered) */
+  laneDone(lane: NativeLane, bytes: number): void;
+  /** the client's graph gid (this context's plan uid) may run on the lane; false: no plan cached */
+  laneBindGraph(lane: NativeLane, gid: number, ctx: NativeContext, uid: number, device: number): boolean;
+  laneUnbindGraph(lane: NativeLane, gid: number): void;
+  /** the client's plain buffer id is native buffer nativeId (-1: no longer) */
+  laneBindBuffer(lane: NativeLane, id: number, nativeId: number): void;
+  /** whether a step runs on the lane now (its client is owed heartbeats) */
+  laneBusy(lane: NativeLane): boolean;
+  /** closes the connection (graceful: once what is queued is sent); event 1 follows */
+  laneClose(lane: NativeLane, graceful: boolean): void;
   /** op names in id order (must equal lib/core/ops.ts) */
   readonly opNames: readonly string[];
   /** the plan record layout (must equal lib/cpu/layout.ts) */

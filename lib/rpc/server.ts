@@ -26,6 +26,7 @@ import { Tensor, toShape4 } from "../core/tensor.js";
 import { GgmlType, TYPES, isKnownType, typeName } from "../core/types.js";
 import { ensureDir, writeAtomically } from "../core/files.js";
 import { CpuBackend, CpuBuffer, CpuDevice, cpuDevice, native, usableCores } from "../cpu/index.js";
+import type { NativeLane } from "../cpu/native.js";
 import { canRepack, repackedBytes } from "../cpu/repack.js";
 import type { RepackedBuffer } from "../cpu/buffer.js";
 import { decodeGraph } from "./graph.js";
@@ -66,6 +67,9 @@ export interface RpcServerOptions {
   peerAllow?: readonly string[];
   /** one line per client event (default: none) */
   log?: (line: string) => void;
+  /** serve a client's repeated steps on a native thread once it has run one (default true;
+   * WEFT_RPC_LANES=0 turns it off: every request then runs on the event loop) */
+  lanes?: boolean;
 }
 
 /** The shared token from a file (trimmed), or from WEFT_RPC_TOKEN; null when neither is set. */
@@ -131,6 +135,10 @@ class Session {
   turned = performance.now();
   readonly reader: FrameReader;
   readonly name: string;
+  /** once it has run a step: the native lane that reads and writes its socket (csrc/lane.cpp) */
+  lane: NativeLane | null = null;
+  /** a step has run (the session may move to a lane) */
+  stepped = false;
   constructor(readonly core: RpcServer, readonly socket: Socket) {
     this.reader = new FrameReader(() => (this.state === "READY" ? core.maxFrame : PREAUTH_MAX_BODY));
     this.name = `${socket.remoteAddress}:${socket.remotePort}`;
@@ -141,8 +149,9 @@ class Session {
    * a COMPUTE's and the last one pending, which leave at once (the client waits for them).
    */
   send(kind: number, cmd: number, id: number, body: Uint8Array | Uint8Array[]): void {
-    if (this.socket.destroyed) return;
     const parts = frame(kind, cmd, id, body);
+    if (this.lane) return native().laneSend(this.lane, parts);
+    if (this.socket.destroyed) return;
     if (!this.#corked) {
       this.#corked = true;
       this.socket.cork();
@@ -190,10 +199,12 @@ class Session {
   }
   addBuffer(id: number, cpu: CpuBuffer, layout: number, charged: number): void {
     this.buffers.set(id, { cpu, size: cpu.size, layout, charged });
+    if (this.lane && layout === Layout.PLAIN) native().laneBindBuffer(this.lane, id, cpu.id);
   }
   /** frees a buffer and forgets the graphs that use it (a later run of them must resend) */
   freeBuffer(id: number): void {
     const b = this.buffer(id);
+    if (this.lane) native().laneBindBuffer(this.lane, id, -1);
     for (const [k, st] of this.staging) if (st.bufferId === id) this.staging.delete(k);
     for (const [gid, g] of this.graphs) if (g.buffers.has(id)) this.forgetGraph(gid);
     b.cpu.dispose();
@@ -203,8 +214,48 @@ class Session {
   forgetGraph(gid: number): void {
     const g = this.graphs.get(gid);
     if (!g) return;
+    if (this.lane) native().laneUnbindGraph(this.lane, gid);
     this.backends.get(g.device)?.forget(g.graph);
     this.graphs.delete(gid);
+  }
+
+  /** a graph that has run: its next steps may run on the lane (its plan is cached natively now) */
+  bindStep(gid: number, g: ServedGraph): void {
+    const be = this.backends.get(g.device);
+    if (this.lane && be && !be.disposed) native().laneBindGraph(this.lane, gid, be.nativeContext, g.graph.uid, g.device);
+  }
+  /**
+   * Moves the session to a native lane (csrc/lane.cpp): from here a thread of its own
+   * reads and writes the socket and runs the repeated steps without this event loop (in
+   * JS each costs the server half a millisecond of CPU per token, taken from the compute
+   * threads). Done between requests only, when nothing is half read or unsent; false
+   * where the socket has no descriptor to hand over (it then stays here).
+   */
+  toLane(onEvent: (type: number, kind: number, cmd: number, id: number, body: Buffer | string) => void): boolean {
+    const sock = this.socket;
+    if (this.lane || this.state !== "READY" || this.pending || this.reader.buffered || sock.readableLength || sock.writableLength || sock.isPaused()) return false;
+    const handle = (sock as unknown as { _handle?: { fd?: number; readStop?: () => void; readStart?: () => void } })._handle;
+    if (typeof handle?.fd !== "number" || handle.fd < 0) return false;
+    handle.readStop?.();
+    try {
+      this.lane = native().laneOpen(handle.fd, this.core.maxFrame, onEvent);
+    } catch {
+      handle.readStart?.();
+      return false;
+    }
+    // Node's handle is closed (not ended: a FIN would end the client's connection too)
+    for (const ev of ["data", "close", "error"]) sock.removeAllListeners(ev);
+    sock.on("error", () => {});
+    sock.destroy();
+    for (const [id, b] of this.buffers) if (b.layout === Layout.PLAIN) native().laneBindBuffer(this.lane, id, b.cpu.id);
+    for (const [gid, g] of this.graphs) this.bindStep(gid, g);
+    return true;
+  }
+  /** ends the connection: graceful sends what is queued first */
+  end(graceful: boolean): void {
+    if (this.lane) native().laneClose(this.lane, graceful);
+    else if (graceful) this.socket.end();
+    else this.socket.destroy();
   }
 
   /** ends a group: a step waiting in it on the network fails at once */
@@ -353,6 +404,8 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, Handler> = {
       s.forgetGraph(gid);  // the native side may have dropped it; the client resends
       throw e;
     }
+    s.stepped = true;
+    s.bindStep(gid, g);
   },
   PREPARE(s, r) {
     const device = r.u32("device"), gid = r.u64("graph id");
@@ -535,6 +588,7 @@ export class RpcServer {
   /** @internal one line per client event */
   readonly log: (line: string) => void;
   readonly #maxClients: number;
+  readonly lanes: boolean;
   readonly #hashes = new Map<string, string>();
   readonly #mapped = new Map<string, { id: string; buf: CpuBuffer }>();
   #writes: Promise<void> = Promise.resolve();
@@ -555,6 +609,7 @@ export class RpcServer {
     this.cacheDir = opts.cacheDir ?? null;
     this.modelsDir = opts.modelsDir ?? null;
     this.#maxClients = opts.maxClients ?? 16;
+    this.lanes = opts.lanes ?? process.env.WEFT_RPC_LANES !== "0";
     this.peerAllow = new PeerAllowList(opts.peerAllow);
     this.log = opts.log ?? (() => {});
     this.#server = server;
@@ -585,7 +640,7 @@ export class RpcServer {
     this.#server.on("connection", (sock) => this.#accept(sock));
     // liveness: a client with work pending hears from the server at least every second
     this.#heartbeat = setInterval(() => {
-      for (const s of this.#sessions) if (s.state === "READY" && (s.pending > 0 || s.reader.buffered > 0)) s.send(Kind.NOTICE, Notice.HEARTBEAT, 0, new Uint8Array(0));
+      for (const s of this.#sessions) if (s.state === "READY" && (s.pending > 0 || s.reader.buffered > 0 || (s.lane && native().laneBusy(s.lane)))) s.send(Kind.NOTICE, Notice.HEARTBEAT, 0, new Uint8Array(0));
     }, 1000);
     this.#heartbeat.unref();
   }
@@ -670,32 +725,52 @@ export class RpcServer {
       if (s.state === "CLOSED") return;
       try {
         // frame by frame: a handshake step changes the size allowed for the next header
-        s.reader.push(chunk, ({ h, body }) => {
-          if (s.state === "CLOSED") return false;
-          if (h.kind !== Kind.REQUEST) { this.#drop(s, h.cmd, h.id, protocolError(`frame kind ${h.kind} from a client`)); return false; }
-          const name = CMD_NAMES[h.cmd];
-          if (s.state !== "READY") this.#handshake(s, h.cmd, h.id, body);
-          else if (!name || name === "HELLO" || name === "AUTH") s.fail(h.cmd, h.id, protocolError(`unknown or repeated command ${h.cmd}`));
-          else if (name === "PEER") return this.#peer(s, h.id, body);
-          else if (name === "UNGROUP" || name === "GROUP") this.#now(s, name, h.cmd, h.id, body);
-          else this.#enqueue(s, name, h.cmd, h.id, body);
-          return true;
-        });
+        s.reader.push(chunk, ({ h, body }) => this.#frame(s, h.kind, h.cmd, h.id, body));
       } catch (e) {
         this.#drop(s, 0, 0, e);
       }
     });
     sock.on("error", () => {});
-    sock.on("close", () => {
-      clearTimeout(preauth);
-      const was = s.state;
-      s.state = "CLOSED";
-      s.ungroupAll("the client disconnected");  // a step waiting on a peer stops now
-      // whatever is running finishes first (its memory is pinned), then everything goes
-      void s.tail.then(() => s.release()).finally(() => {
-        this.#sessions.delete(s);
-        if (was === "READY") this.log(`client ${s.name} left`);
-      });
+    sock.on("close", () => { clearTimeout(preauth); this.#closed(s); });
+  }
+
+  /** A frame from a client; false: read no more of this connection. `done`: once it is answered. */
+  #frame(s: Session, kind: number, cmd: number, id: number, body: Uint8Array, done?: () => void): boolean {
+    if (s.state === "CLOSED") { done?.(); return false; }
+    if (kind !== Kind.REQUEST) { this.#drop(s, cmd, id, protocolError(`frame kind ${kind} from a client`)); done?.(); return false; }
+    const name = CMD_NAMES[cmd];
+    if (s.state !== "READY") this.#handshake(s, cmd, id, body);
+    else if (!name || name === "HELLO" || name === "AUTH" || (name === "PEER" && s.lane)) s.fail(cmd, id, protocolError(`unknown or repeated command ${cmd}`));
+    else if (name === "PEER") return this.#peer(s, id, body);
+    else if (name === "UNGROUP" || name === "GROUP") return this.#now(s, name, cmd, id, body, done), true;
+    else return this.#enqueue(s, name, cmd, id, body, done), true;
+    done?.();
+    return true;
+  }
+
+  /** What a lane reports (csrc/lane.cpp): a frame it leaves to this side, its end, or a malformed stream. */
+  #laneEvent(s: Session, type: number, kind: number, cmd: number, id: number, body: Buffer | string): void {
+    try {
+      if (type === 0) {
+        const lane = s.lane!, bytes = (body as Buffer).length;
+        s.turned = performance.now();
+        this.#frame(s, kind, cmd, id, body as Buffer, () => native().laneDone(lane, bytes));
+      } else if (type === 1) this.#closed(s);
+      else this.#drop(s, 0, 0, protocolError(body as string));
+    } catch (e) {
+      this.log(`client ${s.name}: ${(e as Error)?.message ?? e}`);
+    }
+  }
+
+  /** The connection is gone: a step waiting on a peer stops, then everything the client held is freed. */
+  #closed(s: Session): void {
+    const was = s.state;
+    s.state = "CLOSED";
+    s.ungroupAll("the client disconnected");  // a step waiting on a peer stops now
+    // whatever is running finishes first (its memory is pinned), then everything goes
+    void s.tail.then(() => s.release()).finally(() => {
+      this.#sessions.delete(s);
+      if (was === "READY") this.log(`client ${s.name} left`);
     });
   }
 
@@ -776,10 +851,10 @@ export class RpcServer {
    * that waits on a dead peer) and GROUP (linking takes a while; it must not hold up the
    * requests behind it). Counted as pending, so the client hears heartbeats meanwhile.
    */
-  #now(s: Session, name: "UNGROUP" | "GROUP", cmd: number, id: number, body: Uint8Array): void {
+  #now(s: Session, name: "UNGROUP" | "GROUP", cmd: number, id: number, body: Uint8Array, done?: () => void): void {
     s.pending++;
     void (async () => {
-      try { s.reply(cmd, id, await HANDLERS[name](s, new Reader(body))); } catch (e) { s.fail(cmd, id, e); } finally { s.pending--; }
+      try { s.reply(cmd, id, await HANDLERS[name](s, new Reader(body))); } catch (e) { s.fail(cmd, id, e); } finally { s.pending--; done?.(); }
     })();
   }
 
@@ -789,19 +864,20 @@ export class RpcServer {
     this.log(`client ${s.name} dropped: ${(e as Error)?.message ?? e}`);
     if (cmd) s.fail(cmd, id, e);
     s.state = "CLOSED";
-    s.socket.end();
-    setTimeout(() => s.socket.destroy(), 1000).unref();
+    s.end(true);
+    setTimeout(() => s.end(false), 1000).unref();
   }
 
   /** A READY client's request: runs after its earlier ones; the reply is sent when it is done. */
-  #enqueue(s: Session, name: Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, cmd: number, id: number, body: Uint8Array): void {
+  #enqueue(s: Session, name: Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, cmd: number, id: number, body: Uint8Array, done?: () => void): void {
     // the first frame of a burst (a step's inputs come before its COMPUTE): the device
     // threads wake while the rest arrives (not later: spinning then takes a core for nothing)
     if (s.pending === 0) for (const be of s.backends.values()) be.prewake();
     s.pending++;
     s.queuedBytes += body.length;
-    // a client that sends faster than its work runs is paused (its frames wait in the kernel)
-    if (s.queuedBytes > 2 * this.maxFrame) s.socket.pause();
+    // a client that sends faster than its work runs is paused (its frames wait in the
+    // kernel; a lane holds back by itself)
+    if (!s.lane && s.queuedBytes > 2 * this.maxFrame) s.socket.pause();
     const run = async () => {
       // a backlog of requests runs as one chain of promise callbacks: every 100 ms it lets
       // the event loop turn, so heartbeats and other clients' frames are not held up
@@ -814,7 +890,10 @@ export class RpcServer {
       } finally {
         s.pending--;
         s.queuedBytes -= body.length;
-        if (s.queuedBytes <= this.maxFrame && s.socket.isPaused()) s.socket.resume();
+        if (!s.lane && s.queuedBytes <= this.maxFrame && s.socket.isPaused()) s.socket.resume();
+        done?.();
+        if (s.stepped && !s.lane && s.pending === 0 && this.lanes && s.toLane((...a) => this.#laneEvent(s, ...a)))
+          this.log(`client ${s.name}: its steps now run on a thread of their own (a lane)`);
       }
     };
     s.tail = s.tail.then(run);
@@ -828,7 +907,7 @@ export class RpcServer {
     for (const m of this.#mapped.values()) m.buf.dispose();
     this.#mapped.clear();
     const closed = new Promise<void>((r) => this.#server.close(() => r()));
-    for (const s of this.#sessions) s.socket.destroy();
+    for (const s of this.#sessions) s.end(false);
     await closed;
     while (this.#sessions.size) await new Promise((r) => setTimeout(r, 5));
   }
