@@ -37,7 +37,8 @@ constexpr uint32_t MAGIC = 0x31465457;
 constexpr size_t HEADER = 20;
 constexpr uint8_t KIND_REQUEST = 0, KIND_REPLY = 1;
 constexpr uint8_t CMD_GET = 7, CMD_COMPUTE = 11, CMD_PING = 15;
-constexpr uint32_t MAX_INPUTS = 4096;
+constexpr uint32_t MAX_INPUTS = 4096, MAX_READS = 64;
+constexpr uint8_t FLAG_READS = 2;  // COMPUTE's flags (ComputeFlag): GRAPH 1, READS 2
 
 struct Head { uint8_t kind, cmd; uint32_t id; uint64_t len; };
 
@@ -214,50 +215,75 @@ struct Lane {
     if (h.cmd != CMD_COMPUTE) return false;
     const uint32_t device = r.get<uint32_t>();
     const uint64_t gid = r.get<uint64_t>();
-    const uint8_t has = r.get<uint8_t>();
+    const uint8_t flags = r.get<uint8_t>();
     const uint32_t n = r.get<uint32_t>();
-    if (!r.ok || has || n > MAX_INPUTS) return false;
-    struct Input { uint32_t id; uint64_t off, len; const char* data; int64_t nid; };
-    std::vector<Input> inputs(n);
+    if (!r.ok || (flags & ~FLAG_READS) || n > MAX_INPUTS) return false;  // a graph sent along: JS decodes it
+    // inputs (written before the step) and reads (the reply's payload after it)
+    struct Span { uint32_t id; uint64_t off, len; const char* data; int64_t nid; char* at; };
+    std::vector<Span> inputs(n), reads;
     for (auto& x : inputs) {
       x.id = r.get<uint32_t>();
       x.off = r.get<uint64_t>();
       x.len = r.get<uint64_t>();
       x.data = r.take(x.len);
     }
+    uint64_t total = 0;
+    if (flags & FLAG_READS) {
+      const uint32_t k = r.get<uint32_t>();
+      if (!r.ok || k > MAX_READS) return false;
+      reads.resize(k);
+      for (auto& x : reads) {
+        x.id = r.get<uint32_t>();
+        x.off = r.get<uint64_t>();
+        x.len = r.get<uint64_t>();
+        if (x.len > max_frame) return false;
+        total += x.len;
+      }
+      if (total > max_frame - 64) return false;
+    }
     if (!r.done()) return false;
     GraphBind g;
-    std::vector<int64_t> pins;
     {
       std::lock_guard<std::mutex> lk(mu);
       auto it = graphs.find(gid);
       if (it == graphs.end() || it->second.device != device) return false;
       g = it->second;
-      for (auto& x : inputs) {
-        auto b = bufs.find(x.id);
-        if (b == bufs.end()) return false;
-        x.nid = b->second;
-        pins.push_back(x.nid);
-      }
+      for (auto* xs : {&inputs, &reads})
+        for (auto& x : *xs) {
+          auto b = bufs.find(x.id);
+          if (b == bufs.end()) return false;
+          x.nid = b->second;
+        }
     }
+    std::vector<int64_t> pins;
+    for (auto* xs : {&inputs, &reads}) for (auto& x : *xs) pins.push_back(x.nid);
     if (!pin_buffer_ids(pins)) return false;
+    // every span checked before anything is written; the buffers stay pinned through the step
     bool fit = true;
-    for (auto& x : inputs) {
-      BufferInfo b;
-      if (!lookup_buffer(x.nid, &b) || b.read_only || x.off > b.size || x.len > b.size - x.off) { fit = false; break; }
-    }
-    if (fit) for (auto& x : inputs) { BufferInfo b; lookup_buffer(x.nid, &b); memcpy(b.base + x.off, x.data, x.len); }
-    unpin_buffer_ids(pins);
-    if (!fit) return false;
+    for (auto* xs : {&inputs, &reads})
+      for (auto& x : *xs) {
+        BufferInfo b;
+        if (!lookup_buffer(x.nid, &b) || (xs == &inputs && b.read_only) || x.off > b.size || x.len > b.size - x.off) fit = false;
+        else x.at = b.base + x.off;
+      }
+    if (!fit) { unpin_buffer_ids(pins); return false; }
+    for (auto& x : inputs) memcpy(x.at, x.data, x.len);
     std::string err;
     busy.store(true);
     const NativeRun ran = run_plan_native(g.ctx, g.plan, err);
     busy.store(false);
+    if (ran == NativeRun::OK) {
+      std::vector<char> f = reply(h.cmd, h.id, 0, "", "", total);
+      char* at = f.data() + HEADER + OK_HEAD;
+      for (auto& x : reads) { memcpy(at, x.at, x.len); at += x.len; }
+      queue(std::move(f));
+    }
+    unpin_buffer_ids(pins);
     if (ran == NativeRun::REFUSED) return false;  // a buffer was freed: JS says so (the inputs it writes again are the same)
     if (ran == NativeRun::FAILED) {
       { std::lock_guard<std::mutex> lk(mu); graphs.erase(gid); }  // the client sends it again
       queue(reply(h.cmd, h.id, 1, "COMPUTE_FAILED", err.substr(0, 4000), 0));
-    } else queue(reply(h.cmd, h.id, 0, "", "", 0));
+    }
     return true;
   }
 

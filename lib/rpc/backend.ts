@@ -17,10 +17,29 @@ import type { RpcConnection } from "./client.js";
 import type { RpcDevice, RpcMemory } from "./device.js";
 import { encodeGraph } from "./graph.js";
 import { groupsLinking } from "./peer.js";
-import { CmdName, Layout, Reply, Writer } from "./protocol.js";
+import { CmdName, ComputeFlag, Layout, Reply, Writer } from "./protocol.js";
 
 /** writes up to this size are carried by the next COMPUTE instead of a SET of their own */
 const INPUT_MAX = 1 << 20;
+
+/** a step's reads at most (more, and the step's reply would carry what is read with GETs anyway) */
+const MAX_READS = 64;
+const READS_MAX_BYTES = 4 << 20;
+
+interface Read { id: number; offset: number; size: number }
+/** A step of this queue: the reads its reply brings (into `bytes`), and those that follow it. */
+interface Step {
+  uid: number;
+  reads: Read[];
+  bytes: Uint8Array | null;
+  ready: Promise<void>;
+  /** the connection's sentCount once its COMPUTE left (-1: not yet) */
+  sentAt: number;
+  /** reads waiting on its reply (its bytes are not reused meanwhile) */
+  claims: number;
+  over: boolean;
+  seen: Read[];
+}
 
 class RpcEvent implements Event {
   constructor(readonly backend: RpcBackend, readonly done: Promise<void>) {}
@@ -52,7 +71,7 @@ export class RpcBackend implements Backend {
   constructor(readonly device: RpcDevice) {
     this.#conn = device.conn;
     // a new session: what failed with the old one is not this queue's failure any more
-    this.#unregister = this.#conn.onReconnect(async () => { this.#failure = null; this.#sent.clear(); });
+    this.#unregister = this.#conn.onReconnect(async () => { this.#failure = null; this.#sent.clear(); this.#reads.clear(); this.#step = null; });
   }
   readonly #unregister: () => void;
   get name(): string { return this.device.name; }
@@ -89,12 +108,16 @@ export class RpcBackend implements Backend {
       this.#pumping = false;
     }
   }
-  /** a request in queue order; resolves to its reply (`refuse`: checked when its turn comes; an error is its answer, nothing is sent) */
-  #request(cmd: CmdName, body: Uint8Array | Uint8Array[], refuse?: () => WeftError | null, into?: Uint8Array): Promise<Reply> {
+  /**
+   * A request in queue order; resolves to its reply (`refuse`: checked when its turn comes;
+   * an error is its answer, nothing is sent). `sent` runs once it has left.
+   */
+  #request(cmd: CmdName, body: Uint8Array | Uint8Array[], refuse?: () => WeftError | null, into?: Uint8Array, sent?: () => void): Promise<Reply> {
     return new Promise<Reply>((resolve, reject) => this.#submit(() => {
       const no = refuse?.();
-      if (no) reject(no);
-      else this.#conn.request(cmd, body, into).then(resolve, reject);
+      if (no) return reject(no);
+      this.#conn.request(cmd, body, into).then(resolve, reject);
+      sent?.();
     }));
   }
   /** a request in queue order whose reply nobody awaits (its failure: at the next synchronize) */
@@ -143,25 +166,92 @@ export class RpcBackend implements Backend {
     });
   }
 
+  /**
+   * Runs a graph. The reads that followed its last run (the logits, a layer split's
+   * activations) are asked for in the same request: its reply brings them, and the
+   * getTensorAsync calls that follow are answered from it, with no request of their own
+   * (one round trip per step, not two).
+   */
   computeAsync(graph: Graph): Promise<void> {
     try {
       this.#check();
+      this.#endStep();
       const fresh = this.#sent.get(graph.uid) !== this.#conn.session;
       const refuse = fresh ? this.#awaitGroups(graph) : undefined;
-      const head = new Writer().u32(this.device.index).u64(graph.uid).u8(fresh ? 1 : 0).body();
-      const body = fresh ? [head, this.#encode(graph)] : [head];
+      const reads = this.#reads.get(graph.uid) ?? [];
+      const head = new Writer().u32(this.device.index).u64(graph.uid).u8((fresh ? ComputeFlag.GRAPH : 0) | (reads.length ? ComputeFlag.READS : 0)).body();
+      const body = [head];
+      let bytes: Uint8Array | undefined;
+      if (reads.length) {
+        const w = new Writer().u32(reads.length);
+        for (const x of reads) w.u32(x.id).u64(x.offset).u64(x.size);
+        body.push(w.body());
+        bytes = this.#scratch(reads.reduce((n, x) => n + x.size, 0));
+      }
+      if (fresh) body.push(this.#encode(graph));
       if (fresh) this.#sent.set(graph.uid, this.#conn.session);
-      return this.#request("COMPUTE", body, refuse).then(() => {
+      const step: Step = { uid: graph.uid, reads, bytes: bytes ?? null, ready: Promise.resolve(), sentAt: -1, claims: 0, over: false, seen: [] };
+      this.#step = step;
+      step.ready = this.#request("COMPUTE", body, refuse, bytes, () => { step.sentAt = this.#conn.sentCount; }).then(() => {
         const f = this.#takeFailure();
         if (f) throw f;
       }, (e: WeftError) => {
         this.#sent.delete(graph.uid);  // the server dropped it: send it again next time
+        this.#reads.delete(graph.uid);
         throw e;
       });
+      return step.ready;
     } catch (e) {
       return Promise.reject(e);
     }
   }
+  /** reads a graph's runs were followed by, by graph uid (what its next run's reply brings) */
+  readonly #reads = new Map<number, Read[]>();
+  /** the last step: what it brings back, and the reads that follow it */
+  #step: Step | null = null;
+  /** memory for a step's reads that no step uses any more */
+  #spare: Uint8Array | null = null;
+  #scratch(n: number): Uint8Array {
+    const s = this.#spare && this.#spare.length >= n ? this.#spare : new Uint8Array(n);
+    if (s === this.#spare) this.#spare = null;
+    return s.subarray(0, n);
+  }
+  /** the last step is over (another runs, or its reads were learned): what followed it is what its graph's next run brings */
+  #endStep(): void {
+    const st = this.#step;
+    if (!st) return;
+    this.#step = null;
+    st.over = true;
+    const total = st.seen.reduce((n, x) => n + x.size, 0);
+    if (st.seen.length && st.seen.length <= MAX_READS && total <= READS_MAX_BYTES) this.#reads.set(st.uid, st.seen);
+    else this.#reads.delete(st.uid);
+    if (st.bytes && st.claims === 0) this.#spare = st.bytes;
+  }
+  /**
+   * A read straight after a step (nothing sent or queued on the connection since, nothing
+   * held back here): served from the step's reply where it brought these bytes; else
+   * null (a GET), noted so that the graph's next run brings them.
+   */
+  #straightAfter(): Step | null {
+    const st = this.#step;
+    return st && st.sentAt === this.#conn.sentCount && !this.#items.length ? st : null;
+  }
+  /** the bytes of a read the step's reply brings (null: it does not; the read is noted either way) */
+  #fromStep(st: Step, id: number, offset: number, size: number, into?: Uint8Array): Promise<Uint8Array> | null {
+    const at = st.bytes ? st.reads.findIndex((x) => x.id === id && x.offset === offset && x.size === size) : -1;
+    st.seen.push({ id, offset, size });
+    if (at < 0) return null;
+    const from = st.reads.slice(0, at).reduce((n, x) => n + x.size, 0);
+    st.claims++;
+    const done = () => { if (--st.claims === 0 && st.over) this.#spare = st.bytes; };
+    return st.ready.then(() => {
+      const src = st.bytes!.subarray(from, from + size);
+      const out = into ? (into.set(src), into) : src.slice();
+      done();
+      return out;
+    }, (e: unknown) => { done(); throw e; });
+  }
+
 
   setTensorAsync(t: Tensor, data: ArrayBufferView, offset: number): void {
     this.#check();
@@ -172,11 +262,21 @@ export class RpcBackend implements Backend {
       this.#submit(() => this.#conn.queueInput(p.id, p.offset, bytes));
     } else this.#post("SET", m.setBody(t, bytes, tensorAt(t) + offset));
   }
-  async getTensorAsync(t: Tensor, offset: number, size: number, into?: Uint8Array): Promise<Uint8Array> {
-    this.#check();
-    const p = this.#memory(t).locate(tensorAt(t) + offset, size);
-    const r = (await this.#request("GET", new Writer().u32(p.id).u64(p.offset).u64(size).body(), undefined, into)).r;
-    return into ?? r.restView();
+  getTensorAsync(t: Tensor, offset: number, size: number, into?: Uint8Array): Promise<Uint8Array> {
+    let p;
+    try {
+      this.#check();
+      p = this.#memory(t).locate(tensorAt(t) + offset, size);
+    } catch (e) { return Promise.reject(e); }
+    // decided now, not a microtask later: a GET takes its place in the queue at the call
+    // (a copy relayed the other way may be queued right after it)
+    const st = this.#straightAfter();
+    const served = st ? this.#fromStep(st, p.id, p.offset, size, into) : null;
+    if (served) return served;
+    // a GET; one straight after a step keeps the step's place (the next read may follow it too)
+    return this.#request("GET", new Writer().u32(p.id).u64(p.offset).u64(size).body(), undefined, into, () => {
+      if (st && st === this.#step) st.sentAt = this.#conn.sentCount;
+    }).then((r) => into ?? r.r.restView());
   }
   set2dAsync(b: Buffer, offset: number, data: ArrayBufferView, rows: number, rowBytes: number, stride: number): void {
     this.#check();

@@ -245,6 +245,7 @@ export class RpcConnection {
     } else if (this.#inputs.length) this.#flushInputs();
     const id = this.#nextId;
     this.#nextId = (this.#nextId % 0xfffffffe) + 1;
+    this.#sent++;
     const parts = frame(Kind.REQUEST, Cmd[cmd], id, body);
     const bytes = parts.reduce((n, p) => n + p.length, 0);
     if (bytes - 20 > this.#info?.maxFrame) return Promise.reject(weftError("RPC_LIMIT", `${cmd} of ${bytes} bytes is more than the server's ${this.#info.maxFrame}-byte frames`));
@@ -283,7 +284,11 @@ export class RpcConnection {
   /** A small write the next COMPUTE carries (a step's inputs: one frame, one reply, for the whole step). */
   queueInput(id: number, offset: number, data: Uint8Array): void {
     this.#inputs.push({ id, offset, data });
+    this.#sent++;
   }
+  /** requests sent and inputs queued so far: unchanged, nothing has touched the server's memory since */
+  get sentCount(): number { return this.#sent; }
+  #sent = 0;
   #takeInputs(): Uint8Array[] {
     const xs = this.#inputs;
     this.#inputs = [];

@@ -30,9 +30,11 @@ export const Cmd = {
 export type CmdName = keyof typeof Cmd;
 export const CMD_NAMES: Record<number, CmdName> = Object.fromEntries(Object.entries(Cmd).map(([k, v]) => [v, k as CmdName]));
 
-// COMPUTE: device u32, graph id u64, graph flag u8, then the step's inputs (count u32, each
-// buffer u32, offset u64, bytes), then the graph where the flag says it is sent (once per
-// id): a repeated step is one frame with its inputs, answered when it has run. PREPARE:
+// COMPUTE: device u32, graph id u64, flags u8 (ComputeFlag), then the step's inputs (count
+// u32, each buffer u32, offset u64, bytes), then with READS what to read back once it has
+// run (count u32, each buffer u32, offset u64, length u64: the reply's payload is those
+// bytes, in order), then with GRAPH the graph (sent once per id): a repeated step is one
+// frame with its inputs, answered with its outputs when it has run. PREPARE:
 // device u32, graph id u64, the graph: sent ahead of its first COMPUTE (which then has the
 // flag 0), so that the server decodes it while it is busy with the step before.
 
@@ -42,6 +44,9 @@ export const CMD_NAMES: Record<number, CmdName> = Object.fromEntries(Object.entr
 // wakes a step waiting on a dead peer). PEER: session key, from rank u32, to rank u32, the
 // dialing server's random id (a server refuses itself), sent by a server on a connection
 // of its own; after the reply the connection is a link.
+
+/** COMPUTE's flags: the graph is sent along; reads follow the inputs. */
+export const ComputeFlag = { GRAPH: 1, READS: 2 } as const;
 
 /** Buffer layouts: rows as in a GGUF file, or the CPU's eight-row repacked groups. */
 export const Layout = { PLAIN: 0, REPACKED: 1 } as const;

@@ -33,7 +33,7 @@ import { decodeGraph } from "./graph.js";
 import { LINK_TIMEOUT_MS, MAX_GROUP, PeerAllowList, PeerRendezvous, dialPeer, takeSocket } from "./peer.js";
 import { parseEndpoint } from "./client.js";
 import {
-  CMD_NAMES, Cmd, CmdName, DEFAULT_MAX_FRAME, FrameReader, Kind, Layout, NONCE_BYTES, Notice, PREAUTH_MAX_BODY,
+  CMD_NAMES, Cmd, CmdName, ComputeFlag, DEFAULT_MAX_FRAME, FrameReader, Kind, Layout, NONCE_BYTES, Notice, PREAUTH_MAX_BODY,
   PROTOCOL_VERSION, Reader, Status, WeightSource, Writer, authProof, frame, proofsEqual, protocolError, replyBody, tablesDigest,
 } from "./protocol.js";
 
@@ -112,6 +112,7 @@ const MAX_GRAPHS = 1024;
 /** bytes of weights waiting to be written to the cache before a load waits for the disk */
 const CACHE_BACKLOG = 512 << 20;
 const MAX_INPUTS = 4096;
+const MAX_READS = 64;
 const MAX_BUFFERS = 1 << 16;
 const MAX_GROUPS = 64;
 const PREAUTH_TIMEOUT_MS = 10_000;
@@ -383,7 +384,8 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, Handler> = {
     if (!b.cpu.copyFrom(a.cpu, srcOff, dstOff, length)) throw weftError("BAD_ARGUMENT", "repacked weight buffers cannot be copied");
   },
   async COMPUTE(s, r) {
-    const device = r.u32("device"), gid = r.u64("graph id"), has = r.u8("graph flag");
+    const device = r.u32("device"), gid = r.u64("graph id"), flags = r.u8("flags");
+    if (flags > (ComputeFlag.GRAPH | ComputeFlag.READS)) throw protocolError(`unknown COMPUTE flags ${flags}`);
     s.device(device);
     // the step's inputs, written first
     const n = r.u32("input count");
@@ -393,8 +395,23 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, Handler> = {
       if (b.layout !== Layout.PLAIN) throw weftError("BAD_ARGUMENT", "an input cannot be written into repacked weight memory");
       b.cpu.set(offset, data);
     }
+    // what the reply brings back once the step has run (checked before it runs)
+    const reads: Array<{ b: ServedBuffer; offset: number; length: number }> = [];
+    if (flags & ComputeFlag.READS) {
+      const k = r.u32("read count");
+      if (k > MAX_READS) throw protocolError(`${k} reads, at most ${MAX_READS}`);
+      let total = 0;
+      for (let i = 0; i < k; i++) {
+        const b = s.buffer(r.u32("read buffer")), offset = r.u64("read offset"), length = r.u64("read length");
+        if (b.layout !== Layout.PLAIN) throw weftError("BAD_ARGUMENT", "a repacked weight buffer cannot be read back");
+        if (offset + length > b.size) throw weftError("OUT_OF_RANGE", `a read of ${length} bytes at ${offset} is past the end of buffer (${b.size} bytes)`);
+        total += length;
+        reads.push({ b, offset, length });
+      }
+      if (total > s.core.maxFrame - 64) throw weftError("RPC_LIMIT", `reads of ${total} bytes are more than one frame`);
+    }
     let g = s.graphs.get(gid);
-    if (has) g = receiveGraph(s, r, device, gid);
+    if (flags & ComputeFlag.GRAPH) g = receiveGraph(s, r, device, gid);
     else r.end("COMPUTE");
     if (!g) throw weftError("BAD_ARGUMENT", `no graph ${gid}: send it with its first COMPUTE (it was never sent, or was forgotten)`);
     if (g.device !== device) throw weftError("BAD_ARGUMENT", `graph ${gid} was sent for device ${g.device}, not ${device}`);
@@ -406,6 +423,11 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, Handler> = {
     }
     s.stepped = true;
     s.bindStep(gid, g);
+    if (!reads.length) return;
+    const out = new Uint8Array(reads.reduce((n, x) => n + x.length, 0));
+    let at = 0;
+    for (const x of reads) { x.b.cpu.get(x.offset, x.length, out.subarray(at, at + x.length)); at += x.length; }
+    return out;
   },
   PREPARE(s, r) {
     const device = r.u32("device"), gid = r.u64("graph id");
