@@ -18,6 +18,7 @@
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <deque>
@@ -126,9 +127,12 @@ struct Lane {
     out_bytes += f.size();
     out.push_back(std::move(f));
   }
-  // Sends what the socket takes now; false if the connection failed.
+  // Sends what the socket takes now; false if the connection failed. Either thread may
+  // call it (the JS one sends heartbeats while a step runs here): under the lock, which
+  // also guards the descriptor's closing (a closed number may be reused at once).
   bool flush(std::string& why) {
     std::lock_guard<std::mutex> lk(mu);
+    if (fd < 0) return false;
     while (!out.empty()) {
       std::vector<char>& f = out.front();
       const ssize_t k = send(fd, f.data() + out_at, f.size() - out_at, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -168,10 +172,7 @@ struct Lane {
         "frame of " + std::to_string(len) + " bytes is larger than the " + std::to_string(max_frame) + " allowed"});
       return -1;
     }
-    if (have < HEADER + len) {
-      if (in.size() < HEADER + len) in.resize(HEADER + len);
-      return 0;
-    }
+    if (have < HEADER + len) return 0;  // (the buffer grows as the bytes come, not on a header's word)
     const char* body = in.data() + HEADER;
     const bool idle = finished.load(std::memory_order_acquire) == forwarded.load(std::memory_order_acquire);
     if (!(h.kind == KIND_REQUEST && idle && serve(h, body))) {
@@ -309,7 +310,7 @@ struct Lane {
       if (p[1].revents) { char buf[64]; while (read(wake[0], buf, sizeof buf) > 0) {} }
       if (p[0].revents & (POLLERR | POLLNVAL)) { why = "the connection failed"; break; }
       if (reading && (p[0].revents & (POLLIN | POLLHUP))) {
-        if (have == in.size()) in.resize(in.size() * 2);
+        if (have == in.size()) in.resize(std::min<size_t>(in.size() * 2, HEADER + max_frame));
         const ssize_t k = recv(fd, in.data() + have, in.size() - have, 0);
         if (k == 0) { why = "closed"; break; }
         if (k < 0) {
@@ -321,8 +322,11 @@ struct Lane {
       }
     }
   gone:
-    close(fd);
-    fd = -1;
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      close(fd);
+      fd = -1;
+    }
     emit(new Event{EV_CLOSED, {}, {}, why});
     tsfn.Release();
   }
