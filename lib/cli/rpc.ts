@@ -40,7 +40,9 @@ export const RPC_SERVER_COMMAND: Command = {
 Prints its endpoint, devices and memory, then one line per client. Runs until Ctrl-C or
 SIGTERM; a client's memory is freed when it disconnects. No encryption: the token keeps
 strangers from using the server, it does not hide the traffic — use a private network or a
-tunnel (ssh -L, WireGuard) across networks you do not trust.`,
+tunnel (ssh -L, WireGuard) across networks you do not trust. Once a client has run a step,
+its connection is served by a thread of its own (its generation steps then skip this
+process's event loop); WEFT_RPC_LANES=0 keeps every request on the event loop.`,
   async run(args, signal) {
     const { values: v } = parse(args, {
       host: { names: ["--host"] }, port: { names: ["--port"] }, tokenFile: { names: ["--token-file"] },
