@@ -1,11 +1,11 @@
 // A client's RPC session served on a native thread (lib/rpc/server.ts, DESIGN §6).
-// Generating a token is one COMPUTE (its inputs inline) and one GET of the output per
-// server: in JS each costs the server a wake of its event loop, a promise chain and a
-// write, about half a millisecond of CPU per token, taken from the compute threads of a
-// box whose cores are all computing. Once a session has run its first step, the server
-// hands its socket to a lane: a thread of its own that reads the frames, runs the repeated
-// steps (COMPUTE of a graph already sent, GET of plain memory, PING) itself on the
-// device's dispatcher, and writes their replies. Everything else, and anything the lane
+// Generating a token is one COMPUTE per server (its inputs inline, the reads of its output
+// named): in JS each cost the server a wake of its event loop, a promise chain and writes,
+// about half a millisecond of CPU per token, taken from the compute threads of a box whose
+// cores are all computing. Once a session has run its first step, the server hands its
+// socket to a lane: a thread of its own that reads the frames, runs the repeated steps
+// (COMPUTE of a graph already sent, GET of plain memory, PING) itself, as worker 0 of the
+// device's pool, and writes their replies. Everything else, and anything the lane
 // does not find exactly as it expects (an unknown buffer, a graph sent along, a range out
 // of bounds, a malformed body), goes to the JS side as a frame, where the full checks
 // and errors are; a step runs natively only while no forwarded frame is unfinished, so

@@ -25,7 +25,7 @@ import { native } from "../lib/cpu/index.js";
 import { Device } from "../lib/backend/interface.js";
 import { loadModel } from "../lib/model/model.js";
 import { RpcServer, addRpcServer, closeRpcServers, openRpcServer, startRpcServer, RpcConnection, RpcDevice } from "../lib/rpc/index.js";
-import { FrameReader, Kind, Cmd, Layout, PROTOCOL_VERSION, Reader, Writer, frame, tablesDigest } from "../lib/rpc/protocol.js";
+import { ComputeFlag, FrameReader, Kind, Cmd, Layout, PROTOCOL_VERSION, Reader, Writer, frame, tablesDigest } from "../lib/rpc/protocol.js";
 import { encodeGraph } from "../lib/rpc/graph.js";
 import { PeerAllowList } from "../lib/rpc/peer.js";
 import { splitHostsArgs } from "../bench/hosts.js";
@@ -404,6 +404,18 @@ test("lane: after its first step a session's repeated steps run on a native thre
     assert.is(await code(conn.request("COMPUTE", new Writer().u32(0).u64(4).u8(0).body())), "OUT_OF_RANGE");
     assert.is(await code(conn.request("COMPUTE", new Writer().u32(3).u64(4).u8(0).body())), "BAD_ARGUMENT");  // no device 3
     assert.is(await code(conn.request("PING", new Uint8Array(0))), "OK");
+    // a step that names reads: its reply brings them (served here), or the read's error (left to JS)
+    const reads = (...rs: Array<[number, number, number]>) => {
+      const w = new Writer().u32(rs.length);
+      for (const [id, off, len] of rs) w.u32(id).u64(off).u64(len);
+      return w.body();
+    };
+    conn.queueInput(1, 0, f32(xs));
+    const got = (await conn.request("COMPUTE", [new Writer().u32(0).u64(4).u8(ComputeFlag.READS).body(), reads([1, 64, 64], [1, 0, 8])])).r.rest();
+    assert.equal([...new Float32Array(got.buffer)], [...xs.map((v) => v * 2), xs[0]!, xs[1]!], "the outputs, then the first two inputs");
+    assert.is(await code(conn.request("COMPUTE", [new Writer().u32(0).u64(4).u8(ComputeFlag.READS).body(), reads([1, 4090, 16])])), "OUT_OF_RANGE");
+    assert.is(await code(conn.request("COMPUTE", [new Writer().u32(0).u64(4).u8(ComputeFlag.READS).body(), reads([7, 0, 16])])), "BAD_ARGUMENT");
+    assert.is(await code(conn.request("COMPUTE", [new Writer().u32(0).u64(4).u8(8).body()])), "RPC_PROTOCOL");  // unknown flag
     assert.is(await code(step(5, xs, graph)), "OK");  // a graph sent along goes to JS, and its steps then run here
     assert.is(await code(step(5, xs)), "OK");
     // a freed buffer: its graphs are forgotten, so the step is refused, not run on freed memory

@@ -22,7 +22,7 @@ import { CmdName, ComputeFlag, Layout, Reply, Writer } from "./protocol.js";
 /** writes up to this size are carried by the next COMPUTE instead of a SET of their own */
 const INPUT_MAX = 1 << 20;
 
-/** a step's reads at most (more, and the step's reply would carry what is read with GETs anyway) */
+/** the most reads a step's reply brings (the server's limit) and their bytes at most: beyond, they stay GETs */
 const MAX_READS = 64;
 const READS_MAX_BYTES = 4 << 20;
 
@@ -228,15 +228,14 @@ export class RpcBackend implements Backend {
     if (st.bytes && st.claims === 0) this.#spare = st.bytes;
   }
   /**
-   * A read straight after a step (nothing sent or queued on the connection since, nothing
-   * held back here): served from the step's reply where it brought these bytes; else
-   * null (a GET), noted so that the graph's next run brings them.
+   * The last step, where a read now comes straight after it (nothing sent or queued on the
+   * connection since, nothing held back here: the server's memory is as the step left it).
    */
   #straightAfter(): Step | null {
     const st = this.#step;
     return st && st.sentAt === this.#conn.sentCount && !this.#items.length ? st : null;
   }
-  /** the bytes of a read the step's reply brings (null: it does not; the read is noted either way) */
+  /** the bytes of a read the step's reply brings (null: it does not, a GET); noted either way, for the graph's next run */
   #fromStep(st: Step, id: number, offset: number, size: number, into?: Uint8Array): Promise<Uint8Array> | null {
     const at = st.bytes ? st.reads.findIndex((x) => x.id === id && x.offset === offset && x.size === size) : -1;
     st.seen.push({ id, offset, size });

@@ -26,7 +26,7 @@ import { Tensor, toShape4 } from "../core/tensor.js";
 import { GgmlType, TYPES, isKnownType, typeName } from "../core/types.js";
 import { ensureDir, writeAtomically } from "../core/files.js";
 import { CpuBackend, CpuBuffer, CpuDevice, cpuDevice, native, usableCores } from "../cpu/index.js";
-import type { NativeLane } from "../cpu/native.js";
+import type { LaneListener, NativeLane } from "../cpu/native.js";
 import { canRepack, repackedBytes } from "../cpu/repack.js";
 import type { RepackedBuffer } from "../cpu/buffer.js";
 import { decodeGraph } from "./graph.js";
@@ -232,7 +232,7 @@ class Session {
    * threads). Done between requests only, when nothing is half read or unsent; false
    * where the socket has no descriptor to hand over (it then stays here).
    */
-  toLane(onEvent: (type: number, kind: number, cmd: number, id: number, body: Buffer | string) => void): boolean {
+  toLane(onEvent: LaneListener): boolean {
     const sock = this.socket;
     if (this.lane || this.state !== "READY" || this.pending || this.reader.buffered || sock.readableLength || sock.writableLength || sock.isPaused()) return false;
     const handle = (sock as unknown as { _handle?: { fd?: number; readStop?: () => void; readStart?: () => void } })._handle;
@@ -764,8 +764,8 @@ export class RpcServer {
     if (s.state !== "READY") this.#handshake(s, cmd, id, body);
     else if (!name || name === "HELLO" || name === "AUTH" || (name === "PEER" && s.lane)) s.fail(cmd, id, protocolError(`unknown or repeated command ${cmd}`));
     else if (name === "PEER") return this.#peer(s, id, body);
-    else if (name === "UNGROUP" || name === "GROUP") return this.#now(s, name, cmd, id, body, done), true;
-    else return this.#enqueue(s, name, cmd, id, body, done), true;
+    else if (name === "UNGROUP" || name === "GROUP") { this.#now(s, name, cmd, id, body, done); return true; }
+    else { this.#enqueue(s, name, cmd, id, body, done); return true; }
     done?.();
     return true;
   }
