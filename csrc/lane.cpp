@@ -188,6 +188,41 @@ struct Lane {
     return 1;
   }
 
+  // A span of a client's buffer: a step's input (data: its bytes) or a read.
+  struct Span { uint32_t id; uint64_t off, len; const char* data; int64_t nid; char* at; };
+  // The spans' buffers by the client's ids, pinned, every range checked (inputs not into
+  // read-only memory); false (nothing pinned) if one is not as expected.
+  bool pin_spans(std::vector<Span>& spans, size_t n_inputs, std::vector<int64_t>& pins) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      for (auto& x : spans) {
+        auto b = bufs.find(x.id);
+        if (b == bufs.end()) return false;
+        x.nid = b->second;
+      }
+    }
+    for (auto& x : spans) pins.push_back(x.nid);
+    if (!pin_buffer_ids(pins)) { pins.clear(); return false; }
+    for (size_t i = 0; i < spans.size(); ++i) {
+      Span& x = spans[i];
+      BufferInfo b;
+      if (!lookup_buffer(x.nid, &b) || (i < n_inputs && b.read_only) || x.off > b.size || x.len > b.size - x.off) {
+        unpin_buffer_ids(pins);
+        pins.clear();
+        return false;
+      }
+      x.at = b.base + x.off;
+    }
+    return true;
+  }
+  // An OK reply whose payload is the reads' bytes, in order.
+  void reply_reads(const Head& h, const Span* reads, size_t n, uint64_t total) {
+    std::vector<char> f = reply(h.cmd, h.id, 0, "", "", total);
+    char* at = f.data() + HEADER + OK_HEAD;
+    for (size_t i = 0; i < n; ++i) { memcpy(at, reads[i].at, reads[i].len); at += reads[i].len; }
+    queue(std::move(f));
+  }
+
   // A repeated step's request, run here; false (nothing done that matters) to hand it to JS.
   bool serve(const Head& h, const char* body) {
     In r{body, body + h.len};
@@ -197,22 +232,15 @@ struct Lane {
       return true;
     }
     if (h.cmd == CMD_GET) {
-      const uint32_t id = r.get<uint32_t>();
-      const uint64_t off = r.get<uint64_t>(), len = r.get<uint64_t>();
-      if (!r.done() || len > max_frame - 64) return false;
-      int64_t nid;
-      { std::lock_guard<std::mutex> lk(mu); auto it = bufs.find(id); if (it == bufs.end()) return false; nid = it->second; }
-      const std::vector<int64_t> pin{nid};
-      if (!pin_buffer_ids(pin)) return false;
-      BufferInfo b;
-      const bool fits = lookup_buffer(nid, &b) && off <= b.size && len <= b.size - off;
-      if (fits) {
-        std::vector<char> f = reply(h.cmd, h.id, 0, "", "", len);
-        memcpy(f.data() + HEADER + OK_HEAD, b.base + off, len);
-        queue(std::move(f));
-      }
-      unpin_buffer_ids(pin);
-      return fits;
+      std::vector<Span> one(1);
+      one[0].id = r.get<uint32_t>();
+      one[0].off = r.get<uint64_t>();
+      one[0].len = r.get<uint64_t>();
+      std::vector<int64_t> pins;
+      if (!r.done() || one[0].len > max_frame - 64 || !pin_spans(one, 0, pins)) return false;
+      reply_reads(h, one.data(), 1, one[0].len);
+      unpin_buffer_ids(pins);
+      return true;
     }
     if (h.cmd != CMD_COMPUTE) return false;
     const uint32_t device = r.get<uint32_t>();
@@ -220,10 +248,9 @@ struct Lane {
     const uint8_t flags = r.get<uint8_t>();
     const uint32_t n = r.get<uint32_t>();
     if (!r.ok || (flags & ~FLAG_READS) || n > MAX_INPUTS) return false;  // a graph sent along: JS decodes it
-    // inputs (written before the step) and reads (the reply's payload after it)
-    struct Span { uint32_t id; uint64_t off, len; const char* data; int64_t nid; char* at; };
-    std::vector<Span> inputs(n), reads;
-    for (auto& x : inputs) {
+    // the inputs (written before the step), then the reads (the reply's payload after it)
+    std::vector<Span> spans(n);
+    for (auto& x : spans) {
       x.id = r.get<uint32_t>();
       x.off = r.get<uint64_t>();
       x.len = r.get<uint64_t>();
@@ -233,13 +260,14 @@ struct Lane {
     if (flags & FLAG_READS) {
       const uint32_t k = r.get<uint32_t>();
       if (!r.ok || k > MAX_READS) return false;
-      reads.resize(k);
-      for (auto& x : reads) {
+      for (uint32_t i = 0; i < k; ++i) {
+        Span x{};
         x.id = r.get<uint32_t>();
         x.off = r.get<uint64_t>();
         x.len = r.get<uint64_t>();
         if (x.len > max_frame) return false;
         total += x.len;
+        spans.push_back(x);
       }
       if (total > max_frame - 64) return false;
     }
@@ -250,36 +278,16 @@ struct Lane {
       auto it = graphs.find(gid);
       if (it == graphs.end() || it->second.device != device) return false;
       g = it->second;
-      for (auto* xs : {&inputs, &reads})
-        for (auto& x : *xs) {
-          auto b = bufs.find(x.id);
-          if (b == bufs.end()) return false;
-          x.nid = b->second;
-        }
     }
-    std::vector<int64_t> pins;
-    for (auto* xs : {&inputs, &reads}) for (auto& x : *xs) pins.push_back(x.nid);
-    if (!pin_buffer_ids(pins)) return false;
     // every span checked before anything is written; the buffers stay pinned through the step
-    bool fit = true;
-    for (auto* xs : {&inputs, &reads})
-      for (auto& x : *xs) {
-        BufferInfo b;
-        if (!lookup_buffer(x.nid, &b) || (xs == &inputs && b.read_only) || x.off > b.size || x.len > b.size - x.off) fit = false;
-        else x.at = b.base + x.off;
-      }
-    if (!fit) { unpin_buffer_ids(pins); return false; }
-    for (auto& x : inputs) memcpy(x.at, x.data, x.len);
+    std::vector<int64_t> pins;
+    if (!pin_spans(spans, n, pins)) return false;
+    for (uint32_t i = 0; i < n; ++i) memcpy(spans[i].at, spans[i].data, spans[i].len);
     std::string err;
     busy.store(true);
     const NativeRun ran = run_plan_native(g.ctx, g.plan, err);
     busy.store(false);
-    if (ran == NativeRun::OK) {
-      std::vector<char> f = reply(h.cmd, h.id, 0, "", "", total);
-      char* at = f.data() + HEADER + OK_HEAD;
-      for (auto& x : reads) { memcpy(at, x.at, x.len); at += x.len; }
-      queue(std::move(f));
-    }
+    if (ran == NativeRun::OK) reply_reads(h, spans.data() + n, spans.size() - n, total);
     unpin_buffer_ids(pins);
     if (ran == NativeRun::REFUSED) return false;  // a buffer was freed: JS says so (the inputs it writes again are the same)
     if (ran == NativeRun::FAILED) {

@@ -237,10 +237,16 @@ export class RpcBackend implements Backend {
   }
   /** the bytes of a read the step's reply brings (null: it does not, a GET); noted either way, for the graph's next run */
   #fromStep(st: Step, id: number, offset: number, size: number, into?: Uint8Array): Promise<Uint8Array> | null {
-    const at = st.bytes ? st.reads.findIndex((x) => x.id === id && x.offset === offset && x.size === size) : -1;
     st.seen.push({ id, offset, size });
-    if (at < 0) return null;
-    const from = st.reads.slice(0, at).reduce((n, x) => n + x.size, 0);
+    if (!st.bytes) return null;
+    // where these bytes lie in the reply's payload (the reads in order), if it brings them
+    let from = 0, at = 0;
+    for (; at < st.reads.length; at++) {
+      const x = st.reads[at]!;
+      if (x.id === id && x.offset === offset && x.size === size) break;
+      from += x.size;
+    }
+    if (at === st.reads.length) return null;
     st.claims++;
     const done = () => { if (--st.claims === 0 && st.over) this.#spare = st.bytes; };
     return st.ready.then(() => {

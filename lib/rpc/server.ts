@@ -352,9 +352,7 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, Handler> = {
   GET(s, r) {
     const id = r.u32("buffer id"), offset = r.u64("offset"), length = r.u64("length", s.core.maxFrame - 64);
     r.end("GET");
-    const b = s.buffer(id);
-    if (b.layout === Layout.REPACKED) throw weftError("BAD_ARGUMENT", "a repacked weight buffer cannot be read back");
-    return b.cpu.get(offset, length);
+    return readable(s, id).cpu.get(offset, length);
   },
   SET2D(s, r) {
     const id = r.u32("buffer id"), offset = r.u64("offset"), rows = r.u64("rows"), rowBytes = r.u64("row bytes"), stride = r.u64("stride");
@@ -370,8 +368,7 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, Handler> = {
     const id = r.u32("buffer id"), offset = r.u64("offset"), rows = r.u64("rows"), rowBytes = r.u64("row bytes"), stride = r.u64("stride");
     r.end("GET2D");
     if (rows * rowBytes > s.core.maxFrame - 64) throw weftError("RPC_LIMIT", `GET2D of ${rows * rowBytes} bytes is more than one frame`);
-    const b = s.buffer(id);
-    if (b.layout === Layout.REPACKED) throw weftError("BAD_ARGUMENT", "a repacked weight buffer cannot be read back");
+    const b = readable(s, id);
     checkStrided(b, offset, rows, rowBytes, stride);
     return b.cpu.get2d(offset, rows, rowBytes, stride);
   },
@@ -402,9 +399,8 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, Handler> = {
       if (k > MAX_READS) throw protocolError(`${k} reads, at most ${MAX_READS}`);
       let total = 0;
       for (let i = 0; i < k; i++) {
-        const b = s.buffer(r.u32("read buffer")), offset = r.u64("read offset"), length = r.u64("read length");
-        if (b.layout !== Layout.PLAIN) throw weftError("BAD_ARGUMENT", "a repacked weight buffer cannot be read back");
-        if (offset + length > b.size) throw weftError("OUT_OF_RANGE", `a read of ${length} bytes at ${offset} is past the end of buffer (${b.size} bytes)`);
+        const b = readable(s, r.u32("read buffer")), offset = r.u64("read offset"), length = r.u64("read length");
+        checkStrided(b, offset, 1, length, length);
         total += length;
         reads.push({ b, offset, length });
       }
@@ -585,6 +581,14 @@ function groupParams(s: Session, device: number, params: number[], what: string)
   return [g.native, ...params.slice(1)];
 }
 
+/** a buffer a client may read back (weights in repacked memory are not) */
+function readable(s: Session, id: number): ServedBuffer {
+  const b = s.buffer(id);
+  if (b.layout === Layout.REPACKED) throw weftError("BAD_ARGUMENT", "a repacked weight buffer cannot be read back");
+  return b;
+}
+
+/** rows (rowBytes each, `stride` apart from `offset`) lie inside the buffer */
 function checkStrided(b: ServedBuffer, offset: number, rows: number, rowBytes: number, stride: number): void {
   if (rows === 0) return;
   const end = offset + (rows - 1) * stride + rowBytes;
