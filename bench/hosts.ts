@@ -121,8 +121,10 @@ export async function makeHosts(opts: HostsOptions = {}): Promise<Hosts> {
       // both directions of the host's link limited (burst: a few GSO packets)
       must(`tc qdisc add dev ${a} root tbf rate ${rate} burst 256kb latency 20ms`);
       must(`ip netns exec ${ns} tc qdisc add dev ${b} root tbf rate ${rate} burst 256kb latency 20ms`);
+      // hosts share no memory: the servers' partial sums must cross the emulated network,
+      // not the shared mapping that servers on one machine use (they all see this /dev/shm)
       const srv = spawn("ip", ["netns", "exec", ns, process.execPath, BIN, "rpc-server", "--host", ip, "--port", "50052", "-t", "1", "--token-file", tokenFile, ...(opts.serverArgs ?? [])],
-        { stdio: ["ignore", "ignore", "pipe"] });
+        { stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, WEFT_PEER_SHM: "0" } });
       procs.push(srv);
       await waitFor(srv, "stderr", /listening on/, `rpc-server in ${ns}`);
       direct.push(`${ip}:50052`);

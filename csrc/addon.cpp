@@ -619,8 +619,9 @@ static Napi::Value ClosePeerSocket(const Napi::CallbackInfo& info) {
   if (fd >= 0) close(fd);
   return info.Env().Undefined();
 }
-// createPeerGroup(size, self, fds, wire) -> id: a group whose other ranks are processes
-// behind the adopted sockets fds[r] (fds[self] = -1); it owns the sockets from here
+// createPeerGroup(size, self, fds, wire, sharedMemory) -> id: a group whose other ranks are
+// processes behind the adopted sockets fds[r] (fds[self] = -1); it owns the sockets from
+// here. sharedMemory: its parts may go through a mapping where every rank is on this host.
 static Napi::Value CreatePeerGroup(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const int size = info[0].As<Napi::Number>().Int32Value(), self = info[1].As<Napi::Number>().Int32Value();
@@ -628,12 +629,20 @@ static Napi::Value CreatePeerGroup(const Napi::CallbackInfo& info) {
   std::vector<int> fds;
   for (uint32_t i = 0; i < a.Length(); ++i) fds.push_back(a.Get(i).As<Napi::Number>().Int32Value());
   std::string err;
-  auto g = make_peer_group(size, self, fds, info[3].As<Napi::Number>().Int32Value(), err);
+  const bool shared = info.Length() > 4 && info[4].ToBoolean().Value();
+  auto g = make_peer_group(size, self, fds, info[3].As<Napi::Number>().Int32Value(), shared, err);
   if (!g) throw weft_error(env, "BAD_ARGUMENT", err);
   std::lock_guard<std::mutex> lk(g_group_mu);
   const int64_t id = g_next_group++;
   g_groups[id] = std::move(g);
   return Napi::Number::New(env, (double)id);
+}
+
+// peerGroupTransport(id) -> "pending" | "tcp" | "shared memory" (null: no such group)
+static Napi::Value PeerGroupTransport(const Napi::CallbackInfo& info) {
+  auto g = lookup_group((int64_t)info[0].As<Napi::Number>().Int64Value());
+  if (!g || !g->networked()) return info.Env().Null();
+  return Napi::String::New(info.Env(), peer_transport(*g));
 }
 
 // ---------------------------------------------------------------- quantization
@@ -768,6 +777,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("adoptPeerSocket", Napi::Function::New(env, AdoptPeerSocket));
   exports.Set("closePeerSocket", Napi::Function::New(env, ClosePeerSocket));
   exports.Set("createPeerGroup", Napi::Function::New(env, CreatePeerGroup));
+  exports.Set("peerGroupTransport", Napi::Function::New(env, PeerGroupTransport));
   register_lane(env, exports);
   {
     // the op table and plan layout, checked against lib/core/ops.ts and lib/cpu/plan.ts at load

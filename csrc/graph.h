@@ -95,6 +95,13 @@ struct Group {
   std::vector<std::vector<float>> dec; // per rank: that partial decoded (F16/Q8_0 wires)
   std::vector<std::vector<char>> txs;  // per rank: what this rank sends it, encoded
   std::vector<std::vector<float>> packs; // per rank: its slice of this rank's partial (sliced reduce-scatter)
+  // Ranks on one host (all of them) pass parts through a shared mapping instead (peer.cpp),
+  // agreed at the first collective; parts larger than shm_part still cross the links.
+  bool shm_wanted = true;
+  std::atomic<int> shm_state{0};  // 0: not agreed yet, 1: shared memory, -1: the links only
+  char* shm = nullptr;
+  size_t shm_size = 0, shm_part = 0;
+  uint64_t shm_count = 0;        // collectives done through it (the same on every rank)
   bool networked() const { return self >= 0; }
 };
 
@@ -109,7 +116,10 @@ bool peer_all_reduce(Group& g, const Tensor& t, const Tensor& a, float* tmp, std
 
 // A networked group over the given sockets (each dup'd by peer_adopt_socket); null and
 // `err` on failure.
-std::shared_ptr<Group> make_peer_group(int size, int self, const std::vector<int>& fds, int wire, std::string& err);
+// `shared_memory`: parts may go through a shared mapping where every rank is on this host.
+std::shared_ptr<Group> make_peer_group(int size, int self, const std::vector<int>& fds, int wire, bool shared_memory, std::string& err);
+// "pending" (no collective yet), "tcp" or "shared memory": how the group's parts travel.
+const char* peer_transport(const Group& g);
 // A private, non-blocking, close-on-exec duplicate of a connected TCP socket; -1 and `err` on failure.
 int peer_adopt_socket(int fd, std::string& err);
 

@@ -6,15 +6,20 @@
 // servers (lib/rpc/peer.ts) before their sockets were handed over here; what arrives on
 // them is still checked: every message's header must be the one this rank expects (its
 // sequence number, mode, slice and size), and payloads are read into buffers sized from
-// this rank's own tensors, never from the peer's word.
+// this rank's own tensors, never from the peer's word. Where every rank runs on one host,
+// the parts go through a shared mapping instead (see "Shared memory" below).
 #include "graph.h"
 #include "threadpool.h"
 #include <fcntl.h>
 #include <sched.h>
 #include <poll.h>
+#include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -40,6 +45,7 @@ Group::~Group() {
   for (int fd : fds) if (fd >= 0) close(fd);
   if (wake[0] >= 0) close(wake[0]);
   if (wake[1] >= 0) close(wake[1]);
+  if (shm) munmap(shm, shm_size);
 }
 
 void Group::fail(const std::string& msg) {
@@ -56,7 +62,7 @@ int peer_adopt_socket(int fd, std::string& err) {
   return d;
 }
 
-std::shared_ptr<Group> make_peer_group(int size, int self, const std::vector<int>& fds, int wire, std::string& err) {
+std::shared_ptr<Group> make_peer_group(int size, int self, const std::vector<int>& fds, int wire, bool shared_memory, std::string& err) {
   // the sockets are this function's from the start: closed on any failure
   auto refuse = [&](const char* why) -> std::shared_ptr<Group> { for (int fd : fds) if (fd >= 0) close(fd); err = why; return nullptr; };
   if (size < 2 || size > 64 || self < 0 || self >= size || (int)fds.size() != size) return refuse("bad peer group shape");
@@ -65,6 +71,7 @@ std::shared_ptr<Group> make_peer_group(int size, int self, const std::vector<int
   auto g = std::make_shared<Group>(size);
   g->self = self;
   g->wire = wire;
+  g->shm_wanted = shared_memory;
   g->fds = fds;  // owned from here (closed with the group)
   if (pipe2(g->wake, O_CLOEXEC | O_NONBLOCK) != 0) { err = std::string("pipe: ") + strerror(errno); return nullptr; }
   g->rx.resize(size);
@@ -244,11 +251,227 @@ static bool await_link_up(Group& g, std::string& err) {
   return true;
 }
 
+// ---------------------------------------------------------------- shared memory
+// Ranks on one host (RPC servers beside each other: one per NUMA node, per GPU, or a test
+// on loopback) need not push every part through the TCP stack, whose send and receive cost
+// tens of microseconds each in a VM: twice per layer per token, that is most of what a
+// split adds. At the first collective rank 0 creates a mapping (shm_open, a random name,
+// 0600, its space reserved so that a full /dev/shm is a refusal, not a SIGBUS later) and
+// offers it over the links; each rank that can open it and finds the cookie answers yes;
+// rank 0 unlinks the name and tells everyone the outcome: shared memory only if all could
+// (ranks on other hosts, other containers or WEFT_PEER_SHM=0 keep the links). The links
+// stay open: a peer's death still shows there, and parts too large for a slot use them.
+//
+// The mapping holds one mailbox per ordered pair of ranks, two slots each (collectives
+// alternate): the sender writes its header and payload, then publishes the collective's
+// number in `ready`. A slot is written again two collectives later, when its reader has
+// necessarily finished: the sender got past the collective in between, which needs the
+// reader's part of it, sent only after the reader had copied this one out. What is read
+// there is checked as a TCP part is (header against what this rank expects, payload
+// bounded by this rank's own sizes).
+static constexpr uint32_t SHM_MAGIC = 0x48535457;  // "WTSH"
+static constexpr int SHM_MAX_RANKS = 8;
+static constexpr size_t SHM_TOTAL = 16u << 20;     // all slots together at most
+static constexpr size_t SHM_PART_MAX = 1u << 20;   // one part at most
+struct ShmMsg { uint32_t magic, kind, ok, part; uint64_t size; char name[40]; unsigned char cookie[16]; };
+enum : uint32_t { SHM_OFFER = 1, SHM_ANSWER = 2, SHM_DECISION = 3 };
+struct alignas(64) ShmSlot {
+  std::atomic<uint64_t> ready;
+  char pad[56];
+  PeerHead head;
+  char pad2[24];
+};
+static_assert(sizeof(ShmSlot) == 128, "shared slot layout");
+static_assert(std::atomic<uint64_t>::is_always_lock_free, "shared atomics must be lock-free");
+
+// A slot's payload room (rank 0 chooses, the offer carries it): what the budget gives each
+// of n(n-1) mailboxes' two slots, 4 KiB-aligned; WEFT_PEER_SHM_PART lowers it (tests: parts
+// too large for a slot then cross the links, in the same run as those that fit).
+static size_t shm_part_for(int n) {
+  size_t part = std::min(SHM_PART_MAX, (SHM_TOTAL / ((size_t)n * (n - 1) * 2)) & ~(size_t)4095);
+  if (const char* e = getenv("WEFT_PEER_SHM_PART")) {
+    const long long v = atoll(e);
+    if (v >= 4096) part = std::min(part, (size_t)v & ~(size_t)4095);
+  }
+  return part;
+}
+static size_t shm_bytes_for(int n, size_t part) { return 64 + (size_t)n * (n - 1) * 2 * (sizeof(ShmSlot) + part); }
+static ShmSlot* shm_slot(Group& g, int from, int to, uint64_t mark) {
+  const int pair = from * (g.size - 1) + (to < from ? to : to - 1);
+  return (ShmSlot*)(g.shm + 64 + ((size_t)pair * 2 + (mark & 1)) * (sizeof(ShmSlot) + g.shm_part));
+}
+
+const char* peer_transport(const Group& g) {
+  const int s = g.shm_state.load();
+  return s == 0 ? "pending" : s > 0 ? "shared memory" : "tcp";
+}
+
+// Moves exactly n bytes over a link (before any collective: negotiation only).
+static bool link_io(Group& g, int r, void* buf, size_t n, bool out, std::string& err) {
+  const int64_t deadline = now_ms() + PEER_DEADLINE_MS;
+  for (size_t done = 0; done < n;) {
+    const ssize_t k = out ? send(g.fds[r], (char*)buf + done, n - done, MSG_NOSIGNAL) : recv(g.fds[r], (char*)buf + done, n - done, 0);
+    if (k > 0) { done += (size_t)k; continue; }
+    if (k == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+      err = "rank " + std::to_string(r) + (k == 0 ? " closed its link" : std::string(" link failed: ") + strerror(errno));
+      return false;
+    }
+    pollfd p[2] = {{g.fds[r], (short)(out ? POLLOUT : POLLIN), 0}, {g.wake[0], POLLIN, 0}};
+    const int64_t left = deadline - now_ms();
+    if (left <= 0) { err = "rank " + std::to_string(r) + " did not take part in setting up the group"; return false; }
+    if (poll(p, 2, (int)std::min<int64_t>(left, 1000)) > 0 && p[1].revents) { err = g.why; return false; }
+  }
+  return true;
+}
+
+// Rank 0's side: a new mapping (null where this host cannot give one).
+static char* shm_create(size_t size, char (&name)[40], unsigned char (&cookie)[16]) {
+  unsigned char rnd[16];
+  if (getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd || getrandom(cookie, sizeof cookie, 0) != (ssize_t)sizeof cookie) return nullptr;
+  int at = snprintf(name, sizeof name, "/weft-");
+  for (unsigned char b : rnd) at += snprintf(name + at, sizeof name - at, "%02x", b);
+  const int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) return nullptr;
+  char* p = nullptr;
+  if (posix_fallocate(fd, 0, (off_t)size) == 0) {
+    void* m = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (m != MAP_FAILED) p = (char*)m;
+  }
+  close(fd);
+  if (!p) { shm_unlink(name); return nullptr; }
+  std::memcpy(p, cookie, sizeof cookie);
+  return p;
+}
+
+// Another rank's side: rank 0's mapping, if this process can open it and it is the one
+// offered (a name of the form rank 0 makes, this user's, the size expected, the cookie).
+static char* shm_attach(const ShmMsg& offer, size_t size) {
+  if (offer.size != size || size > SHM_TOTAL + 4096 * 64 || offer.name[sizeof offer.name - 1] != 0) return nullptr;
+  const size_t len = strlen(offer.name);
+  if (len != 6 + 32 || std::memcmp(offer.name, "/weft-", 6) != 0) return nullptr;
+  for (size_t i = 6; i < len; ++i) if (!isxdigit((unsigned char)offer.name[i])) return nullptr;
+  const int fd = shm_open(offer.name, O_RDWR | O_CLOEXEC | O_NOFOLLOW, 0);
+  if (fd < 0) return nullptr;
+  struct stat st;
+  char* p = nullptr;
+  if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid() && (size_t)st.st_size == size) {
+    void* m = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (m != MAP_FAILED) p = (char*)m;
+  }
+  close(fd);
+  if (p && std::memcmp(p, offer.cookie, sizeof offer.cookie) != 0) { munmap(p, size); p = nullptr; }
+  return p;
+}
+
+// Agrees with every rank whether parts go through shared memory (g.shm_state). False only
+// when a link failed or a rank broke the exchange.
+static bool agree_shm(Group& g, std::string& err) {
+  const int n = g.size;
+  const bool can = g.shm_wanted && n <= SHM_MAX_RANKS;
+  size_t part = g.self == 0 ? shm_part_for(n) : 0, size = 0;
+  auto bad = [&](int r, const ShmMsg& m, uint32_t kind) {
+    if (m.magic == SHM_MAGIC && m.kind == kind && m.ok <= 1) return false;
+    err = "rank " + std::to_string(r) + " broke the setup of the group's transport";
+    return true;
+  };
+  char* map = nullptr;
+  bool all = false;
+  if (g.self == 0) {
+    ShmMsg offer{SHM_MAGIC, SHM_OFFER, 0, (uint32_t)part, 0, {}, {}};
+    size = shm_bytes_for(n, part);
+    if (can) map = shm_create(size, offer.name, offer.cookie);
+    if (map) { offer.ok = 1; offer.size = size; }
+    for (int r = 1; r < n; ++r) if (!link_io(g, r, &offer, sizeof offer, true, err)) { if (map) shm_unlink(offer.name); goto fail; }
+    all = map != nullptr;
+    for (int r = 1; r < n; ++r) {
+      ShmMsg a{};
+      if (!link_io(g, r, &a, sizeof a, false, err) || bad(r, a, SHM_ANSWER)) { if (map) shm_unlink(offer.name); goto fail; }
+      all = all && a.ok == 1;
+    }
+    if (map) shm_unlink(offer.name);  // every rank that will use it has it mapped
+    ShmMsg d{SHM_MAGIC, SHM_DECISION, all ? 1u : 0u, 0, 0, {}, {}};
+    for (int r = 1; r < n; ++r) if (!link_io(g, r, &d, sizeof d, true, err)) goto fail;
+  } else {
+    ShmMsg offer{};
+    if (!link_io(g, 0, &offer, sizeof offer, false, err) || bad(0, offer, SHM_OFFER)) goto fail;
+    part = offer.part;
+    size = shm_bytes_for(n, part);
+    if (can && offer.ok && part >= 4096 && part <= SHM_PART_MAX && part % 4096 == 0) map = shm_attach(offer, size);
+    ShmMsg a{SHM_MAGIC, SHM_ANSWER, map ? 1u : 0u, 0, 0, {}, {}};
+    ShmMsg d{};
+    if (!link_io(g, 0, &a, sizeof a, true, err) || !link_io(g, 0, &d, sizeof d, false, err) || bad(0, d, SHM_DECISION)) goto fail;
+    all = d.ok == 1 && map;
+    if (d.ok == 1 && !map) { err = "rank 0 decided on shared memory this rank could not open"; goto fail; }
+  }
+  if (all) { g.shm = map; g.shm_size = size; g.shm_part = part; g.shm_state.store(1); }
+  else { if (map) munmap(map, size); g.shm_state.store(-1); }
+  return true;
+fail:
+  if (map) munmap(map, size);
+  return false;
+}
+
+// exchange() through the mapping. Every part fits a slot (the caller checked).
+template <typename Check>
+static bool exchange_shm(Group& g, std::vector<PeerIo>& io, Check check, std::string& err) {
+  const uint64_t mark = ++g.shm_count;
+  for (PeerIo& p : io) {
+    ShmSlot* s = shm_slot(g, g.self, p.rank, mark);
+    s->head = p.out;
+    if (p.out.bytes) std::memcpy((char*)(s + 1), p.payload, p.out.bytes);
+    s->ready.store(mark, std::memory_order_release);
+  }
+  const int64_t deadline = now_ms() + PEER_DEADLINE_MS;
+  const int64_t t0 = now_ns(), pause_until = t0 + 3000, spin_until = t0 + peer_spin_ns();
+  std::vector<pollfd> pfd;
+  for (;;) {
+    bool pending = false;
+    for (PeerIo& p : io) {
+      if (p.head_ok) continue;
+      ShmSlot* s = shm_slot(g, p.rank, g.self, mark);
+      if (s->ready.load(std::memory_order_acquire) != mark) { pending = true; continue; }
+      std::memcpy(&p.in, &s->head, sizeof p.in);  // copied once: the peer may still write there
+      const char* why = nullptr;
+      p.dst = check(p, why);
+      if (p.dst && p.in.bytes > g.shm_part) { p.dst = nullptr; why = "a part larger than a shared slot"; }
+      if (!p.dst) { err = "rank " + std::to_string(p.rank) + " sent " + (why ? why : "an unexpected part"); return false; }
+      if (p.in.bytes) std::memcpy(p.dst, (const char*)(s + 1), p.in.bytes);
+      p.head_ok = true;
+    }
+    if (!pending) return true;
+    if (g.failing.load()) { err = g.why; return false; }
+    const int64_t now = now_ns();
+    if (now < spin_until) {
+      if (now >= pause_until) sched_yield(); else for (int i = 0; i < 32; ++i) _mm_pause();
+      continue;
+    }
+    // a long wait: the links are watched (nothing comes there now but a peer's end), and
+    // the slots looked at every millisecond
+    pfd.clear();
+    for (PeerIo& p : io) if (!p.head_ok) pfd.push_back({p.fd, POLLIN, 0});
+    pfd.push_back({g.wake[0], POLLIN, 0});
+    if (now_ms() > deadline) { err = "a peer did not send its part within " + std::to_string(PEER_DEADLINE_MS / 1000) + " s"; return false; }
+    const int r = poll(pfd.data(), pfd.size(), 1);
+    if (r < 0 && errno != EINTR) { err = std::string("poll: ") + strerror(errno); return false; }
+    if (pfd.back().revents) { err = g.why.empty() ? "the group was aborted" : g.why; return false; }
+    for (size_t i = 0; i + 1 < pfd.size(); ++i) {
+      if (!pfd[i].revents) continue;
+      char c;
+      const ssize_t k = recv(pfd[i].fd, &c, 1, MSG_PEEK);
+      if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) continue;
+      int rank = 0;
+      for (PeerIo& p : io) if (p.fd == pfd[i].fd) rank = p.rank;
+      err = "rank " + std::to_string(rank) + (k == 0 ? " closed its link (its server stopped?)" : k < 0 ? std::string(" link failed: ") + strerror(errno) : " sent bytes on its link while parts go through shared memory");
+      return false;
+    }
+  }
+}
+
 static inline int64_t count(const Tensor& t) { return t.ne[0] * t.ne[1] * t.ne[2] * t.ne[3]; }
 
 bool peer_all_reduce(Group& g, const Tensor& t, const Tensor& a, float* tmp, std::string& err) {
   if (g.failing.load()) { err = g.why; return false; }
-  if (!await_link_up(g, err)) { g.fail("all-reduce: " + err); return false; }
+  if (!await_link_up(g, err) || (g.shm_state.load() == 0 && !agree_shm(g, err))) { g.fail("all-reduce: " + err); return false; }
   const int n = g.size, self = g.self;
   const int mode = (int)t.params[2];
   const bool gather = mode == COLL_GATHER;
@@ -333,7 +556,11 @@ bool peer_all_reduce(Group& g, const Tensor& t, const Tensor& a, float* tmp, std
     }
     return g.rx[p.rank].data();
   };
-  if (!exchange(g, io, check, err)) { g.fail("all-reduce: " + err); return false; }
+  // through shared memory when the largest part any rank may send here fits a slot (the
+  // same bound on every rank: they all choose alike)
+  const size_t most = gather ? (size_t)count(t) * 4 : wire_bytes(wire, E);
+  const bool shared = g.shm_state.load() > 0 && most <= g.shm_part;
+  if (!(shared ? exchange_shm(g, io, check, err) : exchange(g, io, check, err))) { g.fail("all-reduce: " + err); return false; }
 
   if (gather) {
     // every slice into place; together they must cover the axis exactly once

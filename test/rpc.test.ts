@@ -759,6 +759,53 @@ test("peer links: f16 and q8_0 partials stay within the NMSE the README document
   } finally { await stop(a); await stop(b); }
 });
 
+test("peer links through shared memory: servers on one host pass their parts through a shared mapping (with sharedMemory: false, over TCP); both give the same bits on every fixture, a 40-token prompt whose parts are too large for a slot (they cross the links, the rest does not) and stories260K greedy text, f32 and q8_0 partials alike", async () => {
+  const shm = [await server(), await server()], tcp = [await server({ sharedMemory: false }), await server({ sharedMemory: false })];
+  const part = process.env.WEFT_PEER_SHM_PART;
+  try {
+    const open = async (ss: RpcServer[]) => { const d = [] as RpcDevice[]; for (const s of ss) d.push(...(await openRpcServer(s.endpoint)) as RpcDevice[]); return d; };
+    const [viaShm, viaTcp] = [await open(shm), await open(tcp)];
+    const transports = (ss: RpcServer[]) => ss.flatMap((s) => s.peerTransports);
+    const names = haveFixtures ? FIXTURE_MODELS : ["tiny"];
+    for (const name of names) {
+      const path = haveFixtures ? fixture(`${name}.gguf`) : TINY;
+      const tokens = haveFixtures ? goldenTokens(name).slice(0, 24) : [1, 2, 3, 4, 5, 6, 7];
+      for (const allReduceType of ["f32", "q8_0"] as const) {
+        const m = await loadModel(path, { threads: 1, devices: [metaDevice(viaShm, { allReduceType })] });
+        try {
+          const got = await m.evaluate(tokens, { allLogits: true });
+          assert.equal(transports(shm), ["shared memory", "shared memory"], `${name}: both ranks chose shared memory`);
+          const want = await localLogits(path, tokens, { devices: [metaDevice(viaTcp, { allReduceType })] });
+          assert.equal(transports(tcp), [], `${name}: the TCP servers' groups are gone with their model`);
+          assertSameArray(got, want, `${name}, ${allReduceType} partials: shared memory vs TCP`);
+        } finally { await m.dispose(); }
+      }
+    }
+    // slots of 4 KiB: a 40-token prompt's partials (40 x 64 floats) cross the links, then
+    // every generated token's go through the mapping, in the same group
+    process.env.WEFT_PEER_SHM_PART = "4096";
+    const path = haveFixtures ? fixture("stories260K.gguf") : TINY;
+    const prompt = Array.from({ length: 40 }, (_, i) => 1 + ((i * 37) % 200));
+    const greedy = async (devs: RpcDevice[]) => {
+      const m = await loadModel(path, { threads: 1, devices: [metaDevice(devs)] });
+      try {
+        const logits = await m.evaluate(prompt);
+        const ids: number[] = [];
+        for await (const p of m.generate([1, 365, 106, 263], { temperature: 0, maxTokens: 24 })) ids.push(p.token);
+        return { logits, ids };
+      } finally { await m.dispose(); }
+    };
+    const a = await greedy(viaShm), b = await greedy(viaTcp);
+    assertSameArray(a.logits, b.logits, "40-token prompt, parts larger than a slot");
+    assert.equal(a.ids, b.ids, "greedy text, shared memory vs TCP");
+    assert.equal(a.ids, (await greedy(viaShm)).ids, "greedy text again");
+    for (const d of [...viaShm, ...viaTcp]) d.conn.close();
+  } finally {
+    if (part === undefined) delete process.env.WEFT_PEER_SHM_PART; else process.env.WEFT_PEER_SHM_PART = part;
+    for (const s of [...shm, ...tcp]) await stop(s);
+  }
+});
+
 test("one launch per token: generating on a meta device of 2 servers sends each server one COMPUTE per token, whatever the layer count, and its reply brings the logits (no read of their own); no partial sum passes through the client", async () => {
   const a = await server(), b = await server();
   const seen: string[] = [];

@@ -42,7 +42,9 @@ SIGTERM; a client's memory is freed when it disconnects. No encryption: the toke
 strangers from using the server, it does not hide the traffic — use a private network or a
 tunnel (ssh -L, WireGuard) across networks you do not trust. Once a client has run a step,
 its connection is served by a thread of its own (its generation steps then skip this
-process's event loop); WEFT_RPC_LANES=0 keeps every request on the event loop.`,
+process's event loop); WEFT_RPC_LANES=0 keeps every request on the event loop. Servers of
+one tensor split that all run on this machine pass their partial sums through shared memory
+(/dev/shm) instead of their TCP links; WEFT_PEER_SHM=0 keeps them on the links.`,
   async run(args, signal) {
     const { values: v } = parse(args, {
       host: { names: ["--host"] }, port: { names: ["--port"] }, tokenFile: { names: ["--token-file"] },

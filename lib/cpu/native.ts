@@ -47,7 +47,9 @@ export interface NativeAddon {
   closePeerSocket(fd: number): void;
   /** a group whose other ranks are processes behind the adopted sockets (fds[self] = -1; it owns them
    * from here); wire: 0 F32, 1 F16, 2 Q8_0 partial sums */
-  createPeerGroup(size: number, self: number, fds: readonly number[], wire: number): number;
+  createPeerGroup(size: number, self: number, fds: readonly number[], wire: number, sharedMemory: boolean): number;
+  /** how a peer group's parts travel: "pending" until its first collective (null: no such group) */
+  peerGroupTransport(id: number): "pending" | "tcp" | "shared memory" | null;
   /**
    * An RPC server session's native lane (csrc/lane.cpp): takes a duplicate of the socket
    * `fd` (the caller closes its own handle) and serves the repeated steps on a thread of

@@ -70,6 +70,9 @@ export interface RpcServerOptions {
   /** serve a client's repeated steps on a native thread once it has run one (default true;
    * WEFT_RPC_LANES=0 turns it off: every request then runs on the event loop) */
   lanes?: boolean;
+  /** where every server of a tensor split runs on this host, pass their partial sums through
+   * shared memory rather than the TCP links (default true; WEFT_PEER_SHM=0 turns it off) */
+  sharedMemory?: boolean;
 }
 
 /** The shared token from a file (trimmed), or from WEFT_RPC_TOKEN; null when neither is set. */
@@ -506,7 +509,7 @@ const HANDLERS: Record<Exclude<CmdName, "HELLO" | "AUTH" | "PEER">, Handler> = {
       for (const fd of fds) if (fd >= 0) native().closePeerSocket(fd);
       throw weftError("RPC_CLOSED", s.state === "CLOSED" ? "the client left" : "the client ended the group");
     }
-    s.groups.set(g.gid, { native: native().createPeerGroup(g.size, g.rank, fds, g.wire), device: g.device, rank: g.rank });
+    s.groups.set(g.gid, { native: native().createPeerGroup(g.size, g.rank, fds, g.wire, s.core.sharedMemory), device: g.device, rank: g.rank });
     s.core.log(`client ${s.name}: group ${g.gid} linked (rank ${g.rank} of ${g.size})`);
   },
   UNGROUP(s, r) {
@@ -615,6 +618,7 @@ export class RpcServer {
   readonly log: (line: string) => void;
   readonly #maxClients: number;
   readonly lanes: boolean;
+  readonly sharedMemory: boolean;
   readonly #hashes = new Map<string, string>();
   readonly #mapped = new Map<string, { id: string; buf: CpuBuffer }>();
   #writes: Promise<void> = Promise.resolve();
@@ -636,6 +640,7 @@ export class RpcServer {
     this.modelsDir = opts.modelsDir ?? null;
     this.#maxClients = opts.maxClients ?? 16;
     this.lanes = opts.lanes ?? process.env.WEFT_RPC_LANES !== "0";
+    this.sharedMemory = opts.sharedMemory ?? process.env.WEFT_PEER_SHM !== "0";
     this.peerAllow = new PeerAllowList(opts.peerAllow);
     this.log = opts.log ?? (() => {});
     this.#server = server;
@@ -650,6 +655,12 @@ export class RpcServer {
   get port(): number { return this.#port; }
   get endpoint(): string { return `${this.#host.includes(":") ? `[${this.#host}]` : this.#host}:${this.#port}`; }
   get clients(): number { return this.#sessions.size; }
+  /** @internal how the peer groups of the connected clients pass their parts (tests) */
+  get peerTransports(): string[] {
+    const out: string[] = [];
+    for (const s of this.#sessions) for (const g of s.groups.values()) if ("native" in g) out.push(native().peerGroupTransport(g.native) ?? "gone");
+    return out;
+  }
   /** bytes the connected clients hold */
   get clientBytes(): number { let n = 0; for (const s of this.#sessions) n += s.used; return n; }
 
