@@ -416,6 +416,7 @@ template <typename Check>
 static bool exchange_shm(Group& g, std::vector<PeerIo>& io, Check check, std::string& err) {
   const uint64_t mark = ++g.shm_count;
   for (PeerIo& p : io) {
+    if (p.out.bytes > g.shm_part) { err = "a part larger than a shared slot"; return false; }
     ShmSlot* s = shm_slot(g, g.self, p.rank, mark);
     s->head = p.out;
     if (p.out.bytes) std::memcpy((char*)(s + 1), p.payload, p.out.bytes);
