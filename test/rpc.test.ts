@@ -781,6 +781,19 @@ test("peer links through shared memory: servers on one host pass their parts thr
         } finally { await m.dispose(); }
       }
     }
+    // one server that keeps to its links: the pair agrees on TCP, whichever rank it is
+    {
+      const path = haveFixtures ? fixture("stories260K.gguf") : TINY;
+      const tokens = haveFixtures ? goldenTokens("stories260K").slice(0, 16) : [1, 2, 3, 4, 5, 6, 7];
+      const want = await localLogits(path, tokens, { devices: [metaDevice(viaTcp)] });
+      for (const pair of [[viaShm[0]!, viaTcp[1]!], [viaTcp[0]!, viaShm[1]!]]) {
+        const m = await loadModel(path, { threads: 1, devices: [metaDevice(pair)] });
+        try {
+          assertSameArray(await m.evaluate(tokens, { allLogits: true }), want, `${pair.map((d) => d.conn.endpoint)}: one server without shared memory`);
+          assert.equal([...transports(shm), ...transports(tcp)], ["tcp", "tcp"], "a pair where one server keeps to its links uses them both ways");
+        } finally { await m.dispose(); }
+      }
+    }
     // slots of 4 KiB: a 40-token prompt's partials (40 x 64 floats) cross the links, then
     // every generated token's go through the mapping, in the same group
     process.env.WEFT_PEER_SHM_PART = "4096";
