@@ -41,11 +41,13 @@ static constexpr char LINK_UP[8] = {'W', 'T', 'L', 'I', 'N', 'K', 'U', 'P'};
 struct PeerHead { uint32_t magic, seq; int32_t mode, wire; int64_t off, len; uint64_t bytes; };
 static_assert(sizeof(PeerHead) == 40, "peer header layout");
 
+void peer_shm_release(char* p, size_t size);  // below, with the rest of the shared memory
+
 Group::~Group() {
   for (int fd : fds) if (fd >= 0) close(fd);
   if (wake[0] >= 0) close(wake[0]);
   if (wake[1] >= 0) close(wake[1]);
-  if (shm) munmap(shm, shm_size);
+  if (shm) peer_shm_release(shm, shm_size);
 }
 
 void Group::fail(const std::string& msg) {
@@ -273,6 +275,20 @@ static constexpr uint32_t SHM_MAGIC = 0x48535457;  // "WTSH"
 static constexpr int SHM_MAX_RANKS = 8;
 static constexpr size_t SHM_TOTAL = 16u << 20;     // all slots together at most
 static constexpr size_t SHM_PART_MAX = 1u << 20;   // one part at most
+// Mappings are memory no client's --max-memory counts (and one client may make 64 groups):
+// this process maps at most this much; past it, groups keep their links.
+static constexpr size_t SHM_PROCESS_MAX = 256u << 20;
+static std::atomic<size_t> shm_mapped{0};
+static bool shm_reserve(size_t size) {
+  if (shm_mapped.fetch_add(size) + size <= SHM_PROCESS_MAX) return true;
+  shm_mapped.fetch_sub(size);
+  return false;
+}
+static void shm_release(char* p, size_t size) {
+  munmap(p, size);
+  shm_mapped.fetch_sub(size);
+}
+void peer_shm_release(char* p, size_t size) { shm_release(p, size); }
 struct ShmMsg { uint32_t magic, kind, ok, part; uint64_t size; char name[40]; unsigned char cookie[16]; };
 enum : uint32_t { SHM_OFFER = 1, SHM_ANSWER = 2, SHM_DECISION = 3 };
 struct alignas(64) ShmSlot {
@@ -330,15 +346,16 @@ static char* shm_create(size_t size, char (&name)[40], unsigned char (&cookie)[1
   if (getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd || getrandom(cookie, sizeof cookie, 0) != (ssize_t)sizeof cookie) return nullptr;
   int at = snprintf(name, sizeof name, "/weft-");
   for (unsigned char b : rnd) at += snprintf(name + at, sizeof name - at, "%02x", b);
+  if (!shm_reserve(size)) return nullptr;
   const int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd < 0) return nullptr;
+  if (fd < 0) { shm_mapped.fetch_sub(size); return nullptr; }
   char* p = nullptr;
   if (posix_fallocate(fd, 0, (off_t)size) == 0) {
     void* m = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (m != MAP_FAILED) p = (char*)m;
   }
   close(fd);
-  if (!p) { shm_unlink(name); return nullptr; }
+  if (!p) { shm_unlink(name); shm_mapped.fetch_sub(size); return nullptr; }
   std::memcpy(p, cookie, sizeof cookie);
   return p;
 }
@@ -350,8 +367,9 @@ static char* shm_attach(const ShmMsg& offer, size_t size) {
   const size_t len = strlen(offer.name);
   if (len != 6 + 32 || std::memcmp(offer.name, "/weft-", 6) != 0) return nullptr;
   for (size_t i = 6; i < len; ++i) if (!isxdigit((unsigned char)offer.name[i])) return nullptr;
+  if (!shm_reserve(size)) return nullptr;
   const int fd = shm_open(offer.name, O_RDWR | O_CLOEXEC | O_NOFOLLOW, 0);
-  if (fd < 0) return nullptr;
+  if (fd < 0) { shm_mapped.fetch_sub(size); return nullptr; }
   struct stat st;
   char* p = nullptr;
   if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid() && (size_t)st.st_size == size) {
@@ -360,6 +378,7 @@ static char* shm_attach(const ShmMsg& offer, size_t size) {
   }
   close(fd);
   if (p && std::memcmp(p, offer.cookie, sizeof offer.cookie) != 0) { munmap(p, size); p = nullptr; }
+  if (!p) shm_mapped.fetch_sub(size);
   return p;
 }
 
@@ -404,10 +423,10 @@ static bool agree_shm(Group& g, std::string& err) {
     if (d.ok == 1 && !map) { err = "rank 0 decided on shared memory this rank could not open"; goto fail; }
   }
   if (all) { g.shm = map; g.shm_size = size; g.shm_part = part; g.shm_state.store(1); }
-  else { if (map) munmap(map, size); g.shm_state.store(-1); }
+  else { if (map) shm_release(map, size); g.shm_state.store(-1); }
   return true;
 fail:
-  if (map) munmap(map, size);
+  if (map) shm_release(map, size);
   return false;
 }
 
