@@ -228,25 +228,31 @@ static bool exchange(Group& g, std::vector<PeerIo>& io, Check check, std::string
   }
 }
 
+// Moves exactly n bytes over a link, outside the collectives (the LINK_UP marker, the
+// transport's agreement), waiting up to PEER_DEADLINE_MS or until the group is aborted.
+static bool link_io(Group& g, int r, void* buf, size_t n, bool out, std::string& err) {
+  const int64_t deadline = now_ms() + PEER_DEADLINE_MS;
+  for (size_t done = 0; done < n;) {
+    const ssize_t k = out ? send(g.fds[r], (char*)buf + done, n - done, MSG_NOSIGNAL) : recv(g.fds[r], (char*)buf + done, n - done, 0);
+    if (k > 0) { done += (size_t)k; continue; }
+    if (k == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+      err = "rank " + std::to_string(r) + (k == 0 ? " closed its link" : std::string(" link failed: ") + strerror(errno));
+      return false;
+    }
+    pollfd p[2] = {{g.fds[r], (short)(out ? POLLOUT : POLLIN), 0}, {g.wake[0], POLLIN, 0}};
+    const int64_t left = deadline - now_ms();
+    if (left <= 0) { err = "rank " + std::to_string(r) + " never started its side of the link"; return false; }
+    if (poll(p, 2, (int)std::min<int64_t>(left, 1000)) > 0 && p[1].revents) { err = g.why; return false; }
+  }
+  return true;
+}
+
 // Reads the LINK_UP marker of every link whose dialer has not been heard from yet.
 static bool await_link_up(Group& g, std::string& err) {
-  const int64_t deadline = now_ms() + PEER_DEADLINE_MS;
   for (int r = 0; r < g.size; ++r) {
     if (g.confirmed[r]) continue;
     char buf[sizeof LINK_UP];
-    size_t got = 0;
-    while (got < sizeof buf) {
-      const ssize_t k = recv(g.fds[r], buf + got, sizeof buf - got, 0);
-      if (k > 0) { got += (size_t)k; continue; }
-      if (k == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
-        err = "rank " + std::to_string(r) + (k == 0 ? " closed its link" : std::string(" link failed: ") + strerror(errno));
-        return false;
-      }
-      pollfd p[2] = {{g.fds[r], POLLIN, 0}, {g.wake[0], POLLIN, 0}};
-      const int64_t left = deadline - now_ms();
-      if (left <= 0) { err = "rank " + std::to_string(r) + " never started its side of the link"; return false; }
-      if (poll(p, 2, (int)std::min<int64_t>(left, 1000)) > 0 && p[1].revents) { err = g.why; return false; }
-    }
+    if (!link_io(g, r, buf, sizeof buf, false, err)) return false;
     if (std::memcmp(buf, LINK_UP, sizeof buf) != 0) { err = "rank " + std::to_string(r) + " sent something else than the link's first bytes"; return false; }
     g.confirmed[r] = 1;
   }
@@ -320,24 +326,6 @@ static ShmSlot* shm_slot(Group& g, int from, int to, uint64_t mark) {
 const char* peer_transport(const Group& g) {
   const int s = g.shm_state.load();
   return s == 0 ? "pending" : s > 0 ? "shared memory" : "tcp";
-}
-
-// Moves exactly n bytes over a link (before any collective: negotiation only).
-static bool link_io(Group& g, int r, void* buf, size_t n, bool out, std::string& err) {
-  const int64_t deadline = now_ms() + PEER_DEADLINE_MS;
-  for (size_t done = 0; done < n;) {
-    const ssize_t k = out ? send(g.fds[r], (char*)buf + done, n - done, MSG_NOSIGNAL) : recv(g.fds[r], (char*)buf + done, n - done, 0);
-    if (k > 0) { done += (size_t)k; continue; }
-    if (k == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
-      err = "rank " + std::to_string(r) + (k == 0 ? " closed its link" : std::string(" link failed: ") + strerror(errno));
-      return false;
-    }
-    pollfd p[2] = {{g.fds[r], (short)(out ? POLLOUT : POLLIN), 0}, {g.wake[0], POLLIN, 0}};
-    const int64_t left = deadline - now_ms();
-    if (left <= 0) { err = "rank " + std::to_string(r) + " did not take part in setting up the group"; return false; }
-    if (poll(p, 2, (int)std::min<int64_t>(left, 1000)) > 0 && p[1].revents) { err = g.why; return false; }
-  }
-  return true;
 }
 
 // Rank 0's side: a new mapping (null where this host cannot give one).
