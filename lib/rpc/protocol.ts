@@ -68,6 +68,7 @@ export function protocolError(what: string): WeftError {
 }
 
 const MAX_SAFE = Number.MAX_SAFE_INTEGER;
+const TWO32 = 4294967296;
 
 /** Builds a frame body (and the frame). */
 export class Writer {
@@ -90,8 +91,22 @@ export class Writer {
   u16(v: number): this { this.#room(2); this.#view.setUint16(this.#len, v, true); this.#len += 2; return this; }
   u32(v: number): this { this.#room(4); this.#view.setUint32(this.#len, v >>> 0, true); this.#len += 4; return this; }
   i32(v: number): this { this.#room(4); this.#view.setInt32(this.#len, v, true); this.#len += 4; return this; }
-  u64(v: number): this { this.#room(8); this.#view.setBigUint64(this.#len, BigInt(v), true); this.#len += 8; return this; }
-  i64(v: number): this { this.#room(8); this.#view.setBigInt64(this.#len, BigInt(v), true); this.#len += 8; return this; }
+  // 64-bit fields as two 32-bit halves: a safe integer needs no BigInt (a graph has thousands
+  // of these, and a BigInt is an allocation); anything else takes the BigInt path, which
+  // throws for what is not an integer in range, as before
+  u64(v: number): this {
+    this.#room(8);
+    if (Number.isSafeInteger(v) && v >= 0) {
+      this.#view.setUint32(this.#len, v % TWO32, true);
+      this.#view.setUint32(this.#len + 4, Math.floor(v / TWO32), true);
+    } else this.#view.setBigUint64(this.#len, BigInt(v), true);
+    this.#len += 8;
+    return this;
+  }
+  i64(v: number): this {
+    if (Number.isSafeInteger(v) && v >= 0) return this.u64(v);
+    this.#room(8); this.#view.setBigInt64(this.#len, BigInt(v), true); this.#len += 8; return this;
+  }
   f64(v: number): this { this.#room(8); this.#view.setFloat64(this.#len, v, true); this.#len += 8; return this; }
   str(s: string): this { const b = Buffer.from(s, "utf8"); this.u32(b.length); this.#room(b.length); this.#buf.set(b, this.#len); this.#len += b.length; return this; }
   /** a byte string: u64 length, then the bytes */
@@ -141,17 +156,21 @@ export class Reader {
   i32(what: string): number { this.#need(4, what); const x = this.#v.getInt32(this.#at, true); this.#at += 4; return x; }
   u64(what: string, max = MAX_SAFE): number {
     this.#need(8, what);
-    const x = this.#v.getBigUint64(this.#at, true);
+    const hi = this.#v.getUint32(this.#at + 4, true);
+    // below 2^53 the halves give the value exactly; at or above it, it is over any max
+    const x = hi < 0x200000 ? hi * TWO32 + this.#v.getUint32(this.#at, true) : Infinity;
+    if (x > max) throw protocolError(`${what} is ${this.#v.getBigUint64(this.#at, true)}, more than ${max}`);
     this.#at += 8;
-    if (x > BigInt(max)) throw protocolError(`${what} is ${x}, more than ${max}`);
-    return Number(x);
+    return x;
   }
   i64(what: string): number {
     this.#need(8, what);
-    const x = this.#v.getBigInt64(this.#at, true);
+    const hi = this.#v.getInt32(this.#at + 4, true);
+    const x = hi * TWO32 + this.#v.getUint32(this.#at, true);
+    // exact while |x| < 2^53; hi beyond ±2^21 is out of range whatever the low half
+    if (hi >= 0x200000 || hi < -0x200000 || x > MAX_SAFE || x < -MAX_SAFE) throw protocolError(`${what} is out of range`);
     this.#at += 8;
-    if (x > BigInt(MAX_SAFE) || x < -BigInt(MAX_SAFE)) throw protocolError(`${what} is out of range`);
-    return Number(x);
+    return x;
   }
   f64(what: string): number { this.#need(8, what); const x = this.#v.getFloat64(this.#at, true); this.#at += 8; return x; }
   str(what: string, max = 1 << 16): string {
