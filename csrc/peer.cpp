@@ -153,11 +153,22 @@ struct PeerIo {
 // beats sleeping in poll(), whose wake-up costs tens of microseconds, more in a VM whose
 // idle vCPU halts. 1 ms, or WEFT_SPIN_US if longer; then poll().
 static int64_t peer_spin_ns() { return std::max<int64_t>(spin_ns(), 1000000); }
+// That spin, as exchange() and exchange_shm() wait: a few microseconds of pause, then the
+// core yielded, until the budget is spent. again(): look once more (false: go and sleep).
+struct PeerSpin {
+  const int64_t t0 = now_ns(), pause_until = t0 + 3000, spin_until = t0 + peer_spin_ns();
+  bool again() const {
+    const int64_t now = now_ns();
+    if (now >= spin_until) return false;
+    if (now >= pause_until) sched_yield(); else for (int i = 0; i < 32; ++i) _mm_pause();
+    return true;
+  }
+};
 
 template <typename Check>
 static bool exchange(Group& g, std::vector<PeerIo>& io, Check check, std::string& err) {
   const int64_t deadline = now_ms() + PEER_DEADLINE_MS;
-  const int64_t t0 = now_ns(), pause_until = t0 + 3000, spin_until = t0 + peer_spin_ns();
+  const PeerSpin spin;
   std::vector<pollfd> pfd;
   for (;;) {
     bool pending = false;
@@ -207,11 +218,7 @@ static bool exchange(Group& g, std::vector<PeerIo>& io, Check check, std::string
     }
     if (!pending) return true;
     if (g.failing.load()) { err = g.why; return false; }
-    const int64_t now = now_ns();
-    if (now < spin_until) {
-      if (now >= pause_until) sched_yield(); else for (int i = 0; i < 32; ++i) _mm_pause();
-      continue;
-    }
+    if (spin.again()) continue;
     pfd.clear();
     for (PeerIo& p : io) {
       short ev = 0;
@@ -430,7 +437,7 @@ static bool exchange_shm(Group& g, std::vector<PeerIo>& io, Check check, std::st
     s->ready.store(mark, std::memory_order_release);
   }
   const int64_t deadline = now_ms() + PEER_DEADLINE_MS;
-  const int64_t t0 = now_ns(), pause_until = t0 + 3000, spin_until = t0 + peer_spin_ns();
+  const PeerSpin spin;
   std::vector<pollfd> pfd;
   for (;;) {
     bool pending = false;
@@ -448,11 +455,7 @@ static bool exchange_shm(Group& g, std::vector<PeerIo>& io, Check check, std::st
     }
     if (!pending) return true;
     if (g.failing.load()) { err = g.why; return false; }
-    const int64_t now = now_ns();
-    if (now < spin_until) {
-      if (now >= pause_until) sched_yield(); else for (int i = 0; i < 32; ++i) _mm_pause();
-      continue;
-    }
+    if (spin.again()) continue;
     // a long wait: the links are watched (nothing comes there now but a peer's end), and
     // the slots looked at every millisecond
     pfd.clear();

@@ -27,6 +27,16 @@ const MAX_READS = 64;
 const READS_MAX_BYTES = 4 << 20;
 
 interface Read { id: number; offset: number; size: number }
+/** The reads a graph's step asks for, as COMPUTE carries them (encoded once, not per token). */
+interface Reads { list: Read[]; body: Uint8Array; total: number }
+function encodeReads(list: Read[]): Reads {
+  const w = new Writer().u32(list.length);
+  for (const x of list) w.u32(x.id).u64(x.offset).u64(x.size);
+  return { list, body: w.body(), total: list.reduce((n, x) => n + x.size, 0) };
+}
+function sameReads(a: readonly Read[], b: readonly Read[]): boolean {
+  return a.length === b.length && a.every((x, i) => x.id === b[i]!.id && x.offset === b[i]!.offset && x.size === b[i]!.size);
+}
 /** A step of this queue: the reads its reply brings (into `bytes`), and those that follow it. */
 interface Step {
   uid: number;
@@ -178,19 +188,17 @@ export class RpcBackend implements Backend {
       this.#endStep();
       const fresh = this.#sent.get(graph.uid) !== this.#conn.session;
       const refuse = fresh ? this.#awaitGroups(graph) : undefined;
-      const reads = this.#reads.get(graph.uid) ?? [];
-      const head = new Writer().u32(this.device.index).u64(graph.uid).u8((fresh ? ComputeFlag.GRAPH : 0) | (reads.length ? ComputeFlag.READS : 0)).body();
+      const reads = this.#reads.get(graph.uid);
+      const head = new Writer().u32(this.device.index).u64(graph.uid).u8((fresh ? ComputeFlag.GRAPH : 0) | (reads ? ComputeFlag.READS : 0)).body();
       const body = [head];
       let bytes: Uint8Array | undefined;
-      if (reads.length) {
-        const w = new Writer().u32(reads.length);
-        for (const x of reads) w.u32(x.id).u64(x.offset).u64(x.size);
-        body.push(w.body());
-        bytes = this.#scratch(reads.reduce((n, x) => n + x.size, 0));
+      if (reads) {
+        body.push(reads.body);
+        bytes = this.#scratch(reads.total);
       }
       if (fresh) body.push(this.#encode(graph));
       if (fresh) this.#sent.set(graph.uid, this.#conn.session);
-      const step: Step = { uid: graph.uid, reads, bytes: bytes ?? null, ready: Promise.resolve(), sentAt: -1, claims: 0, over: false, seen: [] };
+      const step: Step = { uid: graph.uid, reads: reads?.list ?? [], bytes: bytes ?? null, ready: Promise.resolve(), sentAt: -1, claims: 0, over: false, seen: [] };
       this.#step = step;
       step.ready = this.#request("COMPUTE", body, refuse, bytes, () => { step.sentAt = this.#conn.sentCount; }).then(() => {
         const f = this.#takeFailure();
@@ -206,7 +214,7 @@ export class RpcBackend implements Backend {
     }
   }
   /** reads a graph's runs were followed by, by graph uid (what its next run's reply brings) */
-  readonly #reads = new Map<number, Read[]>();
+  readonly #reads = new Map<number, Reads>();
   /** the last step: what it brings back, and the reads that follow it */
   #step: Step | null = null;
   /** memory for a step's reads that no step uses any more */
@@ -222,9 +230,13 @@ export class RpcBackend implements Backend {
     if (!st) return;
     this.#step = null;
     st.over = true;
-    const total = st.seen.reduce((n, x) => n + x.size, 0);
-    if (st.seen.length && st.seen.length <= MAX_READS && total <= READS_MAX_BYTES) this.#reads.set(st.uid, st.seen);
-    else this.#reads.delete(st.uid);
+    const had = this.#reads.get(st.uid);
+    // the same reads as the last run's (every token's): kept as they were encoded
+    if (!had || !sameReads(had.list, st.seen)) {
+      const reads = st.seen.length && st.seen.length <= MAX_READS ? encodeReads(st.seen) : null;
+      if (reads && reads.total <= READS_MAX_BYTES) this.#reads.set(st.uid, reads);
+      else this.#reads.delete(st.uid);
+    }
     if (st.bytes && st.claims === 0) this.#spare = st.bytes;
   }
   /**
